@@ -1,0 +1,5 @@
+import sys
+
+from mqttsvc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,197 @@
+"""
+Site configuration as frozen values, validated when they are built.
+
+A L{SiteConfig} is what the supervisor needs to run one site's MQTT client;
+it is loaded from C{mqtt_connection} / C{mqtt_topic} rows or built from
+C{site.create} parameters.  Invalid values fail here, naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+#: Topic kinds the message processor knows how to handle.
+TOPIC_KINDS = frozenset(
+    {"gateway_heartbeat", "datalogger_heartbeat", "sensor_data", "other"}
+)
+
+#: MQTT protocol versions a site may select.
+PROTOCOLS = frozenset({"3.1.1", "5"})
+
+_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """
+    A configuration value is invalid.
+
+    @ivar field: the name of the offending field.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _check_site_id(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not _SITE_ID.match(value):
+        raise ConfigError(
+            attribute.name,
+            "must be 1-64 characters of letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit",
+        )
+
+
+def _check_topic_pattern(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not value or len(value.encode()) > 65535:
+        raise ConfigError(attribute.name, "must be a non-empty MQTT topic filter")
+    levels = value.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ConfigError(attribute.name, f"'#' must be the whole last level in {value!r}")
+        if "+" in level and level != "+":
+            raise ConfigError(attribute.name, f"'+' must be a whole level in {value!r}")
+
+
+def _check_in(allowed: frozenset[Any]) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in allowed:
+            raise ConfigError(attribute.name, f"must be one of {sorted(allowed)}, not {value!r}")
+
+    return check
+
+
+def _check_int_range(low: int, high: int) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(attribute.name, f"must be an integer from {low} to {high}")
+
+    return check
+
+
+def _check_str(max_len: int, *, empty: bool = True) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not isinstance(value, str) or len(value) > max_len or (not empty and not value):
+            qualifier = "" if empty else "non-empty "
+            raise ConfigError(
+                attribute.name, f"must be a {qualifier}string of at most {max_len} characters"
+            )
+
+    return check
+
+
+def _check_optional_str(max_len: int) -> Any:
+    inner = _check_str(max_len)
+
+    def check(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            inner(instance, attribute, value)
+
+    return check
+
+
+def _check_bool(instance: object, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(attribute.name, "must be true or false")
+
+
+@attrs.frozen
+class TopicSubscription:
+    """
+    One subscription of a site: an MQTT topic filter, the kind of message
+    it carries, and the QoS to subscribe with.
+    """
+
+    topic: str = attrs.field(validator=_check_topic_pattern)
+    kind: str = attrs.field(validator=_check_in(TOPIC_KINDS))
+    qos: int = attrs.field(default=1, validator=_check_int_range(0, 1))
+
+
+def default_topics(site_id: str) -> tuple[TopicSubscription, ...]:
+    """
+    The subscriptions a site gets when it is created without C{topics}.
+    """
+    return (
+        TopicSubscription(f"{site_id}/gateway/+/heartbeat", "gateway_heartbeat"),
+        TopicSubscription(f"{site_id}/datalogger/+/+/heartbeat", "datalogger_heartbeat"),
+        TopicSubscription(f"{site_id}/sensor/+/data", "sensor_data"),
+    )
+
+
+@attrs.frozen
+class SiteConfig:
+    """
+    Everything needed to run one site's MQTT connection.
+
+    The password is kept out of C{repr} so that it never reaches a log line
+    or the manhole's display of a site.
+    """
+
+    site_id: str = attrs.field(validator=_check_site_id)
+    host: str = attrs.field(validator=_check_str(253, empty=False))
+    port: int = attrs.field(default=1883, validator=_check_int_range(1, 65535))
+    username: str | None = attrs.field(default=None, validator=_check_optional_str(256))
+    password: str | None = attrs.field(
+        default=None, repr=False, validator=_check_optional_str(1024)
+    )
+    client_id_prefix: str = attrs.field(default="mqttsvc-", validator=_check_str(64))
+    is_enabled: bool = attrs.field(default=True, validator=_check_bool)
+    protocol: str = attrs.field(default="3.1.1", validator=_check_in(PROTOCOLS))
+    keepalive: int = attrs.field(default=60, validator=_check_int_range(5, 3600))
+    topics: tuple[TopicSubscription, ...] = attrs.field(default=())
+
+    @topics.validator
+    def _check_topics(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not isinstance(value, tuple) or not all(
+            isinstance(t, TopicSubscription) for t in value
+        ):
+            raise ConfigError("topics", "must be a list of topic subscriptions")
+        seen = set()
+        for sub in value:
+            if sub.topic in seen:
+                raise ConfigError("topics", f"topic {sub.topic!r} is listed twice")
+            seen.add(sub.topic)
+
+    @property
+    def client_id(self) -> str:
+        """
+        The MQTT client identifier: stable across restarts so that the
+        broker keeps this site's persistent session.
+        """
+        return f"{self.client_id_prefix}{self.site_id}"
+
+
+def topics_from_params(site_id: str, raw: Iterable[Any] | None) -> tuple[TopicSubscription, ...]:
+    """
+    Build subscriptions from C{site.create}'s C{topics} parameter (a list of
+    C{{"topic", "kind", "qos"}} objects), or the defaults when it is absent.
+
+    @raise ConfigError: naming C{topics[i].field} for a malformed entry.
+    """
+    if raw is None:
+        return default_topics(site_id)
+    if isinstance(raw, str | bytes | dict):
+        raise ConfigError("topics", "must be a list of {topic, kind, qos} objects")
+    result = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ConfigError(f"topics[{i}]", "must be an object with topic, kind and qos")
+        unknown = set(item) - {"topic", "kind", "qos"}
+        if unknown:
+            raise ConfigError(f"topics[{i}]", f"unknown keys {sorted(unknown)}")
+        if "topic" not in item:
+            raise ConfigError(f"topics[{i}].topic", "is required")
+        try:
+            result.append(
+                TopicSubscription(
+                    topic=item["topic"], kind=item.get("kind", "other"), qos=item.get("qos", 1)
+                )
+            )
+        except ConfigError as e:
+            raise ConfigError(f"topics[{i}].{e.field}", e.message) from None
+    return tuple(result)

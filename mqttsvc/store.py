@@ -1,0 +1,197 @@
+"""
+The store: everything mqttsvc reads from and writes to PostgreSQL.
+
+It owns two connection pools, one for the batched writer (message effects
+and connection status, written one batch at a time) and one for the control
+plane's reads and writes, so that a burst of RPC calls never delays a
+commit that MQTT acknowledgements wait for.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from mqttsvc.config import SiteConfig, TopicSubscription
+from mqttsvc.pool import ConnectionPool
+from mqttsvc.writer import BatchWriter
+
+
+class SiteExists(Exception):
+    """
+    A site with this id already exists.
+    """
+
+
+@attrs.frozen
+class SiteRow:
+    """
+    A site as stored: its configuration and its last recorded status.
+    """
+
+    config: SiteConfig
+    status: str
+    last_connected_at: datetime | None
+    retry_count: int
+    next_retry: datetime | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+_SITE_COLUMNS = """
+    c.site_id, c.host, c.port, c.username, c.password, c.client_id_prefix, c.is_enabled,
+    c.protocol, c.keepalive, c.status, c.last_connected_at, c.mqtt_retry_count,
+    c.mqtt_next_retry, c.last_error, c.created_at, c.updated_at,
+    COALESCE(
+        (SELECT array_agg(ARRAY[t.topic, t.kind, t.qos::text] ORDER BY t.id)
+         FROM mqtt_topic t WHERE t.connection_id = c.id),
+        ARRAY[]::text[][]
+    )
+"""
+
+
+def _site_row(row: tuple[Any, ...]) -> SiteRow:
+    (
+        site_id, host, port, username, password, prefix, enabled, protocol, keepalive,
+        status, last_connected_at, retry_count, next_retry, last_error, created, updated,
+        topics,
+    ) = row  # fmt: skip
+    config = SiteConfig(
+        site_id=site_id,
+        host=host,
+        port=port,
+        username=username,
+        password=password,
+        client_id_prefix=prefix,
+        is_enabled=enabled,
+        protocol=protocol,
+        keepalive=keepalive,
+        topics=tuple(TopicSubscription(t, k, int(q)) for t, k, q in topics),
+    )
+    return SiteRow(
+        config=config,
+        status=status,
+        last_connected_at=last_connected_at,
+        retry_count=retry_count,
+        next_retry=next_retry,
+        last_error=last_error,
+        created_at=created,
+        updated_at=updated,
+    )
+
+
+class Store(Service):
+    """
+    The database side of mqttsvc, as a service: started first, stopped
+    last, after the writer has written what it holds.
+
+    @param reactor: drives the txpostgres connections and the writer's
+        timers.
+    @param dsn: a libpq connection string.
+    """
+
+    log = Logger()
+    name = "store"
+
+    def __init__(self, reactor: Any, dsn: str, rpc_connections: int = 3) -> None:
+        self._reactor = reactor
+        self.pool = ConnectionPool(reactor, dsn, size=rpc_connections)
+        self._writer_pool = ConnectionPool(reactor, dsn, size=1)
+        self.writer = BatchWriter(reactor, self._writer_pool)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        # The site supervisor has stopped before us: flush what is left,
+        # but never hang shutdown on a database that is gone.
+        idle = self.writer.whenIdle()
+        idle.addTimeout(5.0, self._reactor)
+        try:
+            await idle
+        except Exception:
+            self.log.warn(
+                "shutting down with {count} messages unwritten; the broker will redeliver them",
+                count=self.writer.queued,
+            )
+        self.writer.stop()
+        self.pool.close()
+        self._writer_pool.close()
+
+    async def load_enabled_sites(self) -> list[tuple[SiteConfig, datetime | None]]:
+        """
+        The enabled sites, with when each was last connected.
+        """
+        rows = await self.pool.query(
+            f"SELECT {_SITE_COLUMNS} FROM mqtt_connection c WHERE c.is_enabled ORDER BY c.site_id"
+        )
+        result = []
+        for row in rows:
+            site = _site_row(row)
+            result.append((site.config, site.last_connected_at))
+        return result
+
+    async def get_site(self, site_id: str) -> SiteRow | None:
+        rows = await self.pool.query(
+            f"SELECT {_SITE_COLUMNS} FROM mqtt_connection c WHERE c.site_id = %s", (site_id,)
+        )
+        return _site_row(rows[0]) if rows else None
+
+    async def list_sites(self) -> list[SiteRow]:
+        rows = await self.pool.query(
+            f"SELECT {_SITE_COLUMNS} FROM mqtt_connection c ORDER BY c.site_id"
+        )
+        return [_site_row(r) for r in rows]
+
+    async def create_site(self, config: SiteConfig) -> SiteRow:
+        """
+        Insert a site and its subscriptions in one transaction.
+
+        @raise SiteExists: when the site id is taken.
+        """
+
+        async def insert(cursor: Any) -> None:
+            await cursor.execute(
+                "INSERT INTO mqtt_connection (site_id, host, port, username, password, "
+                "client_id_prefix, is_enabled, protocol, keepalive) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (site_id) DO NOTHING RETURNING id",
+                (
+                    config.site_id,
+                    config.host,
+                    config.port,
+                    config.username,
+                    config.password,
+                    config.client_id_prefix,
+                    config.is_enabled,
+                    config.protocol,
+                    config.keepalive,
+                ),
+            )
+            inserted = cursor.fetchall()
+            if not inserted:
+                raise SiteExists(config.site_id)
+            (connection_id,) = inserted[0]
+            if config.topics:
+                await cursor.execute(
+                    "INSERT INTO mqtt_topic (connection_id, topic, kind, qos) "
+                    "SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::smallint[])",
+                    (
+                        connection_id,
+                        [t.topic for t in config.topics],
+                        [t.kind for t in config.topics],
+                        [t.qos for t in config.topics],
+                    ),
+                )
+
+        await self.pool.transaction(insert)
+        site = await self.get_site(config.site_id)
+        assert site is not None
+        return site

@@ -1,0 +1,163 @@
+"""
+C{twistd mqttsvc}: command-line options and the service tree they build.
+
+This is one of the few modules that touch the real reactor: the plugin and
+C{tac/service.tac} call L{makeService}, which passes the reactor down.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from mqttsvc import database
+from mqttsvc.config import ConfigError
+from mqttsvc.rpc.dispatcher import Dispatcher
+from mqttsvc.rpc.methods import ControlPlane
+from mqttsvc.service import RootService
+from mqttsvc.store import Store
+from mqttsvc.supervisor import SiteSupervisor
+from mqttsvc.tokens import Tokens, load_tokens
+from mqttsvc.web import WebApp
+
+DEFAULT_RPC = "tcp:8780:interface=127.0.0.1"
+
+log = Logger()
+
+_ENV = {"db": "MQTTSVC_DB", "rpc": "MQTTSVC_RPC", "rpc-token-file": "MQTTSVC_RPC_TOKEN_FILE"}
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd mqttsvc}; each falls back to an environment
+    variable.
+    """
+
+    synopsis = "[--db DSN] [--rpc ENDPOINT] [--rpc-token-file PATH] [--migrate]"
+    optParameters = [
+        ["db", None, None, "PostgreSQL connection string [env MQTTSVC_DB]."],
+        [
+            "rpc",
+            None,
+            None,
+            f"JSON-RPC listener, a strports description [env MQTTSVC_RPC; default {DEFAULT_RPC}].",
+        ],
+        [
+            "rpc-token-file",
+            None,
+            None,
+            "File of 'NAME TOKEN' lines accepted as bearer tokens [env MQTTSVC_RPC_TOKEN_FILE].",
+        ],
+    ]
+    optFlags = [
+        ["migrate", None, "Apply pending schema migrations at start [env MQTTSVC_MIGRATE=1]."],
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._environ = os.environ if environ is None else environ
+
+    def postOptions(self) -> None:
+        for option, variable in _ENV.items():
+            if self[option] is None and self._environ.get(variable):
+                self[option] = self._environ[variable]
+        if self["rpc"] is None:
+            self["rpc"] = DEFAULT_RPC
+        if not self["migrate"]:
+            self["migrate"] = self._environ.get("MQTTSVC_MIGRATE", "") in ("1", "true", "yes")
+
+
+def _is_loopback(endpoint: Any) -> bool:
+    interface = getattr(endpoint, "_interface", None)
+    if interface is not None:
+        return interface in ("127.0.0.1", "::1", "localhost") or interface.startswith("127.")
+    return type(endpoint).__name__ == "UNIXServerEndpoint"
+
+
+def check_config(options: Options, reactor: Any) -> Tokens | None:
+    """
+    Validate everything that can be checked before the reactor runs, so
+    that a bad configuration stops start-up with one clear line.
+
+    Blocking (it connects to the database once): call it before the
+    reactor runs.
+
+    @raise ConfigError: naming the problem.
+    """
+    dsn = options["db"]
+    if not dsn:
+        raise ConfigError("db", "no database given (use --db or MQTTSVC_DB)")
+    database.parse_dsn(dsn)
+    try:
+        endpoint = serverFromString(reactor, options["rpc"])
+    except Exception as e:
+        raise ConfigError("rpc", f"malformed endpoint {options['rpc']!r}: {e}") from None
+    tokens = None
+    if options["rpc-token-file"]:
+        tokens = load_tokens(options["rpc-token-file"])
+    elif not _is_loopback(endpoint):
+        raise ConfigError(
+            "rpc-token-file",
+            f"required when the JSON-RPC listener {options['rpc']!r} is not on loopback",
+        )
+    if options["migrate"]:
+        applied = database.migrate(dsn)
+        if applied:
+            log.info("applied migrations {applied}", applied=applied)
+    else:
+        database.check_connection(dsn)
+        pending = database.pending_migrations(dsn)
+        if pending:
+            raise ConfigError(
+                "db",
+                f"{database.describe(dsn)} lacks migrations {pending}; run "
+                "'mqttsvc migrate --db DSN' or start with --migrate",
+            )
+    return tokens
+
+
+def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootService:
+    """
+    The service tree: store, site supervisor, web server.
+    """
+    root = RootService()
+    store = Store(reactor, options["db"])
+    store.setServiceParent(root)
+    supervisor = SiteSupervisor(reactor, store)
+    supervisor.setServiceParent(root)
+    dispatcher = Dispatcher(ControlPlane(store, supervisor).methods())
+    web = WebApp(dispatcher, tokens)
+    if tokens is None:
+        log.warn("no --rpc-token-file: the JSON-RPC API accepts calls without a token")
+    site = Site(web.resource())
+    site.displayTracebacks = False
+    http = strports.service(options["rpc"], site, reactor=reactor)
+    http.setName("web")
+    http.setServiceParent(root)
+    return root
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    Build the service for C{twistd mqttsvc} or C{tac/service.tac}; a bad
+    configuration ends the process with one line on standard error.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    try:
+        tokens = check_config(options, reactor)
+    except ConfigError as e:
+        sys.stderr.write(f"mqttsvc: configuration error: {e}\n")
+        raise SystemExit(1) from None
+    return buildService(options, reactor, tokens)

@@ -1,0 +1,475 @@
+"""
+A paho-mqtt client whose socket is driven by the Twisted reactor.
+
+paho has no non-blocking connect: C{reconnect()} resolves the name, opens
+the TCP connection and does the TLS handshake synchronously.  We run it in a
+worker thread; once it returns, the socket is non-blocking and every later
+read, write and keepalive check happens on the reactor thread through a
+reader/writer registered with the reactor and a timer for C{loop_misc}.
+
+While C{reconnect()} runs in its thread nothing on the reactor touches the
+client; the socket callbacks it fires there are marshalled back with
+C{callFromThread}.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorCore,
+    IReactorFDSet,
+    IReactorThreads,
+    IReactorTime,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import threadable
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mqttsvc.config import SiteConfig
+
+#: How many MQTT packets one readable event may process before yielding to
+#: the reactor, so that one busy site cannot starve the others.
+READ_BUDGET = 200
+
+#: Seconds to wait for CONNACK after the TCP (and TLS) connection is open.
+CONNACK_TIMEOUT = 10.0
+
+#: Session expiry asked of MQTT 5 brokers, so that the persistent session
+#: (and its queued QoS 1 messages) outlives our own restarts and outages.
+SESSION_EXPIRY = 7 * 24 * 3600
+
+
+class ConnectFailed(Exception):
+    """
+    A connection attempt failed.
+
+    @ivar category: a short machine-readable class of failure: C{refused},
+        C{timeout}, C{dns}, C{tls}, C{auth}, C{protocol} or C{network}.
+    @ivar detail: a human-readable explanation (never containing secrets).
+    """
+
+    def __init__(self, category: str, detail: str) -> None:
+        super().__init__(f"{category}: {detail}")
+        self.category = category
+        self.detail = detail
+
+
+class ConnectionLost(Exception):
+    """
+    An established connection ended without us asking for it.
+    """
+
+
+@attrs.frozen
+class ReceivedMessage:
+    """
+    One PUBLISH received from a broker.
+
+    @ivar generation: which connection of this client carried it; an
+        acknowledgement for an older generation is dropped because its
+        packet identifier means nothing on a new connection.
+    """
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+    generation: int
+
+
+def classify_connect_error(e: BaseException) -> ConnectFailed:
+    """
+    Turn an exception from paho's blocking C{reconnect()} into a failure
+    category that an operator can act on.
+    """
+    if isinstance(e, ConnectFailed):
+        return e
+    if isinstance(e, socket.gaierror):
+        return ConnectFailed("dns", f"cannot resolve host: {e.strerror or e}")
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return ConnectFailed("tls", f"certificate verification failed: {e.verify_message}")
+    if isinstance(e, ssl.SSLError):
+        return ConnectFailed("tls", f"TLS handshake failed: {e.reason or e}")
+    if isinstance(e, ConnectionRefusedError):
+        return ConnectFailed("refused", "connection refused")
+    if isinstance(e, TimeoutError | socket.timeout):
+        return ConnectFailed("timeout", "timed out connecting")
+    if isinstance(e, OSError):
+        return ConnectFailed("network", e.strerror or str(e))
+    return ConnectFailed("protocol", f"{type(e).__name__}: {e}")
+
+
+def classify_connack(reason: ReasonCode) -> ConnectFailed:
+    """
+    Turn a refusing CONNACK into a failure; bad credentials are reported as
+    such.
+    """
+    # MQTT 3.1.1 return codes 4 and 5 and their MQTT 5 equivalents.
+    if reason.value in (4, 5, 0x86, 0x87, 0x8C):
+        return ConnectFailed("auth", f"broker refused the credentials: {reason}")
+    return ConnectFailed("protocol", f"broker refused the connection: {reason}")
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _SocketDescriptor:
+    """
+    The reactor's view of a paho socket; the file number is captured at
+    creation so that removal still works after paho closed the socket.
+    """
+
+    def __init__(self, connection: MQTTClient, sock: Any) -> None:
+        self._connection = connection
+        self._fd = sock.fileno()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def doRead(self) -> None:
+        self._connection._readable()
+
+    def doWrite(self) -> None:
+        self._connection._writable()
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor calls this only when it drops the descriptor itself
+        # (for example a closed file number); paho will notice on its own.
+        pass
+
+    def logPrefix(self) -> str:
+        return f"mqtt:{self._connection.site_id}"
+
+
+class MQTTClient:
+    """
+    One site's paho client on the reactor.
+
+    C{connect()} makes one attempt and fires with the CONNACK's
+    C{session_present} flag, or fails with L{ConnectFailed}.  After that,
+    received messages go to C{on_message} and an unrequested end of the
+    connection goes to C{on_lost}.  C{disconnect()} sends DISCONNECT and
+    fires when the socket is closed.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: SiteConfig,
+        on_message: Callable[[ReceivedMessage], None],
+        on_lost: Callable[[ConnectFailed], None],
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._reactor: IReactorTime & IReactorFDSet & IReactorThreads & IReactorCore = reactor
+        self._config = config
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self.site_id = config.site_id
+        self.generation = 0
+        self._descriptor: _SocketDescriptor | None = None
+        self._writing = False
+        self._connecting: Deferred[bool] | None = None
+        self._connack_timeout: IDelayedCall | None = None
+        self._closing: Deferred[None] | None = None
+        self._connected = False
+        self._aborted = False
+        self._opening: Deferred[object] | None = None
+        self._opening_waiters: list[Deferred[None]] = []
+        self._misc = LoopingCall(self._loop_misc)
+        self._misc.clock = reactor
+        self._client = self._make_client(connect_timeout)
+
+    def _make_client(self, connect_timeout: float) -> paho.Client:
+        config = self._config
+        v5 = config.protocol == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=config.client_id,
+            clean_session=None if v5 else False,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            reconnect_on_failure=False,
+            manual_ack=True,
+        )
+        client.connect_timeout = connect_timeout
+        if config.username is not None:
+            client.username_pw_set(config.username, config.password)
+        client.on_connect = self._paho_connect
+        client.on_disconnect = self._paho_disconnect
+        client.on_message = self._paho_message
+        client.on_socket_open = self._marshal(self._socket_open)
+        client.on_socket_close = self._marshal(self._socket_close)
+        client.on_socket_register_write = self._marshal(self._register_write)
+        client.on_socket_unregister_write = self._marshal(self._unregister_write)
+        connect_properties = None
+        if v5:
+            connect_properties = Properties(PacketTypes.CONNECT)
+            connect_properties.SessionExpiryInterval = SESSION_EXPIRY
+        client.connect_async(
+            config.host,
+            config.port,
+            keepalive=config.keepalive,
+            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=connect_properties,
+        )
+        return client
+
+    def _marshal(self, f: Callable[..., None]) -> Callable[..., None]:
+        def callback(client: paho.Client, userdata: object, sock: Any) -> None:
+            if threadable.isInIOThread():
+                f(sock)
+            else:
+                self._reactor.callFromThread(f, sock)
+
+        return callback
+
+    # Socket registration, always on the reactor thread.
+
+    def _socket_open(self, sock: Any) -> None:
+        self._descriptor = _SocketDescriptor(self, sock)
+        self._reactor.addReader(self._descriptor)
+        if self._writing:
+            self._reactor.addWriter(self._descriptor)
+
+    def _socket_close(self, sock: Any) -> None:
+        if self._descriptor is not None:
+            self._reactor.removeReader(self._descriptor)
+            self._reactor.removeWriter(self._descriptor)
+            self._descriptor = None
+        self._writing = False
+
+    def _register_write(self, sock: Any) -> None:
+        self._writing = True
+        if self._descriptor is not None:
+            self._reactor.addWriter(self._descriptor)
+
+    def _unregister_write(self, sock: Any) -> None:
+        self._writing = False
+        if self._descriptor is not None:
+            self._reactor.removeWriter(self._descriptor)
+
+    def _readable(self) -> None:
+        client = self._client
+        sock = client.socket()
+        for _ in range(READ_BUDGET):
+            if client.socket() is None:
+                return
+            # loop_read() handles one packet per call when no QoS 2 flows are
+            # in progress; _packet_read() tells us when the socket is empty.
+            rc = client._packet_read()
+            if rc > 0:
+                client._loop_rc_handle(rc)
+                return
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                return
+        # Budget spent.  A TLS socket may hold decrypted bytes that will not
+        # make it readable again, so come back for them explicitly.
+        if sock is not None and isinstance(sock, ssl.SSLSocket) and sock.pending():
+            self._reactor.callLater(0, self._readable)
+
+    def _writable(self) -> None:
+        self._client.loop_write()
+
+    def _loop_misc(self) -> None:
+        self._client.loop_misc()
+
+    # paho callbacks, on the reactor thread once connected.
+
+    def _paho_connect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._cancel_connack_timeout()
+        attempt, self._connecting = self._connecting, None
+        if attempt is None:
+            return
+        if reason.is_failure:
+            attempt.errback(classify_connack(reason))
+            return
+        self._connected = True
+        self.generation += 1
+        attempt.callback(flags.session_present)
+
+    def _paho_disconnect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        was_connected, self._connected = self._connected, False
+        if self._misc.running:
+            self._misc.stop()
+        self._cancel_connack_timeout()
+        attempt, self._connecting = self._connecting, None
+        closing, self._closing = self._closing, None
+        if closing is not None:
+            closing.callback(None)
+            return
+        failure = ConnectFailed("network", f"connection lost: {reason}")
+        if attempt is not None:
+            attempt.errback(failure)
+        elif was_connected:
+            self._on_lost(failure)
+
+    def _paho_message(
+        self, client: paho.Client, userdata: object, message: paho.MQTTMessage
+    ) -> None:
+        self._on_message(
+            ReceivedMessage(
+                topic=message.topic,
+                payload=message.payload,
+                qos=message.qos,
+                retain=bool(message.retain),
+                mid=message.mid,
+                generation=self.generation,
+            )
+        )
+
+    # The interface used by the site service.
+
+    def connect(self) -> Deferred[bool]:
+        """
+        Make one connection attempt.
+
+        @return: fires with the CONNACK's C{session_present} flag, or fails
+            with L{ConnectFailed}.
+        """
+        assert self._connecting is None, "a connection attempt is already in progress"
+        self._aborted = False
+        attempt: Deferred[bool] = Deferred()
+        self._connecting = attempt
+        pool = self._reactor.getThreadPool()
+        opened = self._opening = deferToThreadPool(self._reactor, pool, self._client.reconnect)
+
+        def opened_ok(rc: object) -> None:
+            if self._aborted:
+                self._client._sock_close()
+                self._fail_attempt(attempt, ConnectFailed("network", "attempt cancelled"))
+                return
+            self._misc.start(1.0, now=False)
+            self._connack_timeout = self._reactor.callLater(
+                CONNACK_TIMEOUT, self._connack_timed_out, attempt
+            )
+
+        def opened_failed(f: Failure) -> None:
+            self._fail_attempt(attempt, classify_connect_error(f.value))
+
+        def thread_done(_: object) -> None:
+            self._opening = None
+            waiters, self._opening_waiters = self._opening_waiters, []
+            for w in waiters:
+                w.callback(None)
+
+        opened.addCallbacks(opened_ok, opened_failed).addBoth(thread_done)
+        return attempt
+
+    def _fail_attempt(self, attempt: Deferred[bool], failure: ConnectFailed) -> None:
+        if self._connecting is attempt:
+            self._connecting = None
+            attempt.errback(failure)
+
+    def _cancel_connack_timeout(self) -> None:
+        if self._connack_timeout is not None and self._connack_timeout.active():
+            self._connack_timeout.cancel()
+        self._connack_timeout = None
+
+    def _connack_timed_out(self, attempt: Deferred[bool]) -> None:
+        self._connack_timeout = None
+        if self._connecting is attempt:
+            self._connecting = None
+            if self._misc.running:
+                self._misc.stop()
+            self._client._sock_close()
+            attempt.errback(ConnectFailed("timeout", "no CONNACK from the broker"))
+
+    def subscribe(self, topics: list[tuple[str, int]]) -> None:
+        """
+        Subscribe to C{(filter, qos)} pairs on the current connection.
+        """
+        if topics:
+            self._client.subscribe(topics)
+
+    def ack(self, message: ReceivedMessage) -> bool:
+        """
+        Acknowledge a QoS 1 message, if the connection that carried it is
+        still the current one; otherwise the broker redelivers it.
+
+        @return: whether a PUBACK was queued.
+        """
+        if message.qos == 0:
+            return False
+        if not self._connected or message.generation != self.generation:
+            return False
+        self._client.ack(message.mid, message.qos)
+        return True
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def disconnect(self) -> Deferred[None]:
+        """
+        Send DISCONNECT (or abandon an attempt in progress) and fire once the
+        socket is closed.
+        """
+        if self._connecting is not None:
+            self._aborted = True
+            self._fail_attempt(self._connecting, ConnectFailed("network", "attempt cancelled"))
+            if self._opening is not None:
+                # reconnect() is still running in its thread and owns the
+                # client: wait for it; its socket is closed when it returns.
+                waiter: Deferred[None] = Deferred()
+                self._opening_waiters.append(waiter)
+                return waiter
+            if self._misc.running:
+                self._misc.stop()
+            self._cancel_connack_timeout()
+            self._client._sock_close()
+            return succeed(None)
+        if not self._connected:
+            return succeed(None)
+        closing: Deferred[None] = Deferred()
+        self._closing = closing
+        self._client.disconnect()
+        return closing
+
+    def abort(self) -> None:
+        """
+        Close the socket at once, without DISCONNECT (for tests of abrupt
+        loss, and for shutdown when the broker does not answer).  A
+        connection still being opened in its thread is left to finish.
+        """
+        if self._opening is not None:
+            return
+        self._client._sock_close()
+        self._paho_disconnect(
+            self._client,
+            None,
+            paho.DisconnectFlags(False),
+            ReasonCode(PacketTypes.DISCONNECT, "Unspecified error"),
+            None,
+        )
+

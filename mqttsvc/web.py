@@ -1,0 +1,89 @@
+"""
+The HTTP face of mqttsvc: JSON-RPC at C{/rpc} and liveness at C{/healthz}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from mqttsvc.rpc.dispatcher import INVALID_REQUEST, Dispatcher, RPCError
+from mqttsvc.tokens import Tokens
+
+#: The largest request body accepted, in bytes.
+MAX_BODY = 1024 * 1024
+
+_NOT_POST = ["GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"]
+
+
+def _json(request: IRequest, status: int, value: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+class WebApp:
+    """
+    The Klein application; C{resource()} is what the web server serves.
+
+    @param tokens: the accepted bearer tokens, or None to accept every
+        call (only allowed on a loopback listener; see L{mqttsvc.tap}).
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, dispatcher: Dispatcher, tokens: Tokens | None) -> None:
+        self._dispatcher = dispatcher
+        self._tokens = tokens
+
+    def resource(self) -> IResource:
+        resource: IResource = self.app.resource()
+        return resource
+
+    def _caller(self, request: IRequest) -> str | None:
+        if self._tokens is None:
+            return "anonymous"
+        header = request.getHeader(b"Authorization") or b""
+        scheme, _, presented = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not presented.strip():
+            return None
+        return self._tokens.caller(presented.strip())
+
+    @app.route("/rpc", methods=["POST"], strict_slashes=False)
+    async def rpc(self, request: IRequest) -> bytes:
+        caller = self._caller(request)
+        if caller is None:
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="mqttsvc"')
+            return _json(request, 401, {"error": "a valid 'Authorization: Bearer' token is required"})
+        content_type = (request.getHeader(b"Content-Type") or b"").split(b";")[0].strip()
+        if content_type.lower() != b"application/json":
+            return _json(request, 415, {"error": "Content-Type must be application/json"})
+        body = request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            error = RPCError(
+                INVALID_REQUEST,
+                f"Invalid Request: the body is larger than {MAX_BODY} bytes",
+                {"limit": MAX_BODY},
+            )
+            return _json(request, 413, {"jsonrpc": "2.0", "error": error.as_json(), "id": None})
+        response = await self._dispatcher.handle(body, caller)
+        if response is None:
+            request.setResponseCode(204)
+            return b""
+        request.setHeader(b"Content-Type", b"application/json")
+        return response
+
+    @app.route("/rpc", methods=_NOT_POST, strict_slashes=False)
+    def rpc_wrong_method(self, request: IRequest) -> bytes:
+        request.setHeader(b"Allow", b"POST")
+        return _json(request, 405, {"error": "use POST with a JSON-RPC 2.0 body"})
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def healthz(self, request: IRequest) -> bytes:
+        return _json(request, 200, {"status": "ok"})
