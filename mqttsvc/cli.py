@@ -23,7 +23,13 @@ from mqttsvc.config import ConfigError
 
 DEFAULT_URL = "http://127.0.0.1:8780/rpc"
 
-_ICONS = {"RUNNING": "🟢", "connected": "🟢", "connecting": "🟡", "disconnected": "🔴", "error": "❌"}
+_ICONS = {
+    "RUNNING": "🟢",
+    "connected": "🟢",
+    "connecting": "🟡",
+    "disconnected": "🔴",
+    "error": "❌",
+}
 
 
 class CallFailed(Exception):
@@ -51,7 +57,8 @@ def rpc_call(url: str, token: str | None, method: str, params: Any = None) -> An
         with urllib.request.urlopen(http_request, timeout=10) as response:
             body = json.loads(response.read())
     except urllib.error.HTTPError as e:
-        raise CallFailed(f"{url} answered HTTP {e.code}: {e.read().decode(errors='replace')}") from None
+        detail = e.read().decode(errors="replace")
+        raise CallFailed(f"{url} answered HTTP {e.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise CallFailed(f"cannot reach mqttsvc at {url}: {reason}") from None

@@ -15,9 +15,7 @@ from typing import Any
 import attrs
 
 #: Topic kinds the message processor knows how to handle.
-TOPIC_KINDS = frozenset(
-    {"gateway_heartbeat", "datalogger_heartbeat", "sensor_data", "other"}
-)
+TOPIC_KINDS = frozenset({"gateway_heartbeat", "datalogger_heartbeat", "sensor_data", "other"})
 
 #: MQTT protocol versions a site may select.
 PROTOCOLS = frozenset({"3.1.1", "5"})
@@ -147,9 +145,7 @@ class SiteConfig:
 
     @topics.validator
     def _check_topics(self, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if not isinstance(value, tuple) or not all(
-            isinstance(t, TopicSubscription) for t in value
-        ):
+        if not isinstance(value, tuple) or not all(isinstance(t, TopicSubscription) for t in value):
             raise ConfigError("topics", "must be a list of topic subscriptions")
         seen = set()
         for sub in value:

@@ -56,9 +56,7 @@ def check_connection(dsn: str, timeout: int = 5) -> None:
     try:
         conn = psycopg2.connect(dsn, connect_timeout=timeout)
     except psycopg2.Error as e:
-        raise ConfigError(
-            "db", f"cannot connect to {describe(dsn)}: {_first_line(e)}"
-        ) from None
+        raise ConfigError("db", f"cannot connect to {describe(dsn)}: {_first_line(e)}") from None
     conn.close()
 
 

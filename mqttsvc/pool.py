@@ -63,9 +63,7 @@ class ConnectionPool:
         self._open = 0
         self._size = size
         self._slots = DeferredSemaphore(size)
-        self._cooperator = Cooperator(
-            scheduler=lambda f: reactor.callLater(0, f), started=True
-        )
+        self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f), started=True)
         self._closed = False
         self._all: set[txpostgres.Connection] = set()
 

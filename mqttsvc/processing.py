@@ -133,9 +133,7 @@ def _decode_object(payload: bytes) -> tuple[dict[str, Any] | None, str | None]:
     return value, canonical
 
 
-def process(
-    site_id: str, router: Router, topic: str, payload: bytes, at: datetime
-) -> list[Effect]:
+def process(site_id: str, router: Router, topic: str, payload: bytes, at: datetime) -> list[Effect]:
     """
     The effects of one message received at C{at}.
     """

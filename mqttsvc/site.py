@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from mqttsvc.config import SiteConfig
 from mqttsvc.processing import Router, process
-from mqttsvc.transport import ConnectFailed, MQTTClient, ReceivedMessage
+from mqttsvc.transport import BrokerClient, ConnectFailed, MQTTClient, ReceivedMessage
 from mqttsvc.writer import StatusUpdate
 
 #: Consecutive failed attempts after which a site gives up (status error).
@@ -126,7 +126,7 @@ class _SiteInputs(Protocol):
 class _SiteCore:
     config: SiteConfig
     clock: IReactorTime
-    client: MQTTClient
+    client: BrokerClient
     report: Callable[[SiteState], None]
     jitter: Callable[[], float]
     retry_count: int = 0
@@ -206,8 +206,10 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
         def failed(f: Failure) -> None:
             if s.attempt != token:
                 return
-            error = f.value if isinstance(f.value, ConnectFailed) else ConnectFailed(
-                "protocol", str(f.value)
+            error = (
+                f.value
+                if isinstance(f.value, ConnectFailed)
+                else ConnectFailed("protocol", str(f.value))
             )
             if s.retry_count + 1 >= MAX_RETRIES:
                 c._exhausted(error)
@@ -226,7 +228,7 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
         s.enter("waiting")
         return call
 
-    def becomeConnected(c: _SiteInputs, s: _SiteCore, session_present: bool) -> MQTTClient:
+    def becomeConnected(c: _SiteInputs, s: _SiteCore, session_present: bool) -> BrokerClient:
         s.retry_count = 0
         s.last_error = None
         s.next_retry = None
@@ -285,13 +287,19 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
         s.enter("stopped")
         return succeed(None)
 
-    @pep614(Connecting.upon(_SiteInputs.stop).to(Stopping))
-    @pep614(Connected.upon(_SiteInputs.stop).to(Stopping))
-    def stopConnection(c: _SiteInputs, s: _SiteCore, data: object) -> Deferred[None]:
+    def stopConnection(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
         waiter = s.wait_for_stop()
         s.enter("stopping")
         s.close(c)
         return waiter
+
+    @pep614(Connecting.upon(_SiteInputs.stop).to(Stopping))
+    def stopConnecting(c: _SiteInputs, s: _SiteCore, attempt: int) -> Deferred[None]:
+        return stopConnection(c, s)
+
+    @pep614(Connected.upon(_SiteInputs.stop).to(Stopping))
+    def stopConnected(c: _SiteInputs, s: _SiteCore, client: BrokerClient) -> Deferred[None]:
+        return stopConnection(c, s)
 
     @pep614(Stopping.upon(_SiteInputs.stop).loop())
     @pep614(Restarting.upon(_SiteInputs.stop).to(Stopping))
@@ -308,27 +316,27 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
     def restarted(c: _SiteInputs, s: _SiteCore) -> None:
         s.finish_stopping()
 
-    def reset(s: _SiteCore) -> None:
-        s.retry_count = 0
-        s.next_retry = None
-
-    @pep614(Stopped.upon(_SiteInputs.restart).to(Connecting))
-    @pep614(Error.upon(_SiteInputs.restart).to(Connecting))
-    @pep614(Error.upon(_SiteInputs.start).to(Connecting))
-    def restartIdle(c: _SiteInputs, s: _SiteCore) -> None:
-        reset(s)
+    # restart() resets the retry count before it reaches the machine (see
+    # SiteService.restart), so that the state entered below already shows it.
+    Stopped.upon(_SiteInputs.restart).to(Connecting).returns(None)
+    Error.upon(_SiteInputs.restart).to(Connecting).returns(None)
+    Error.upon(_SiteInputs.start).loop().returns(None)
 
     @pep614(Waiting.upon(_SiteInputs.restart).to(Connecting))
     def restartWaiting(c: _SiteInputs, s: _SiteCore, retry: IDelayedCall) -> None:
         retry.cancel()
-        reset(s)
 
-    @pep614(Connecting.upon(_SiteInputs.restart).to(Restarting))
-    @pep614(Connected.upon(_SiteInputs.restart).to(Restarting))
-    def restartConnection(c: _SiteInputs, s: _SiteCore, data: object) -> None:
-        reset(s)
+    def restartConnection(c: _SiteInputs, s: _SiteCore) -> None:
         s.enter("restarting")
         s.close(c)
+
+    @pep614(Connecting.upon(_SiteInputs.restart).to(Restarting))
+    def restartConnecting(c: _SiteInputs, s: _SiteCore, attempt: int) -> None:
+        restartConnection(c, s)
+
+    @pep614(Connected.upon(_SiteInputs.restart).to(Restarting))
+    def restartConnected(c: _SiteInputs, s: _SiteCore, client: BrokerClient) -> None:
+        restartConnection(c, s)
 
     return machine.build()
 
@@ -359,7 +367,7 @@ class SiteService(Service):
         writer: MessageSink,
         report: Callable[[SiteState], None],
         jitter: Callable[[], float] | None = None,
-        client_factory: Callable[..., MQTTClient] = MQTTClient,
+        client_factory: Callable[..., BrokerClient] = MQTTClient,
         last_connected_at: datetime | None = None,
     ) -> None:
         self.name = config.site_id
@@ -400,8 +408,11 @@ class SiteService(Service):
 
     def restart(self) -> None:
         """
-        Reset the retry count and reconnect now.
+        Reset the retry count and reconnect now (from any state; a site in
+        error leaves it only this way).
         """
+        self._core.retry_count = 0
+        self._core.next_retry = None
         self._machine.restart()
 
     def _lost(self, error: ConnectFailed) -> None:

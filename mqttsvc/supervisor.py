@@ -126,4 +126,3 @@ class SiteSupervisor(MultiService):
 async def _maybe(d: Deferred[None] | None) -> None:
     if d is not None:
         await d
-

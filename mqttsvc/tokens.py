@@ -67,9 +67,7 @@ def load_tokens(path: str, check_permissions: bool = True) -> Tokens:
     except UnicodeDecodeError:
         raise ConfigError(_FIELD, f"{path} is not UTF-8 text") from None
     if check_permissions and mode & stat.S_IROTH:
-        raise ConfigError(
-            _FIELD, f"{path} is readable by every user; run: chmod o-rwx {path}"
-        )
+        raise ConfigError(_FIELD, f"{path} is readable by every user; run: chmod o-rwx {path}")
     tokens: dict[bytes, str] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import paho.mqtt.client as paho
@@ -28,10 +28,6 @@ from paho.mqtt.reasoncodes import ReasonCode
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
-    IReactorCore,
-    IReactorFDSet,
-    IReactorThreads,
-    IReactorTime,
     IReadDescriptor,
     IWriteDescriptor,
 )
@@ -69,12 +65,6 @@ class ConnectFailed(Exception):
         super().__init__(f"{category}: {detail}")
         self.category = category
         self.detail = detail
-
-
-class ConnectionLost(Exception):
-    """
-    An established connection ended without us asking for it.
-    """
 
 
 @attrs.frozen
@@ -128,6 +118,24 @@ def classify_connack(reason: ReasonCode) -> ConnectFailed:
     return ConnectFailed("protocol", f"broker refused the connection: {reason}")
 
 
+@runtime_checkable
+class BrokerClient(Protocol):
+    """
+    What a site service needs of its broker connection (L{MQTTClient}, or a
+    fake in tests).
+    """
+
+    def connect(self) -> Deferred[bool]: ...
+
+    def subscribe(self, topics: list[tuple[str, int]]) -> None: ...
+
+    def ack(self, message: ReceivedMessage) -> bool: ...
+
+    def disconnect(self) -> Deferred[None]: ...
+
+    def abort(self) -> None: ...
+
+
 @implementer(IReadDescriptor, IWriteDescriptor)
 class _SocketDescriptor:
     """
@@ -178,7 +186,7 @@ class MQTTClient:
         on_lost: Callable[[ConnectFailed], None],
         connect_timeout: float = 5.0,
     ) -> None:
-        self._reactor: IReactorTime & IReactorFDSet & IReactorThreads & IReactorCore = reactor
+        self._reactor = reactor
         self._config = config
         self._on_message = on_message
         self._on_lost = on_lost
@@ -340,7 +348,7 @@ class MQTTClient:
         self._on_message(
             ReceivedMessage(
                 topic=message.topic,
-                payload=message.payload,
+                payload=bytes(message.payload),
                 qos=message.qos,
                 retain=bool(message.retain),
                 mid=message.mid,
@@ -375,7 +383,7 @@ class MQTTClient:
             )
 
         def opened_failed(f: Failure) -> None:
-            self._fail_attempt(attempt, classify_connect_error(f.value))
+            self._fail_attempt(attempt, classify_connect_error(f.value or Exception(f)))
 
         def thread_done(_: object) -> None:
             self._opening = None
@@ -472,4 +480,3 @@ class MQTTClient:
             ReasonCode(PacketTypes.DISCONNECT, "Unspecified error"),
             None,
         )
-

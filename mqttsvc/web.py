@@ -60,7 +60,9 @@ class WebApp:
         caller = self._caller(request)
         if caller is None:
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="mqttsvc"')
-            return _json(request, 401, {"error": "a valid 'Authorization: Bearer' token is required"})
+            return _json(
+                request, 401, {"error": "a valid 'Authorization: Bearer' token is required"}
+            )
         content_type = (request.getHeader(b"Content-Type") or b"").split(b";")[0].strip()
         if content_type.lower() != b"application/json":
             return _json(request, 415, {"error": "Content-Type must be application/json"})

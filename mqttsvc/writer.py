@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import attrs
@@ -319,19 +320,16 @@ class BatchWriter:
     ) -> None:
         for p in batch:
             try:
-                await self._pool.transaction(lambda cursor: write_effects(cursor, p.effects))
+                await self._pool.transaction(partial(write_effects, effects=p.effects))
             except Exception as e:
                 if is_connection_error(e):
                     p.done.errback(e)
                     continue
                 reason = f"database rejected the message: {str(e).strip().splitlines()[0]}"
-                letters = [
-                    DeadLetter(x.site_id, x.topic, x.payload, reason, x.at)
-                    for x in p.effects
-                    if isinstance(x, DeadLetter)
-                ] or _dead_letters_for(p.effects, reason)
                 try:
-                    await self._pool.transaction(lambda cursor: write_effects(cursor, letters))
+                    await self._pool.transaction(
+                        partial(write_effects, effects=_rejected(p.effects, reason))
+                    )
                 except Exception as e2:
                     p.done.errback(e2)
                     continue
@@ -347,9 +345,22 @@ class BatchWriter:
                 self._requeue([], statuses)
 
 
-def _dead_letters_for(effects: list[Effect], reason: str) -> list[Effect]:
-    topic = next((e for e in effects if isinstance(e, TopicSeen)), None)
-    if topic is None:
+def _rejected(effects: list[Effect], reason: str) -> list[Effect]:
+    """
+    What to write instead of a message whose effects the database refused:
+    its topic sighting and a dead letter with the database's reason.
+    """
+    topics: list[Effect] = [e for e in effects if isinstance(e, TopicSeen)]
+    if not topics:
         return []
-    payload = next((e.payload.encode() for e in effects if isinstance(e, GatewaySeen)), b"")
-    return [DeadLetter(topic.site_id, topic.topic, payload, reason, topic.at)]
+    seen = topics[0]
+    assert isinstance(seen, TopicSeen)
+    payload = next(
+        (
+            e.payload if isinstance(e, DeadLetter) else e.payload.encode()
+            for e in effects
+            if isinstance(e, DeadLetter | GatewaySeen)
+        ),
+        b"",
+    )
+    return [*topics, DeadLetter(seen.site_id, seen.topic, payload, reason, seen.at)]

@@ -171,9 +171,7 @@ class Dispatcher:
         if isinstance(request, list):
             if not request:
                 return _dump(
-                    _error_response(
-                        None, RPCError(INVALID_REQUEST, "Invalid Request: empty batch")
-                    )
+                    _error_response(None, RPCError(INVALID_REQUEST, "Invalid Request: empty batch"))
                 )
             responses = await gatherResults(
                 [Deferred.fromCoroutine(self._one(r, caller)) for r in request]
@@ -190,9 +188,7 @@ class Dispatcher:
             )
         is_notification = "id" not in request
         id_ = request.get("id")
-        if id_ is not None and (
-            isinstance(id_, bool) or not isinstance(id_, str | int | float)
-        ):
+        if id_ is not None and (isinstance(id_, bool) or not isinstance(id_, str | int | float)):
             return _error_response(
                 None, RPCError(INVALID_REQUEST, "Invalid Request: id must be a string or number")
             )
@@ -204,9 +200,7 @@ class Dispatcher:
                 raise RPCError(INVALID_REQUEST, "Invalid Request: method must be a string")
             method = self.methods.get(name)
             if method is None:
-                raise RPCError(
-                    METHOD_NOT_FOUND, f"Method not found: {name}", {"method": name}
-                )
+                raise RPCError(METHOD_NOT_FOUND, f"Method not found: {name}", {"method": name})
             call = method.bind(request.get("params"), caller)
             result = await method.handler(call)
         except RPCError as e:

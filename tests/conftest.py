@@ -1,0 +1,149 @@
+"""
+Shared fixtures: a real PostgreSQL database created for the test run and
+dropped after it, the machine's Mosquitto, and private Mosquitto brokers
+for tests that need to stop one.
+
+The reactor is imported inside fixtures, never at module level, so that
+pytest-twisted installs it first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from mqttsvc import database
+
+PG_HOST = os.environ.get("MQTTSVC_TEST_PGHOST", "127.0.0.1")
+PG_PORT = os.environ.get("MQTTSVC_TEST_PGPORT", "5432")
+PG_USER = os.environ.get("MQTTSVC_TEST_PGUSER", "postgres")
+BROKER_HOST = os.environ.get("MQTTSVC_TEST_BROKER_HOST", "127.0.0.1")
+BROKER_PORT = int(os.environ.get("MQTTSVC_TEST_BROKER_PORT", "1883"))
+
+
+def admin_dsn(dbname: str = "postgres") -> str:
+    return f"host={PG_HOST} port={PG_PORT} user={PG_USER} dbname={dbname}"
+
+
+@pytest.fixture(scope="session")
+def db_dsn() -> Iterator[str]:
+    """
+    A migrated database of its own for this test run, dropped at the end.
+    """
+    name = f"mqttsvc_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = psycopg2.connect(admin_dsn())
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    dsn = admin_dsn(name)
+    database.migrate(dsn)
+    try:
+        yield dsn
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.close()
+
+
+@pytest.fixture
+def sql(db_dsn: str) -> Iterator[psycopg2.extensions.connection]:
+    """
+    A blocking connection for assertions (autocommit, so that every query
+    sees what the service committed).
+    """
+    conn = psycopg2.connect(db_dsn)
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def no_sites(db_dsn: str) -> None:
+    """
+    Start from a database without sites, so that a service started by the
+    test runs only the sites the test creates.
+    """
+    conn = psycopg2.connect(db_dsn)
+    with conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM mqtt_connection")
+    conn.close()
+
+
+@pytest.fixture
+def site_id() -> str:
+    """
+    A site id no other test uses, so tests share the database safely.
+    """
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class PrivateBroker:
+    """
+    A Mosquitto of our own on a free port, which a test may stop and start.
+    """
+
+    def __init__(self, directory: Path, extra_config: str = "") -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.config = directory / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "persistence true\n"
+            f"persistence_location {directory}/\n"
+            "allow_anonymous true\n"
+            f"{extra_config}"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.process = subprocess.Popen(
+            [mosquitto, "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"mosquitto exited with {self.process.returncode}") from None
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start listening within 10 s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
+    broker = PrivateBroker(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
