@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: demo test check lint typecheck services venv clean
 
-demo: services $(STAMP)
+demo: $(STAMP)
 	demo/run.sh
 
 test: services $(STAMP) lint typecheck

@@ -156,9 +156,14 @@ class _SiteCore:
         self.state = snapshot
         if previous is None or previous.state != state or previous != snapshot:
             self.log.info(
-                "site {site_id} is {state} (retries {retry_count}, last error {last_error})",
+                "site {site_id} is {state}{detail}",
                 site_id=self.config.site_id,
                 state=state,
+                detail=(
+                    f" after {self.retry_count} failed attempts, last: {self.last_error}"
+                    if self.last_error
+                    else ""
+                ),
                 retry_count=self.retry_count,
                 last_error=self.last_error,
             )

@@ -47,13 +47,13 @@ CREATE TABLE gateway (
 CREATE TABLE datalogger (
     id              bigserial PRIMARY KEY,
     site_id         text NOT NULL,
+    gateway_id      text NOT NULL,
     datalogger_id   text NOT NULL,
-    gateway_id      text,
     status          text NOT NULL DEFAULT 'unknown' CHECK (status IN ('online', 'offline', 'unknown')),
     first_seen_at   timestamptz NOT NULL,
     last_seen_at    timestamptz NOT NULL,
     last_payload    jsonb,
-    UNIQUE (site_id, datalogger_id)
+    UNIQUE (site_id, gateway_id, datalogger_id)
 );
 
 CREATE TABLE sensor (
