@@ -64,6 +64,15 @@ def _check_in(allowed: frozenset[Any]) -> Any:
     return check
 
 
+def _check_topic_name(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value or len(value.encode()) > 65535:
+        raise ConfigError(attribute.name, "must be a non-empty MQTT topic name")
+    if "+" in value or "#" in value:
+        raise ConfigError(attribute.name, "must be a topic name, without wildcards")
+
+
 def _check_int_range(low: int, high: int) -> Any:
     def check(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -137,11 +146,12 @@ class SiteConfig:
     password: str | None = attrs.field(
         default=None, repr=False, validator=_check_optional_str(1024)
     )
-    client_id_prefix: str = attrs.field(default="mqttsvc-", validator=_check_str(64))
+    client_id_prefix: str = attrs.field(default="mqttsvc", validator=_check_str(64))
     is_enabled: bool = attrs.field(default=True, validator=_check_bool)
     protocol: str = attrs.field(default="3.1.1", validator=_check_in(PROTOCOLS))
     keepalive: int = attrs.field(default=60, validator=_check_int_range(5, 3600))
     topics: tuple[TopicSubscription, ...] = attrs.field(default=())
+    status_topic: str | None = attrs.field(default=None, validator=_check_topic_name)
 
     @topics.validator
     def _check_topics(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -153,13 +163,24 @@ class SiteConfig:
                 raise ConfigError("topics", f"topic {sub.topic!r} is listed twice")
             seen.add(sub.topic)
 
-    @property
-    def client_id(self) -> str:
+    def client_id(self, instance: str) -> str:
         """
-        The MQTT client identifier: stable across restarts so that the
-        broker keeps this site's persistent session.
+        The MQTT client identifier, C{{prefix}_{instance}_{site_id}}.
+
+        It is the same on every start of the same instance, so the broker
+        resumes the persistent session (and delivers what it queued for
+        us); it differs between instances and between sites, so neither
+        two mqttsvc instances nor two sites on one broker take each other's
+        session over.
         """
-        return f"{self.client_id_prefix}{self.site_id}"
+        return f"{self.client_id_prefix}_{instance}_{self.site_id}"
+
+    def connection_differs(self, other: SiteConfig) -> bool:
+        """
+        Whether going from this configuration to C{other} needs a new
+        connection (anything but the subscriptions changed).
+        """
+        return attrs.evolve(self, topics=other.topics) != other
 
 
 def topics_from_params(site_id: str, raw: Iterable[Any] | None) -> tuple[TopicSubscription, ...]:

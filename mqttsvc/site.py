@@ -2,13 +2,14 @@
 One site's MQTT connection as a service with an explicit state machine.
 
 The states are those an operator sees: stopped, connecting, connected,
-waiting to retry, error (gave up) and stopping (or restarting).  Every state
-change is reported to a status sink, which writes it to C{mqtt_connection}.
+waiting to retry, error (gave up, probing now and then), stopping and
+restarting.  Every state change is reported (to C{mqtt_connection} and the
+C{connection_event} history) with its reason.
 
 The shape follows Twisted's C{ClientService}: inputs are the methods of
 L{_SiteInputs}, states carry their own data (the connection attempt, the
-pending retry's L{IDelayedCall}), and an input with no transition from the
-current state raises.
+pending retry's or probe's L{IDelayedCall}), and an input with no
+transition from the current state raises.
 """
 
 from __future__ import annotations
@@ -22,21 +23,34 @@ from typing import Any, Protocol
 import attrs
 from automat import TypeMachineBuilder, pep614
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mqttsvc.config import SiteConfig
-from mqttsvc.processing import Router, process
-from mqttsvc.transport import BrokerClient, ConnectFailed, MQTTClient, ReceivedMessage
-from mqttsvc.writer import StatusUpdate
+from mqttsvc.config import SiteConfig, TopicSubscription
+from mqttsvc.processing import DeadLetter, Router, process
+from mqttsvc.transport import (
+    BrokerClient,
+    ConnectFailed,
+    MQTTClient,
+    ReceivedMessage,
+    SubscriptionResult,
+)
+from mqttsvc.writer import ConnectionEvent, StatusUpdate
 
 #: Consecutive failed attempts after which a site gives up (status error).
 MAX_RETRIES = 10
 
+#: How often a site in error tries once more (the half-open circuit).
+PROBE_INTERVAL = 15 * 60.0
+
 #: How long a clean DISCONNECT may take before the socket is just closed.
-DISCONNECT_TIMEOUT = 5.0
+DISCONNECT_TIMEOUT = 3.0
+
+#: How long shutdown waits for received messages to be committed (and so
+#: acknowledged) before it disconnects anyway; the broker redelivers the rest.
+DRAIN_TIMEOUT = 3.0
 
 
 def retry_delay(retry_count: int, jitter: float = 0.0) -> float:
@@ -56,6 +70,8 @@ class SiteState:
 
     @ivar state: the state machine's state.
     @ivar status: the C{mqtt_connection.status} value it maps to.
+    @ivar subscriptions: the broker's verdict on each subscription of the
+        current connection.
     """
 
     site_id: str
@@ -66,6 +82,7 @@ class SiteState:
     last_error: str | None
     last_connected_at: datetime | None
     since: datetime
+    subscriptions: tuple[SubscriptionResult, ...] = ()
 
     def as_update(self) -> StatusUpdate:
         return StatusUpdate(
@@ -101,22 +118,31 @@ class _SiteInputs(Protocol):
         "Disconnect cleanly and stay stopped; fires when the socket is closed."
 
     def restart(self) -> None:
-        "Forget earlier failures and (re)connect now."
+        "(Re)connect now; the caller has reset the retry count."
+
+    def _resumeWaiting(self) -> None:
+        "Start as the database left it: waiting until next_retry."
+
+    def _resumeError(self) -> None:
+        "Start as the database left it: given up, probing at next_retry."
 
     def _connected(self, session_present: bool) -> None:
         "The broker accepted the connection."
 
-    def _connectFailed(self, error: ConnectFailed) -> None:
-        "An attempt failed; another one will be made later."
+    def _connectFailed(self) -> None:
+        "An attempt failed (already recorded); another one is due later."
 
-    def _exhausted(self, error: ConnectFailed) -> None:
-        "An attempt failed and it was the last one allowed."
+    def _exhausted(self) -> None:
+        "An attempt failed and no regular retry is left."
 
-    def _lost(self, error: ConnectFailed) -> None:
-        "An established connection ended."
+    def _lost(self) -> None:
+        "An established connection ended (already recorded)."
 
     def _retryDue(self) -> None:
         "The wait before the next attempt is over."
+
+    def _probeDue(self) -> None:
+        "Time for a site in error to try once more."
 
     def _closed(self) -> None:
         "The connection we asked to close is closed."
@@ -127,22 +153,26 @@ class _SiteCore:
     config: SiteConfig
     clock: IReactorTime
     client: BrokerClient
-    report: Callable[[SiteState], None]
+    report: Callable[[SiteState, ConnectionEvent], None]
     jitter: Callable[[], float]
+    probe_interval: float
     retry_count: int = 0
     last_error: str | None = None
     last_connected_at: datetime | None = None
     next_retry: datetime | None = None
     attempt: int = 0
     state: SiteState | None = None
+    reason: str | None = None
+    subscribed: tuple[tuple[str, int], ...] = ()
+    subscriptions: tuple[SubscriptionResult, ...] = ()
     stop_waiters: list[Deferred[None]] = field(default_factory=list)
-    log: Logger = field(default_factory=Logger)
+    log: Logger = field(default_factory=lambda: Logger(namespace="mqttsvc.site"))
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), UTC)
 
-    def enter(self, state: str) -> None:
-        snapshot = SiteState(
+    def snapshot(self, state: str) -> SiteState:
+        return SiteState(
             site_id=self.config.site_id,
             state=state,
             status=_STATUS_OF_STATE[state],
@@ -151,23 +181,66 @@ class _SiteCore:
             last_error=self.last_error,
             last_connected_at=self.last_connected_at,
             since=self.now(),
+            subscriptions=self.subscriptions,
         )
+
+    def enter(self, state: str) -> None:
+        """
+        Take a new snapshot and report it (with the pending reason) when
+        anything an operator can see changed.
+        """
+        snapshot = self.snapshot(state)
         previous = self.state
+        reason, self.reason = self.reason, None
+        if previous is not None and attrs.evolve(previous, since=snapshot.since) == snapshot:
+            return
+        if previous is not None and previous.state == state:
+            snapshot = attrs.evolve(snapshot, since=previous.since)
         self.state = snapshot
-        if previous is None or previous.state != state or previous != snapshot:
-            self.log.info(
-                "site {site_id} is {state}{detail}",
+        self.log.info(
+            "site {site_id}: {from_state} -> {to_state}{why}",
+            site_id=self.config.site_id,
+            from_state=previous.state if previous else "new",
+            to_state=state,
+            why=f" ({reason})" if reason else "",
+            reason=reason,
+            retry_count=self.retry_count,
+        )
+        self.report(
+            snapshot,
+            ConnectionEvent(
                 site_id=self.config.site_id,
-                state=state,
-                detail=(
-                    f" after {self.retry_count} failed attempts, last: {self.last_error}"
-                    if self.last_error
-                    else ""
-                ),
-                retry_count=self.retry_count,
-                last_error=self.last_error,
-            )
-            self.report(snapshot)
+                at=snapshot.since if previous is None or previous.state != state else self.now(),
+                from_state=previous.state if previous else "stopped",
+                to_state=state,
+                reason=reason,
+            ),
+        )
+
+    def record_failure(self, error: ConnectFailed) -> bool:
+        """
+        Count a failed attempt or lost connection and decide when the next
+        attempt is due.
+
+        @return: whether regular retries are over: after L{MAX_RETRIES}
+            consecutive failures, or at once for refused credentials, which
+            no retry will fix (a probe still runs now and then).
+        """
+        self.retry_count += 1
+        self.last_error = f"{error.category}: {error.detail}"
+        self.reason = self.last_error
+        exhausted = self.retry_count >= MAX_RETRIES or error.category == "auth"
+        if exhausted:
+            delay = self.probe_interval
+        else:
+            delay = retry_delay(self.retry_count - 1, self.jitter())
+        self.next_retry = datetime.fromtimestamp(self.clock.seconds() + delay, UTC)
+        return exhausted
+
+    def until_next_retry(self) -> float:
+        if self.next_retry is None:
+            return 0.0
+        return max(0.0, self.next_retry.timestamp() - self.clock.seconds())
 
     def wait_for_stop(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -178,6 +251,31 @@ class _SiteCore:
         waiters, self.stop_waiters = self.stop_waiters, []
         for w in waiters:
             w.callback(None)
+
+    def subscribe(self) -> None:
+        """
+        Subscribe every configured topic on the current connection, and
+        record the broker's verdict on each.
+        """
+        wanted = tuple((t.topic, t.qos) for t in self.config.topics)
+        token = self.attempt
+
+        def verdicts(results: list[SubscriptionResult]) -> None:
+            if self.attempt != token or self.state is None:
+                return
+            self.subscriptions = tuple(results)
+            refused = [r for r in results if not r.granted]
+            if refused:
+                self.subscribed = ()
+                self.last_error = "subscription refused: " + ", ".join(
+                    f"{r.topic} ({r.reason})" for r in refused
+                )
+                self.reason = self.last_error
+            else:
+                self.subscribed = wanted
+            self.enter(self.state.state)
+
+        self.client.subscribe(list(wanted)).addCallback(verdicts)
 
     def close(self, inputs: _SiteInputs) -> None:
         """
@@ -198,10 +296,9 @@ class _SiteCore:
 def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
     machine = TypeMachineBuilder(_SiteInputs, _SiteCore)
 
-    def attemptConnection(c: _SiteInputs, s: _SiteCore, *args: object) -> int:
+    def attemptConnection(c: _SiteInputs, s: _SiteCore) -> int:
         s.attempt += 1
         token = s.attempt
-        s.next_retry = None
         s.enter("connecting")
 
         def connected(session_present: bool) -> None:
@@ -211,26 +308,36 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
         def failed(f: Failure) -> None:
             if s.attempt != token:
                 return
-            error = (
-                f.value
-                if isinstance(f.value, ConnectFailed)
-                else ConnectFailed("protocol", str(f.value))
-            )
-            if s.retry_count + 1 >= MAX_RETRIES:
-                c._exhausted(error)
+            error = f.value
+            if not isinstance(error, ConnectFailed):
+                error = ConnectFailed("protocol", f.getErrorMessage())
+            if s.record_failure(error):
+                c._exhausted()
             else:
-                c._connectFailed(error)
+                c._connectFailed()
 
         s.client.connect().addCallbacks(connected, failed)
         return token
 
-    def scheduleRetry(c: _SiteInputs, s: _SiteCore, error: ConnectFailed) -> IDelayedCall:
-        delay = retry_delay(s.retry_count, s.jitter())
-        s.retry_count += 1
-        s.last_error = f"{error.category}: {error.detail}"
-        s.next_retry = datetime.fromtimestamp(s.clock.seconds() + delay, UTC)
-        call = s.clock.callLater(delay, c._retryDue)
+    def scheduleRetry(c: _SiteInputs, s: _SiteCore) -> IDelayedCall:
+        call = s.clock.callLater(s.until_next_retry(), c._retryDue)
         s.enter("waiting")
+        return call
+
+    def scheduleProbe(c: _SiteInputs, s: _SiteCore) -> IDelayedCall:
+        if s.next_retry is None:
+            s.next_retry = datetime.fromtimestamp(s.clock.seconds() + s.probe_interval, UTC)
+        call = s.clock.callLater(s.until_next_retry(), c._probeDue)
+        if s.state is None or s.state.state != "error":
+            s.log.error(
+                "site {site_id} gave up after {retries} failed attempts ({error}); "
+                "next probe at {next_retry}",
+                site_id=s.config.site_id,
+                retries=s.retry_count,
+                error=s.last_error,
+                next_retry=s.next_retry.isoformat(),
+            )
+        s.enter("error")
         return call
 
     def becomeConnected(c: _SiteInputs, s: _SiteCore, session_present: bool) -> BrokerClient:
@@ -238,77 +345,80 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
         s.last_error = None
         s.next_retry = None
         s.last_connected_at = s.now()
-        s.client.subscribe([(t.topic, t.qos) for t in s.config.topics])
+        s.reason = "session resumed" if session_present else "new session"
+        if not session_present:
+            s.subscribed = ()
         s.enter("connected")
+        if s.subscribed != tuple((t.topic, t.qos) for t in s.config.topics):
+            s.subscribe()
         return s.client
 
     Stopped = machine.state("Stopped")
     Connecting = machine.state("Connecting", attemptConnection)
     Connected = machine.state("Connected", becomeConnected)
     Waiting = machine.state("Waiting", scheduleRetry)
-    Error = machine.state("Error")
+    Error = machine.state("Error", scheduleProbe)
     Stopping = machine.state("Stopping")
     Restarting = machine.state("Restarting")
 
     Stopped.upon(_SiteInputs.start).to(Connecting).returns(None)
+    Stopped.upon(_SiteInputs.restart).to(Connecting).returns(None)
+    Stopped.upon(_SiteInputs._resumeWaiting).to(Waiting).returns(None)
+    Stopped.upon(_SiteInputs._resumeError).to(Error).returns(None)
     Connecting.upon(_SiteInputs.start).loop().returns(None)
-    Connected.upon(_SiteInputs.start).loop().returns(None)
-    Waiting.upon(_SiteInputs.start).loop().returns(None)
-    Restarting.upon(_SiteInputs.start).loop().returns(None)
-    Restarting.upon(_SiteInputs.restart).loop().returns(None)
-    Stopping.upon(_SiteInputs.start).to(Restarting).returns(None)
-    Stopping.upon(_SiteInputs.restart).to(Restarting).returns(None)
     Connecting.upon(_SiteInputs._connected).to(Connected).returns(None)
     Connecting.upon(_SiteInputs._connectFailed).to(Waiting).returns(None)
+    Connecting.upon(_SiteInputs._exhausted).to(Error).returns(None)
+    Connected.upon(_SiteInputs.start).loop().returns(None)
     Connected.upon(_SiteInputs._lost).to(Waiting).returns(None)
+    Waiting.upon(_SiteInputs.start).loop().returns(None)
     Waiting.upon(_SiteInputs._retryDue).to(Connecting).returns(None)
-
-    @pep614(Connecting.upon(_SiteInputs._exhausted).to(Error))
-    def giveUp(c: _SiteInputs, s: _SiteCore, token: int, error: ConnectFailed) -> None:
-        s.retry_count += 1
-        s.last_error = f"{error.category}: {error.detail}"
-        s.next_retry = None
-        s.log.error(
-            "site {site_id} gave up after {retries} failed attempts: {error}",
-            site_id=s.config.site_id,
-            retries=s.retry_count,
-            error=s.last_error,
-        )
-        s.enter("error")
+    Error.upon(_SiteInputs.start).loop().returns(None)
+    Error.upon(_SiteInputs._probeDue).to(Connecting).returns(None)
+    Stopping.upon(_SiteInputs.start).to(Restarting).returns(None)
+    Stopping.upon(_SiteInputs.restart).to(Restarting).returns(None)
+    Restarting.upon(_SiteInputs.start).loop().returns(None)
+    Restarting.upon(_SiteInputs.restart).loop().returns(None)
 
     @pep614(Stopped.upon(_SiteInputs.stop).loop())
     def alreadyStopped(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
         return succeed(None)
 
-    @pep614(Error.upon(_SiteInputs.stop).to(Stopped))
-    def stopFromError(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
-        s.enter("stopped")
-        return succeed(None)
-
-    @pep614(Waiting.upon(_SiteInputs.stop).to(Stopped))
-    def stopWaiting(c: _SiteInputs, s: _SiteCore, retry: IDelayedCall) -> Deferred[None]:
-        retry.cancel()
+    def cancelTimer(c: _SiteInputs, s: _SiteCore, timer: IDelayedCall) -> None:
+        timer.cancel()
         s.next_retry = None
+
+    def stopTimer(c: _SiteInputs, s: _SiteCore, timer: IDelayedCall) -> Deferred[None]:
+        cancelTimer(c, s, timer)
         s.enter("stopped")
         return succeed(None)
 
-    def stopConnection(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
+    pep614(Waiting.upon(_SiteInputs.stop).to(Stopped))(stopTimer)
+    pep614(Error.upon(_SiteInputs.stop).to(Stopped))(stopTimer)
+    pep614(Waiting.upon(_SiteInputs.restart).to(Connecting))(cancelTimer)
+    pep614(Error.upon(_SiteInputs.restart).to(Connecting))(cancelTimer)
+
+    def beginStopping(c: _SiteInputs, s: _SiteCore, data: object) -> Deferred[None]:
         waiter = s.wait_for_stop()
         s.enter("stopping")
         s.close(c)
         return waiter
 
-    @pep614(Connecting.upon(_SiteInputs.stop).to(Stopping))
-    def stopConnecting(c: _SiteInputs, s: _SiteCore, attempt: int) -> Deferred[None]:
-        return stopConnection(c, s)
+    def beginRestarting(c: _SiteInputs, s: _SiteCore, data: object) -> None:
+        s.enter("restarting")
+        s.close(c)
 
-    @pep614(Connected.upon(_SiteInputs.stop).to(Stopping))
-    def stopConnected(c: _SiteInputs, s: _SiteCore, client: BrokerClient) -> Deferred[None]:
-        return stopConnection(c, s)
+    pep614(Connecting.upon(_SiteInputs.stop).to(Stopping))(beginStopping)
+    pep614(Connected.upon(_SiteInputs.stop).to(Stopping))(beginStopping)
+    pep614(Connecting.upon(_SiteInputs.restart).to(Restarting))(beginRestarting)
+    pep614(Connected.upon(_SiteInputs.restart).to(Restarting))(beginRestarting)
 
     @pep614(Stopping.upon(_SiteInputs.stop).loop())
-    @pep614(Restarting.upon(_SiteInputs.stop).to(Stopping))
     def alreadyStopping(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
+        return s.wait_for_stop()
+
+    @pep614(Restarting.upon(_SiteInputs.stop).to(Stopping))
+    def stopRestarting(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
         s.enter("stopping")
         return s.wait_for_stop()
 
@@ -321,32 +431,23 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
     def restarted(c: _SiteInputs, s: _SiteCore) -> None:
         s.finish_stopping()
 
-    # restart() resets the retry count before it reaches the machine (see
-    # SiteService.restart), so that the state entered below already shows it.
-    Stopped.upon(_SiteInputs.restart).to(Connecting).returns(None)
-    Error.upon(_SiteInputs.restart).to(Connecting).returns(None)
-    Error.upon(_SiteInputs.start).loop().returns(None)
-
-    @pep614(Waiting.upon(_SiteInputs.restart).to(Connecting))
-    def restartWaiting(c: _SiteInputs, s: _SiteCore, retry: IDelayedCall) -> None:
-        retry.cancel()
-
-    def restartConnection(c: _SiteInputs, s: _SiteCore) -> None:
-        s.enter("restarting")
-        s.close(c)
-
-    @pep614(Connecting.upon(_SiteInputs.restart).to(Restarting))
-    def restartConnecting(c: _SiteInputs, s: _SiteCore, attempt: int) -> None:
-        restartConnection(c, s)
-
-    @pep614(Connected.upon(_SiteInputs.restart).to(Restarting))
-    def restartConnected(c: _SiteInputs, s: _SiteCore, client: BrokerClient) -> None:
-        restartConnection(c, s)
-
     return machine.build()
 
 
 _SiteMachine = _makeMachine()
+
+
+@attrs.frozen
+class ResumeState:
+    """
+    What the database remembers of a site's connection when mqttsvc starts.
+    """
+
+    status: str
+    retry_count: int
+    next_retry: datetime | None
+    last_error: str | None
+    last_connected_at: datetime | None
 
 
 class SiteService(Service):
@@ -358,9 +459,11 @@ class SiteService(Service):
     @param reactor: the reactor (time, threads and file descriptors).
     @param config: the site.
     @param writer: where message effects go (the L{BatchWriter}).
-    @param report: called with a L{SiteState} on every state change.
-    @param last_connected_at: when the site was last connected, as the
-        database remembers it.
+    @param report: called with a L{SiteState} and the L{ConnectionEvent} on
+        every state change.
+    @param instance: this mqttsvc instance's name, part of the client id.
+    @param resume: the connection state the database remembers; a site in
+        error stays in error, a waiting site waits for its next retry.
     """
 
     log = Logger()
@@ -370,46 +473,85 @@ class SiteService(Service):
         reactor: Any,
         config: SiteConfig,
         writer: MessageSink,
-        report: Callable[[SiteState], None],
+        report: Callable[[SiteState, ConnectionEvent], None],
+        *,
+        instance: str = "local",
+        resume: ResumeState | None = None,
         jitter: Callable[[], float] | None = None,
+        probe_interval: float = PROBE_INTERVAL,
         client_factory: Callable[..., BrokerClient] = MQTTClient,
-        last_connected_at: datetime | None = None,
     ) -> None:
         self.name = config.site_id
         self.config = config
         self._clock: IReactorTime = reactor
         self._writer = writer
         self._router = Router(config.topics)
+        self._resume = resume
+        self._uncommitted: set[Deferred[None]] = set()
         self.messages_received = 0
         self.messages_rejected = 0
         self.last_message_at: datetime | None = None
-        client = client_factory(reactor, config, self._message, self._lost)
+        client = client_factory(
+            reactor, config, self._message, self._lost, client_id=config.client_id(instance)
+        )
         self._core = _SiteCore(
             config=config,
             clock=reactor,
             client=client,
             report=report,
             jitter=jitter if jitter is not None else (lambda: random.uniform(-1.0, 1.0)),
+            probe_interval=probe_interval,
         )
-        self._core.last_connected_at = last_connected_at
+        if resume is not None:
+            self._core.last_connected_at = resume.last_connected_at
         self._machine = _SiteMachine(self._core)
-        self._core.enter("stopped")
 
     @property
     def state(self) -> SiteState:
         """
         The current state snapshot.
         """
-        assert self._core.state is not None
-        return self._core.state
+        return self._core.state or self._core.snapshot("stopped")
 
     def startService(self) -> None:
         super().startService()
+        resume, self._resume = self._resume, None
+        core = self._core
+        if resume is not None and resume.retry_count > 0:
+            core.retry_count = resume.retry_count
+            core.last_error = resume.last_error
+            core.next_retry = resume.next_retry
+            core.reason = "resumed after a restart of mqttsvc"
+            if resume.status == "error":
+                self._machine._resumeError()
+                return
+            if core.until_next_retry() > 0:
+                self._machine._resumeWaiting()
+                return
         self._machine.start()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return self._machine.stop()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        # Take no new messages, let the ones in hand be committed (their
+        # PUBACKs then go out ahead of our DISCONNECT), then disconnect.
+        self._core.client.pause()
+        if self._uncommitted:
+            drained: Deferred[Any] = DeferredList(list(self._uncommitted))
+            drained.addTimeout(DRAIN_TIMEOUT, self._clock)
+            try:
+                await drained
+            except Exception:
+                self.log.warn(
+                    "site {site_id}: {count} messages still uncommitted at shutdown; "
+                    "the broker will redeliver them",
+                    site_id=self.name,
+                    count=len(self._uncommitted),
+                )
+        self._core.reason = "stopped"
+        await self._machine.stop()
 
     def restart(self) -> None:
         """
@@ -418,23 +560,47 @@ class SiteService(Service):
         """
         self._core.retry_count = 0
         self._core.next_retry = None
+        self._core.reason = "restart requested"
         self._machine.restart()
 
+    def update_topics(self, topics: tuple[TopicSubscription, ...]) -> None:
+        """
+        Change the subscriptions without reconnecting: drop the removed
+        filters and subscribe the current set (the broker keeps one
+        subscription per filter).
+        """
+        removed = [t.topic for t in self.config.topics if t not in topics]
+        self.config = attrs.evolve(self.config, topics=topics)
+        self._core.config = self.config
+        self._router = Router(topics)
+        if self.state.state != "connected":
+            self._core.subscribed = ()
+            return
+        self._core.client.unsubscribe(removed)
+        self._core.reason = "subscriptions changed"
+        self._core.subscribe()
+
     def _lost(self, error: ConnectFailed) -> None:
-        self._machine._lost(error)
+        self._core.record_failure(error)
+        self._machine._lost()
 
     def _message(self, message: ReceivedMessage) -> None:
         now = self._core.now()
         self.messages_received += 1
         self.last_message_at = now
         effects = process(self.config.site_id, self._router, message.topic, message.payload, now)
+        if any(isinstance(e, DeadLetter) for e in effects):
+            self.messages_rejected += 1
         committed = self._writer.submit(effects)
+        self._uncommitted.add(committed)
         client = self._core.client
 
         def acknowledge(_: object) -> None:
+            self._uncommitted.discard(committed)
             client.ack(message)
 
         def unacknowledged(f: Failure) -> None:
+            self._uncommitted.discard(committed)
             self.log.warn(
                 "site {site_id}: message on {topic} not committed, the broker will "
                 "redeliver it: {error}",

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from mqttsvc.config import SiteConfig, TopicSubscription
 from mqttsvc.pool import ConnectionPool
+from mqttsvc.site import ResumeState
 from mqttsvc.writer import BatchWriter
 
 
@@ -43,10 +44,36 @@ class SiteRow:
     created_at: datetime
     updated_at: datetime
 
+    def resume_state(self) -> ResumeState:
+        """
+        What a site service needs to carry on where the last run stopped.
+        """
+        return ResumeState(
+            status=self.status,
+            retry_count=self.retry_count,
+            next_retry=self.next_retry,
+            last_error=self.last_error,
+            last_connected_at=self.last_connected_at,
+        )
+
+
+@attrs.frozen
+class EventRow:
+    """
+    One entry of a site's connection history.
+    """
+
+    id: int
+    site_id: str
+    at: datetime
+    from_state: str
+    to_state: str
+    reason: str | None
+
 
 _SITE_COLUMNS = """
     c.site_id, c.host, c.port, c.username, c.password, c.client_id_prefix, c.is_enabled,
-    c.protocol, c.keepalive, c.status, c.last_connected_at, c.mqtt_retry_count,
+    c.protocol, c.keepalive, c.status_topic, c.status, c.last_connected_at, c.mqtt_retry_count,
     c.mqtt_next_retry, c.last_error, c.created_at, c.updated_at,
     COALESCE(
         (SELECT array_agg(ARRAY[t.topic, t.kind, t.qos::text] ORDER BY t.id)
@@ -59,8 +86,8 @@ _SITE_COLUMNS = """
 def _site_row(row: tuple[Any, ...]) -> SiteRow:
     (
         site_id, host, port, username, password, prefix, enabled, protocol, keepalive,
-        status, last_connected_at, retry_count, next_retry, last_error, created, updated,
-        topics,
+        status_topic, status, last_connected_at, retry_count, next_retry, last_error,
+        created, updated, topics,
     ) = row  # fmt: skip
     config = SiteConfig(
         site_id=site_id,
@@ -73,6 +100,7 @@ def _site_row(row: tuple[Any, ...]) -> SiteRow:
         protocol=protocol,
         keepalive=keepalive,
         topics=tuple(TopicSubscription(t, k, int(q)) for t, k, q in topics),
+        status_topic=status_topic,
     )
     return SiteRow(
         config=config,
@@ -125,19 +153,6 @@ class Store(Service):
         self.pool.close()
         self._writer_pool.close()
 
-    async def load_enabled_sites(self) -> list[tuple[SiteConfig, datetime | None]]:
-        """
-        The enabled sites, with when each was last connected.
-        """
-        rows = await self.pool.query(
-            f"SELECT {_SITE_COLUMNS} FROM mqtt_connection c WHERE c.is_enabled ORDER BY c.site_id"
-        )
-        result = []
-        for row in rows:
-            site = _site_row(row)
-            result.append((site.config, site.last_connected_at))
-        return result
-
     async def get_site(self, site_id: str) -> SiteRow | None:
         rows = await self.pool.query(
             f"SELECT {_SITE_COLUMNS} FROM mqtt_connection c WHERE c.site_id = %s", (site_id,)
@@ -160,8 +175,8 @@ class Store(Service):
         async def insert(cursor: Any) -> None:
             await cursor.execute(
                 "INSERT INTO mqtt_connection (site_id, host, port, username, password, "
-                "client_id_prefix, is_enabled, protocol, keepalive) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "client_id_prefix, is_enabled, protocol, keepalive, status_topic) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (site_id) DO NOTHING RETURNING id",
                 (
                     config.site_id,
@@ -173,6 +188,7 @@ class Store(Service):
                     config.is_enabled,
                     config.protocol,
                     config.keepalive,
+                    config.status_topic,
                 ),
             )
             inserted = cursor.fetchall()
@@ -195,3 +211,30 @@ class Store(Service):
         site = await self.get_site(config.site_id)
         assert site is not None
         return site
+
+    async def set_enabled(self, site_id: str, enabled: bool) -> bool:
+        """
+        Enable or disable a site.
+
+        @return: whether the site exists.
+        """
+        rows = await self.pool.query(
+            "UPDATE mqtt_connection SET is_enabled = %s WHERE site_id = %s RETURNING id",
+            (enabled, site_id),
+        )
+        return bool(rows)
+
+    async def list_events(
+        self, site_id: str | None, since: datetime | None, limit: int
+    ) -> list[EventRow]:
+        """
+        Connection events, oldest first, after C{since} (exclusive).
+        """
+        rows = await self.pool.query(
+            "SELECT id, site_id, at, from_state, to_state, reason FROM connection_event "
+            "WHERE (%(site)s::text IS NULL OR site_id = %(site)s) "
+            "AND (%(since)s::timestamptz IS NULL OR at > %(since)s) "
+            "ORDER BY at, id LIMIT %(limit)s",
+            {"site": site_id, "since": since, "limit": limit},
+        )
+        return [EventRow(*row) for row in rows]

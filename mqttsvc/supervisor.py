@@ -1,30 +1,40 @@
 """
-The site supervisor: one named child service per enabled site.
+The site supervisor: one named child service per enabled site, kept equal
+to the database by reconciling by name.
 
-On start it loads the enabled sites from the database and runs one
-L{SiteService} for each; C{add_site} / C{remove_site} change the set while
-running.  Each child reports its state changes to the batch writer, which
-keeps C{mqtt_connection} up to date.
+Reconciliation happens on start, for a single site whenever the database
+notifies a configuration change (within a second), after the notification
+connection comes back (anything may have changed meanwhile), and every
+C{monitor_interval} seconds as a safety net.  For each site it compares the
+row with the running service: a new enabled site starts, a removed or
+disabled one stops with a clean DISCONNECT, a changed connection setting
+reconnects, and a changed subscription list resubscribes without
+reconnecting.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mqttsvc.config import SiteConfig
-from mqttsvc.site import SiteService, SiteState
-from mqttsvc.store import Store
+from mqttsvc.site import PROBE_INTERVAL, SiteService, SiteState
+from mqttsvc.store import SiteRow, Store
+from mqttsvc.writer import ConnectionEvent
+
+#: Seconds between two full reconciliations (the old service's health check).
+MONITOR_INTERVAL = 30.0
 
 
 class SiteSupervisor(MultiService):
     """
     Runs a L{SiteService} per enabled site, reconciled by name.
+
+    @param instance: this mqttsvc instance's name, part of every client id.
     """
 
     log = Logger()
@@ -34,57 +44,139 @@ class SiteSupervisor(MultiService):
         self,
         reactor: Any,
         store: Store,
+        *,
+        instance: str = "local",
+        monitor_interval: float = MONITOR_INTERVAL,
+        probe_interval: float = PROBE_INTERVAL,
         site_factory: Callable[..., SiteService] = SiteService,
     ) -> None:
         super().__init__()
         self._reactor = reactor
         self._store = store
+        self._instance = instance
+        self._probe_interval = probe_interval
         self._site_factory = site_factory
-        self._loading: Deferred[None] | None = None
-        self.loaded = False
+        self._locks: dict[str, DeferredLock] = {}
+        self._monitor = LoopingCall(self._monitor_once)
+        self._monitor.clock = reactor
+        self._monitor_interval = monitor_interval
+        self._loaded: Deferred[None] = Deferred()
 
     def startService(self) -> None:
         super().startService()
-        self._loading = Deferred.fromCoroutine(self._load())
-        self._loading.addErrback(
-            lambda f: self.log.failure("could not load the sites from the database", f)
-        )
-
-    async def _load(self) -> None:
-        sites = await self._store.load_enabled_sites()
-        for config, last_connected_at in sites:
-            if self.running and config.site_id not in self.namedServices:
-                self._attach(config, last_connected_at)
-        self.loaded = True
-        self.log.info("started {count} enabled sites", count=len(sites))
+        monitoring: Deferred[Any] = self._monitor.start(self._monitor_interval, now=True)
+        monitoring.addErrback(lambda f: self.log.failure("the site monitor stopped", f))
 
     def whenLoaded(self) -> Deferred[None]:
         """
-        Fire once the sites from the database have been started.
+        Fire once the sites in the database have been reconciled for the
+        first time.
         """
-        assert self._loading is not None, "the supervisor has not been started"
         d: Deferred[None] = Deferred()
 
         def done(result: object) -> object:
             d.callback(None)
             return result
 
-        self._loading.addBoth(done)
+        self._loaded.addBoth(done)
         return d
 
-    def _attach(self, config: SiteConfig, last_connected_at: datetime | None = None) -> SiteService:
+    def _monitor_once(self) -> Deferred[None]:
+        # LoopingCall waits for this, so two passes never overlap.
+        passed = Deferred.fromCoroutine(self.reconcile_all())
+
+        def failed(f: Any) -> None:
+            self.log.warn(
+                "reconciling the sites failed, trying again in {interval}s: {error}",
+                interval=self._monitor_interval,
+                error=f.getErrorMessage(),
+            )
+
+        def loaded(_: object) -> None:
+            if not self._loaded.called:
+                self._loaded.callback(None)
+
+        return passed.addCallback(loaded).addErrback(failed)
+
+    async def reconcile_all(self) -> None:
+        """
+        Bring every site in line with the database.
+        """
+        rows = {row.config.site_id: row for row in await self._store.list_sites()}
+        for site_id in sorted(set(rows) | set(self.namedServices)):
+            await self._apply(site_id, rows.get(site_id))
+
+    async def reconcile(self, site_id: str) -> None:
+        """
+        Bring one site in line with its row (or its absence).
+        """
+        await self._apply(site_id, await self._store.get_site(site_id))
+
+    def notified(self, site_id: str) -> None:
+        """
+        The database says a site's configuration changed.
+        """
+        d = Deferred.fromCoroutine(self.reconcile(site_id))
+        d.addErrback(
+            lambda f: self.log.warn(
+                "reconciling site {site_id} failed: {error}; the monitor will retry",
+                site_id=site_id,
+                error=f.getErrorMessage(),
+            )
+        )
+
+    def resync(self) -> None:
+        """
+        Reconcile everything now (notifications may have been missed).
+        """
+        d = Deferred.fromCoroutine(self.reconcile_all())
+        d.addErrback(
+            lambda f: self.log.warn(
+                "resynchronising the sites failed: {error}; the monitor will retry",
+                error=f.getErrorMessage(),
+            )
+        )
+
+    async def _apply(self, site_id: str, row: SiteRow | None) -> None:
+        lock = self._locks.setdefault(site_id, DeferredLock())
+        await lock.acquire()
+        try:
+            if not self.running:
+                return
+            current = self.site(site_id)
+            if row is None or not row.config.is_enabled:
+                if current is not None:
+                    why = "deleted" if row is None else "disabled"
+                    self.log.info("site {site_id} {why}: stopping it", site_id=site_id, why=why)
+                    await current.disownServiceParent()
+                return
+            if current is None:
+                self._attach(row)
+            elif current.config.connection_differs(row.config):
+                self.log.info("site {site_id} changed: reconnecting", site_id=site_id)
+                await current.disownServiceParent()
+                self._attach(row, resume=False)
+            elif current.config.topics != row.config.topics:
+                self.log.info("site {site_id} subscriptions changed", site_id=site_id)
+                current.update_topics(row.config.topics)
+        finally:
+            lock.release()
+
+    def _attach(self, row: SiteRow, resume: bool = True) -> SiteService:
         site = self._site_factory(
             self._reactor,
-            config,
+            row.config,
             self._store.writer,
             self._report,
-            last_connected_at=last_connected_at,
+            instance=self._instance,
+            resume=row.resume_state() if resume else None,
+            probe_interval=self._probe_interval,
         )
         site.setServiceParent(self)
         return site
 
-    def _report(self, state: SiteState) -> None:
-        self._store.writer.set_status(state.as_update())
+    def _report(self, state: SiteState, event: ConnectionEvent) -> None:
+        self._store.writer.set_status(state.as_update(), event)
 
     def site(self, site_id: str) -> SiteService | None:
         """
@@ -96,28 +188,12 @@ class SiteSupervisor(MultiService):
     def sites(self) -> list[SiteService]:
         return [s for s in self if isinstance(s, SiteService)]
 
-    def add_site(self, config: SiteConfig) -> SiteService:
-        """
-        Start a service for a newly enabled site.
-        """
-        existing = self.site(config.site_id)
-        if existing is not None:
-            return existing
-        return self._attach(config)
-
-    async def remove_site(self, site_id: str) -> None:
-        """
-        Stop a site's service (clean DISCONNECT) and detach it.
-        """
-        site = self.site(site_id)
-        if site is None:
-            return
-        await site.disownServiceParent()
-
     def stopService(self) -> Deferred[None]:
         """
         Stop every site, each with a clean DISCONNECT, and wait for all.
         """
+        if self._monitor.running:
+            self._monitor.stop()
         self.running = False
         stops = [Deferred.fromCoroutine(_maybe(s.stopService())) for s in self.sites()]
         return gatherResults(stops, consumeErrors=True).addCallback(lambda _: None)

@@ -8,6 +8,8 @@ C{tac/service.tac} call L{makeService}, which passes the reactor down.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -21,11 +23,13 @@ from twisted.web.server import Site
 
 from mqttsvc import database
 from mqttsvc.config import ConfigError
+from mqttsvc.notifications import ConfigListener
 from mqttsvc.rpc.dispatcher import Dispatcher
 from mqttsvc.rpc.methods import ControlPlane
 from mqttsvc.service import RootService
+from mqttsvc.site import PROBE_INTERVAL
 from mqttsvc.store import Store
-from mqttsvc.supervisor import SiteSupervisor
+from mqttsvc.supervisor import MONITOR_INTERVAL, SiteSupervisor
 from mqttsvc.tokens import Tokens, load_tokens
 from mqttsvc.web import WebApp
 
@@ -33,7 +37,14 @@ DEFAULT_RPC = "tcp:8780:interface=127.0.0.1"
 
 log = Logger()
 
-_ENV = {"db": "MQTTSVC_DB", "rpc": "MQTTSVC_RPC", "rpc-token-file": "MQTTSVC_RPC_TOKEN_FILE"}
+_ENV = {
+    "db": "MQTTSVC_DB",
+    "rpc": "MQTTSVC_RPC",
+    "rpc-token-file": "MQTTSVC_RPC_TOKEN_FILE",
+    "instance": "MQTTSVC_INSTANCE",
+    "monitor-interval": "MQTTSVC_MONITOR_INTERVAL",
+    "probe-interval": "MQTTSVC_PROBE_INTERVAL",
+}
 
 
 class Options(usage.Options):
@@ -57,6 +68,27 @@ class Options(usage.Options):
             None,
             "File of 'NAME TOKEN' lines accepted as bearer tokens [env MQTTSVC_RPC_TOKEN_FILE].",
         ],
+        [
+            "instance",
+            None,
+            None,
+            "This instance's name in MQTT client ids; keep it stable across restarts "
+            "[env MQTTSVC_INSTANCE; default: the host name].",
+        ],
+        [
+            "monitor-interval",
+            None,
+            None,
+            f"Seconds between full reconciliations of the sites "
+            f"[env MQTTSVC_MONITOR_INTERVAL; default {MONITOR_INTERVAL:g}].",
+        ],
+        [
+            "probe-interval",
+            None,
+            None,
+            f"Seconds between connection probes of a site in error "
+            f"[env MQTTSVC_PROBE_INTERVAL; default {PROBE_INTERVAL:g}].",
+        ],
     ]
     optFlags = [
         ["migrate", None, "Apply pending schema migrations at start [env MQTTSVC_MIGRATE=1]."],
@@ -72,6 +104,12 @@ class Options(usage.Options):
                 self[option] = self._environ[variable]
         if self["rpc"] is None:
             self["rpc"] = DEFAULT_RPC
+        if self["instance"] is None:
+            self["instance"] = socket.gethostname().split(".")[0] or "mqttsvc"
+        if self["monitor-interval"] is None:
+            self["monitor-interval"] = str(MONITOR_INTERVAL)
+        if self["probe-interval"] is None:
+            self["probe-interval"] = str(PROBE_INTERVAL)
         if not self["migrate"]:
             self["migrate"] = self._environ.get("MQTTSVC_MIGRATE", "") in ("1", "true", "yes")
 
@@ -101,6 +139,12 @@ def check_config(options: Options, reactor: Any) -> Tokens | None:
         endpoint = serverFromString(reactor, options["rpc"])
     except Exception as e:
         raise ConfigError("rpc", f"malformed endpoint {options['rpc']!r}: {e}") from None
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", options["instance"]):
+        raise ConfigError(
+            "instance", f"{options['instance']!r} must be 1-64 letters, digits, '_', '-' or '.'"
+        )
+    for name in ("monitor-interval", "probe-interval"):
+        options[name] = _positive_seconds(name, options[name])
     tokens = None
     if options["rpc-token-file"]:
         tokens = load_tokens(options["rpc-token-file"])
@@ -125,6 +169,16 @@ def check_config(options: Options, reactor: Any) -> Tokens | None:
     return tokens
 
 
+def _positive_seconds(name: str, value: str | float) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(name, f"{value!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise ConfigError(name, "must be more than 0 seconds")
+    return seconds
+
+
 def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootService:
     """
     The service tree: store, site supervisor, web server.
@@ -132,8 +186,17 @@ def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootS
     root = RootService()
     store = Store(reactor, options["db"])
     store.setServiceParent(root)
-    supervisor = SiteSupervisor(reactor, store)
+    supervisor = SiteSupervisor(
+        reactor,
+        store,
+        instance=options["instance"],
+        monitor_interval=options["monitor-interval"],
+        probe_interval=options["probe-interval"],
+    )
     supervisor.setServiceParent(root)
+    ConfigListener(reactor, options["db"], supervisor.notified, supervisor.resync).setServiceParent(
+        root
+    )
     dispatcher = Dispatcher(ControlPlane(store, supervisor).methods())
     web = WebApp(dispatcher, tokens)
     if tokens is None:

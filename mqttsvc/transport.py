@@ -47,6 +47,10 @@ READ_BUDGET = 200
 #: Seconds to wait for CONNACK after the TCP (and TLS) connection is open.
 CONNACK_TIMEOUT = 10.0
 
+#: The link is taken for dead when nothing at all (not even PINGRESP) has
+#: arrived for this many keepalive periods.
+SILENCE_FACTOR = 2.0
+
 #: Session expiry asked of MQTT 5 brokers, so that the persistent session
 #: (and its queued QoS 1 messages) outlives our own restarts and outages.
 SESSION_EXPIRY = 7 * 24 * 3600
@@ -65,6 +69,17 @@ class ConnectFailed(Exception):
         super().__init__(f"{category}: {detail}")
         self.category = category
         self.detail = detail
+
+
+@attrs.frozen
+class SubscriptionResult:
+    """
+    What the broker answered to one topic filter of a SUBSCRIBE.
+    """
+
+    topic: str
+    granted: bool
+    reason: str
 
 
 @attrs.frozen
@@ -127,13 +142,17 @@ class BrokerClient(Protocol):
 
     def connect(self) -> Deferred[bool]: ...
 
-    def subscribe(self, topics: list[tuple[str, int]]) -> None: ...
+    def subscribe(self, topics: list[tuple[str, int]]) -> Deferred[list[SubscriptionResult]]: ...
+
+    def unsubscribe(self, topics: list[str]) -> None: ...
+
+    def pause(self) -> None: ...
 
     def ack(self, message: ReceivedMessage) -> bool: ...
 
     def disconnect(self) -> Deferred[None]: ...
 
-    def abort(self) -> None: ...
+    def abort(self, reason: ConnectFailed | None = None) -> None: ...
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
@@ -184,6 +203,7 @@ class MQTTClient:
         config: SiteConfig,
         on_message: Callable[[ReceivedMessage], None],
         on_lost: Callable[[ConnectFailed], None],
+        client_id: str,
         connect_timeout: float = 5.0,
     ) -> None:
         self._reactor = reactor
@@ -201,16 +221,20 @@ class MQTTClient:
         self._aborted = False
         self._opening: Deferred[object] | None = None
         self._opening_waiters: list[Deferred[None]] = []
+        self._subscribing: dict[int, tuple[list[str], Deferred[list[SubscriptionResult]]]] = {}
+        self._paused = False
+        self._last_rx = 0.0
+        self._lost_reason: ConnectFailed | None = None
         self._misc = LoopingCall(self._loop_misc)
         self._misc.clock = reactor
-        self._client = self._make_client(connect_timeout)
+        self._client = self._make_client(client_id, connect_timeout)
 
-    def _make_client(self, connect_timeout: float) -> paho.Client:
+    def _make_client(self, client_id: str, connect_timeout: float) -> paho.Client:
         config = self._config
         v5 = config.protocol == "5"
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=config.client_id,
+            client_id=client_id,
             clean_session=None if v5 else False,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             reconnect_on_failure=False,
@@ -222,6 +246,11 @@ class MQTTClient:
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
         client.on_message = self._paho_message
+        client.on_subscribe = self._paho_subscribe
+        if config.status_topic is not None:
+            # Retained, so that whoever subscribes later still learns that
+            # this site's connection is gone.
+            client.will_set(config.status_topic, b"offline", qos=1, retain=True)
         client.on_socket_open = self._marshal(self._socket_open)
         client.on_socket_close = self._marshal(self._socket_close)
         client.on_socket_register_write = self._marshal(self._register_write)
@@ -252,6 +281,8 @@ class MQTTClient:
 
     def _socket_open(self, sock: Any) -> None:
         self._descriptor = _SocketDescriptor(self, sock)
+        self._paused = False
+        self._last_rx = self._reactor.seconds()
         self._reactor.addReader(self._descriptor)
         if self._writing:
             self._reactor.addWriter(self._descriptor)
@@ -276,6 +307,9 @@ class MQTTClient:
     def _readable(self) -> None:
         client = self._client
         sock = client.socket()
+        if self._paused:
+            return
+        self._last_rx = self._reactor.seconds()
         for _ in range(READ_BUDGET):
             if client.socket() is None:
                 return
@@ -296,6 +330,15 @@ class MQTTClient:
         self._client.loop_write()
 
     def _loop_misc(self) -> None:
+        silence = self._reactor.seconds() - self._last_rx
+        if self._connected and silence > SILENCE_FACTOR * self._config.keepalive:
+            self.log.warn(
+                "site {site_id}: nothing from the broker for {silence:.0f}s, closing the link",
+                site_id=self.site_id,
+                silence=silence,
+            )
+            self.abort(ConnectFailed("timeout", f"no data from the broker for {silence:.0f}s"))
+            return
         self._client.loop_misc()
 
     # paho callbacks, on the reactor thread once connected.
@@ -317,6 +360,8 @@ class MQTTClient:
             return
         self._connected = True
         self.generation += 1
+        if self._config.status_topic is not None:
+            client.publish(self._config.status_topic, b"online", qos=1, retain=True)
         attempt.callback(flags.session_present)
 
     def _paho_disconnect(
@@ -333,14 +378,37 @@ class MQTTClient:
         self._cancel_connack_timeout()
         attempt, self._connecting = self._connecting, None
         closing, self._closing = self._closing, None
+        subscribing, self._subscribing = self._subscribing, {}
+        for topics, waiting in subscribing.values():
+            waiting.callback([SubscriptionResult(t, False, "connection lost") for t in topics])
         if closing is not None:
             closing.callback(None)
             return
-        failure = ConnectFailed("network", f"connection lost: {reason}")
+        failure = self._lost_reason or ConnectFailed("network", f"connection lost: {reason}")
+        self._lost_reason = None
         if attempt is not None:
             attempt.errback(failure)
         elif was_connected:
             self._on_lost(failure)
+
+    def _paho_subscribe(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        pending = self._subscribing.pop(mid, None)
+        if pending is None:
+            return
+        topics, waiting = pending
+        waiting.callback(
+            [
+                SubscriptionResult(topic, not reason.is_failure, str(reason))
+                for topic, reason in zip(topics, reasons, strict=False)
+            ]
+        )
 
     def _paho_message(
         self, client: paho.Client, userdata: object, message: paho.MQTTMessage
@@ -413,12 +481,38 @@ class MQTTClient:
             self._client._sock_close()
             attempt.errback(ConnectFailed("timeout", "no CONNACK from the broker"))
 
-    def subscribe(self, topics: list[tuple[str, int]]) -> None:
+    def subscribe(self, topics: list[tuple[str, int]]) -> Deferred[list[SubscriptionResult]]:
         """
         Subscribe to C{(filter, qos)} pairs on the current connection.
+
+        @return: fires with the SUBACK's verdict on each filter (all refused
+            with "connection lost" if the connection ends first).
         """
-        if topics:
-            self._client.subscribe(topics)
+        if not topics:
+            return succeed([])
+        rc, mid = self._client.subscribe(topics)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return succeed([SubscriptionResult(t, False, paho.error_string(rc)) for t, _ in topics])
+        waiting: Deferred[list[SubscriptionResult]] = Deferred()
+        self._subscribing[mid] = ([t for t, _ in topics], waiting)
+        return waiting
+
+    def unsubscribe(self, topics: list[str]) -> None:
+        """
+        Drop subscriptions on the current connection.
+        """
+        if topics and self._connected:
+            self._client.unsubscribe(topics)
+
+    def pause(self) -> None:
+        """
+        Stop reading from the broker (for shutdown: take no new messages
+        while the ones in hand are committed and acknowledged).  The next
+        connection reads again.
+        """
+        self._paused = True
+        if self._descriptor is not None:
+            self._reactor.removeReader(self._descriptor)
 
     def ack(self, message: ReceivedMessage) -> bool:
         """
@@ -461,17 +555,21 @@ class MQTTClient:
             return succeed(None)
         closing: Deferred[None] = Deferred()
         self._closing = closing
+        if self._config.status_topic is not None:
+            # A clean DISCONNECT discards the will: say it ourselves.
+            self._client.publish(self._config.status_topic, b"offline", qos=1, retain=True)
         self._client.disconnect()
         return closing
 
-    def abort(self) -> None:
+    def abort(self, reason: ConnectFailed | None = None) -> None:
         """
-        Close the socket at once, without DISCONNECT (for tests of abrupt
-        loss, and for shutdown when the broker does not answer).  A
-        connection still being opened in its thread is left to finish.
+        Close the socket at once, without DISCONNECT (a silent link, or a
+        broker that does not answer our DISCONNECT).  A connection still
+        being opened in its thread is left to finish.
         """
         if self._opening is not None:
             return
+        self._lost_reason = reason
         self._client._sock_close()
         self._paho_disconnect(
             self._client,

@@ -44,6 +44,20 @@ class StatusUpdate:
     last_error: str | None
 
 
+@attrs.frozen
+class ConnectionEvent:
+    """
+    One transition of a site's connection, for the C{connection_event}
+    history.
+    """
+
+    site_id: str
+    at: datetime
+    from_state: str
+    to_state: str
+    reason: str | None
+
+
 _UPSERT_TOPICS = """
 INSERT INTO discovered_topic (site_id, topic_path, first_seen_at, last_seen_at, message_count)
 SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[], %s::bigint[])
@@ -70,6 +84,11 @@ INSERT INTO dead_letter (site_id, topic, payload, reason, received_at)
 SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[], %s::timestamptz[])
 """
 
+_INSERT_EVENTS = """
+INSERT INTO connection_event (site_id, at, from_state, to_state, reason)
+SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[])
+"""
+
 _UPDATE_STATUS = """
 UPDATE mqtt_connection AS c SET
     status = u.status,
@@ -84,7 +103,10 @@ WHERE c.site_id = u.site_id
 
 
 async def write_effects(
-    cursor: Any, effects: Iterable[Effect], statuses: Iterable[StatusUpdate] = ()
+    cursor: Any,
+    effects: Iterable[Effect],
+    statuses: Iterable[StatusUpdate] = (),
+    events: list[ConnectionEvent] | None = None,
 ) -> None:
     """
     Write effects and status updates with one statement per table.
@@ -153,6 +175,17 @@ async def write_effects(
                 [d.at for d in dead],
             ),
         )
+    if events:
+        await cursor.execute(
+            _INSERT_EVENTS,
+            (
+                [e.site_id for e in events],
+                [e.at for e in events],
+                [e.from_state for e in events],
+                [e.to_state for e in events],
+                [e.reason for e in events],
+            ),
+        )
     latest = {s.site_id: s for s in statuses}
     if latest:
         rows = list(latest.values())
@@ -173,6 +206,28 @@ async def write_effects(
 class _Pending:
     effects: list[Effect]
     done: Deferred[None]
+
+
+@attrs.define
+class _SiteRecords:
+    """
+    Connection statuses (only the latest per site counts) and events (all
+    of them, in order) waiting to be written.
+    """
+
+    statuses: dict[str, StatusUpdate] = attrs.Factory(dict)
+    events: list[ConnectionEvent] = attrs.Factory(list)
+
+    def __bool__(self) -> bool:
+        return bool(self.statuses or self.events)
+
+    def put_back(self, older: _SiteRecords) -> None:
+        for site_id, update in older.statuses.items():
+            self.statuses.setdefault(site_id, update)
+        self.events[:0] = older.events
+
+    async def write(self, cursor: Any) -> None:
+        await write_effects(cursor, (), self.statuses.values(), self.events)
 
 
 class BatchWriter:
@@ -200,7 +255,7 @@ class BatchWriter:
         self._max_batch = max_batch
         self._max_retry_delay = max_retry_delay
         self._queue: deque[_Pending] = deque()
-        self._statuses: dict[str, StatusUpdate] = {}
+        self._records = _SiteRecords()
         self._flushing = False
         self._scheduled: IDelayedCall | None = None
         self._failures = 0
@@ -226,19 +281,21 @@ class BatchWriter:
         self._kick()
         return done
 
-    def set_status(self, update: StatusUpdate) -> None:
+    def set_status(self, update: StatusUpdate, event: ConnectionEvent | None = None) -> None:
         """
-        Queue a site's connection status; only the latest one per site is
-        written.
+        Queue a site's connection status (only the latest one per site is
+        written) and the event that led to it (every one is written).
         """
-        self._statuses[update.site_id] = update
+        self._records.statuses[update.site_id] = update
+        if event is not None:
+            self._records.events.append(event)
         self._kick()
 
     def whenIdle(self) -> Deferred[None]:
         """
         Fire when everything queued so far has been written.
         """
-        if not self._flushing and not self._queue and not self._statuses:
+        if not self._flushing and not self._queue and not self._records:
             d: Deferred[None] = Deferred()
             d.callback(None)
             return d
@@ -257,7 +314,7 @@ class BatchWriter:
     def _kick(self, delay: float = 0) -> None:
         if self._flushing or self._scheduled is not None:
             return
-        if not self._queue and not self._statuses:
+        if not self._queue and not self._records:
             waiters, self._idle_waiters = self._idle_waiters, []
             for w in waiters:
                 w.callback(None)
@@ -268,21 +325,24 @@ class BatchWriter:
         self._scheduled = None
         self._flushing = True
         batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
-        statuses, self._statuses = self._statuses, {}
-        d = Deferred.fromCoroutine(self._write(batch, statuses))
+        records, self._records = self._records, _SiteRecords()
+        d = Deferred.fromCoroutine(self._write(batch, records))
         d.addErrback(lambda f: self.log.failure("batch writer crashed", f))
 
-    async def _write(self, batch: list[_Pending], statuses: dict[str, StatusUpdate]) -> None:
+    async def _write(self, batch: list[_Pending], records: _SiteRecords) -> None:
         delay = 0.0
         try:
             await self._pool.transaction(
                 lambda cursor: write_effects(
-                    cursor, (e for p in batch for e in p.effects), statuses.values()
+                    cursor,
+                    (e for p in batch for e in p.effects),
+                    records.statuses.values(),
+                    records.events,
                 )
             )
         except Exception as e:
             if is_connection_error(e):
-                self._requeue(batch, statuses)
+                self._requeue(batch, records)
                 self._failures += 1
                 delay = min(0.5 * 2 ** (self._failures - 1), self._max_retry_delay)
                 self.log.warn(
@@ -299,7 +359,7 @@ class BatchWriter:
                     count=len(batch),
                     error=str(e).strip(),
                 )
-                await self._write_one_by_one(batch, statuses)
+                await self._write_one_by_one(batch, records)
         else:
             self._failures = 0
             self.batches_written += 1
@@ -310,14 +370,11 @@ class BatchWriter:
             self._flushing = False
             self._kick(delay)
 
-    def _requeue(self, batch: list[_Pending], statuses: dict[str, StatusUpdate]) -> None:
+    def _requeue(self, batch: list[_Pending], records: _SiteRecords) -> None:
         self._queue.extendleft(reversed(batch))
-        for site_id, update in statuses.items():
-            self._statuses.setdefault(site_id, update)
+        self._records.put_back(records)
 
-    async def _write_one_by_one(
-        self, batch: list[_Pending], statuses: dict[str, StatusUpdate]
-    ) -> None:
+    async def _write_one_by_one(self, batch: list[_Pending], records: _SiteRecords) -> None:
         for p in batch:
             try:
                 await self._pool.transaction(partial(write_effects, effects=p.effects))
@@ -335,14 +392,17 @@ class BatchWriter:
                     continue
             self.messages_written += 1
             p.done.callback(None)
-        if statuses:
+        if records:
             try:
-                await self._pool.transaction(
-                    lambda cursor: write_effects(cursor, (), statuses.values())
-                )
+                await self._pool.transaction(records.write)
             except Exception as e:
-                self.log.warn("could not write site statuses: {error}", error=str(e).strip())
-                self._requeue([], statuses)
+                if is_connection_error(e):
+                    self._requeue([], records)
+                else:
+                    self.log.error(
+                        "the database refused site statuses and events, dropped: {error}",
+                        error=str(e).strip(),
+                    )
 
 
 def _rejected(effects: list[Effect], reason: str) -> list[Effect]:

@@ -10,42 +10,40 @@ from typing import Any
 
 import treq
 from twisted.internet.defer import Deferred
-from twisted.web.server import Site
 
-from mqttsvc.rpc.dispatcher import Dispatcher
-from mqttsvc.rpc.methods import ControlPlane
-from mqttsvc.service import RootService
 from mqttsvc.store import Store
 from mqttsvc.supervisor import SiteSupervisor
-from mqttsvc.web import WebApp
+from mqttsvc.tap import Options, buildService
 
 
 class RunningService:
     """
-    Store, supervisor and web server as C{twistd mqttsvc} builds them.
+    The service tree exactly as C{twistd mqttsvc} builds it, with the
+    JSON-RPC listener on a free loopback port and no tokens.
     """
 
-    def __init__(self, reactor: Any, dsn: str) -> None:
+    def __init__(self, reactor: Any, dsn: str, *extra_args: str) -> None:
         self.reactor = reactor
-        self.root = RootService()
-        self.store = Store(reactor, dsn)
-        self.store.setServiceParent(self.root)
-        self.supervisor = SiteSupervisor(reactor, self.store)
-        self.supervisor.setServiceParent(self.root)
-        self.web = WebApp(Dispatcher(ControlPlane(self.store, self.supervisor).methods()), None)
+        options = Options(environ={})
+        options.parseOptions(
+            ["--db", dsn, "--rpc", "tcp:0:interface=127.0.0.1", "--instance", "test", *extra_args]
+        )
+        for name in ("monitor-interval", "probe-interval"):
+            options[name] = float(options[name])
+        self.root = buildService(options, reactor, None)
+        self.store: Store = self.root.getServiceNamed("store")
+        self.supervisor: SiteSupervisor = self.root.getServiceNamed("sites")
         self.url = ""
-        self._port: Any = None
         self._ids = 0
 
     async def start(self) -> None:
         self.root.startService()
         await self.supervisor.whenLoaded()
-        self._port = self.reactor.listenTCP(0, Site(self.web.resource()), interface="127.0.0.1")
-        self.url = f"http://127.0.0.1:{self._port.getHost().port}/rpc"
+        # The endpoint service's Deferred for its listening port.
+        port = await self.root.getServiceNamed("web")._waitingForPort
+        self.url = f"http://127.0.0.1:{port.getHost().port}/rpc"
 
     async def stop(self) -> None:
-        if self._port is not None:
-            await self._port.stopListening()
         stopped: Deferred[None] = self.root.stopService()
         stopped.addTimeout(20, self.reactor)
         await stopped

@@ -79,4 +79,4 @@ def test_password_not_in_repr() -> None:
     """The password never shows in a site's repr (logs, manhole)."""
     config = SiteConfig(site_id="north", host="h", username="u", password="s3cret-canary")
     assert "s3cret-canary" not in repr(config)
-    assert config.client_id == "mqttsvc-north"
+    assert config.client_id("host-a") == "mqttsvc_host-a_north"

@@ -145,19 +145,27 @@ async def test_burst_is_batched(running: RunningService, sql: Any, site_id: str)
 async def test_messages_wait_in_the_persistent_session(
     running: RunningService, sql: Any, site_id: str, protocol: str
 ) -> None:
-    """QoS 1 messages published while a site is stopped arrive when it starts again."""
-    created = await create(running, site_id, protocol=protocol)
+    """
+    QoS 1 messages published while a site is stopped (site.stop) arrive when
+    it is started again (site.start): the broker kept the persistent session.
+    """
+    await create(running, site_id, protocol=protocol)
     await connected(running, site_id)
-    await running.supervisor.remove_site(site_id)
+    stopped = await running.call("site.stop", {"site_id": site_id})
+    assert (stopped["status"], stopped["is_enabled"], stopped["state"]) == (
+        "disconnected",
+        False,
+        "stopped",
+    )
     assert running.supervisor.site(site_id) is None
+    assert query(
+        sql, "SELECT status, is_enabled FROM mqtt_connection WHERE site_id = %s", site_id
+    ) == [("disconnected", False)]
     await publish([(f"{site_id}/gateway/offline-{i}/heartbeat", b"{}") for i in range(5)])
     assert query(sql, "SELECT count(*) FROM gateway WHERE site_id = %s", site_id) == [(0,)]
-    from mqttsvc.store import Store
-
-    store: Store = running.store
-    row = await store.get_site(site_id)
-    assert row is not None and row.config.site_id == created["site_id"]
-    running.supervisor.add_site(row.config)
+    started = await running.call("site.start", {"site_id": site_id})
+    assert started["is_enabled"] is True
+    assert started["status"] in ("connecting", "connected")
 
     def arrived() -> Any:
         return query(sql, "SELECT count(*) FROM gateway WHERE site_id = %s", site_id) == [(5,)]

@@ -5,16 +5,27 @@ restart and stop semantics, and no timers left behind.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from mqttsvc.config import SiteConfig, default_topics
-from mqttsvc.site import MAX_RETRIES, SiteService, SiteState, retry_delay
-from mqttsvc.transport import ConnectFailed, ReceivedMessage
+from mqttsvc.config import SiteConfig, TopicSubscription, default_topics
+from mqttsvc.site import (
+    DISCONNECT_TIMEOUT,
+    DRAIN_TIMEOUT,
+    MAX_RETRIES,
+    PROBE_INTERVAL,
+    ResumeState,
+    SiteService,
+    SiteState,
+    retry_delay,
+)
+from mqttsvc.transport import ConnectFailed, ReceivedMessage, SubscriptionResult
+from mqttsvc.writer import ConnectionEvent
 
 
 class FakeClient:
@@ -23,11 +34,17 @@ class FakeClient:
     fires.
     """
 
-    def __init__(self, reactor: Any, config: SiteConfig, on_message: Any, on_lost: Any) -> None:
+    def __init__(
+        self, reactor: Any, config: SiteConfig, on_message: Any, on_lost: Any, client_id: str
+    ) -> None:
         self.on_message = on_message
         self.on_lost = on_lost
+        self.client_id = client_id
         self.attempts: list[Deferred[bool]] = []
         self.subscriptions: list[list[tuple[str, int]]] = []
+        self.subacks: list[Deferred[list[SubscriptionResult]]] = []
+        self.unsubscribed: list[list[str]] = []
+        self.paused = 0
         self.disconnects: list[Deferred[None]] = []
         self.acked: list[int] = []
         self.aborted = 0
@@ -37,15 +54,23 @@ class FakeClient:
         self.attempts.append(d)
         return d
 
-    def subscribe(self, topics: list[tuple[str, int]]) -> None:
+    def subscribe(self, topics: list[tuple[str, int]]) -> Deferred[list[SubscriptionResult]]:
         self.subscriptions.append(topics)
+        self.subacks.append(Deferred())
+        return self.subacks[-1]
+
+    def unsubscribe(self, topics: list[str]) -> None:
+        self.unsubscribed.append(topics)
+
+    def pause(self) -> None:
+        self.paused += 1
 
     def disconnect(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self.disconnects.append(d)
         return d
 
-    def abort(self) -> None:
+    def abort(self, reason: ConnectFailed | None = None) -> None:
         self.aborted += 1
         if self.disconnects and not self.disconnects[-1].called:
             self.disconnects[-1].callback(None)
@@ -65,20 +90,63 @@ class FakeWriter:
         return d
 
 
-def make_site(clock: Clock) -> tuple[SiteService, FakeClient, list[SiteState], FakeWriter]:
-    config = SiteConfig(site_id="north", host="127.0.0.1", topics=default_topics("north"))
-    reports: list[SiteState] = []
-    clients: list[FakeClient] = []
-    writer = FakeWriter()
+class Harness:
+    """
+    A site on a fake clock with a fake client and writer, recording every
+    reported state and event.
+    """
 
-    def factory(*args: Any) -> FakeClient:
-        clients.append(FakeClient(*args))
-        return clients[-1]
+    def __init__(
+        self,
+        resume: ResumeState | None = None,
+        jitter: Callable[[], float] | None = lambda: 0.0,
+        **kwargs: Any,
+    ) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        config = SiteConfig(site_id="north", host="127.0.0.1", topics=default_topics("north"))
+        self.states: list[SiteState] = []
+        self.events: list[ConnectionEvent] = []
+        self.writer = FakeWriter()
+        clients: list[FakeClient] = []
 
-    site = SiteService(
-        clock, config, writer, reports.append, jitter=lambda: 0.0, client_factory=factory
-    )
-    return site, clients[0], reports, writer
+        def factory(*args: Any, **kw: Any) -> FakeClient:
+            clients.append(FakeClient(*args, **kw))
+            return clients[-1]
+
+        def report(state: SiteState, event: ConnectionEvent) -> None:
+            self.states.append(state)
+            self.events.append(event)
+
+        self.site = SiteService(
+            self.clock,
+            config,
+            self.writer,
+            report,
+            instance="box",
+            resume=resume,
+            jitter=jitter,
+            client_factory=factory,
+            **kwargs,
+        )
+        self.client = clients[0]
+
+    @property
+    def state(self) -> SiteState:
+        return self.site.state
+
+    def fail(self, category: str = "refused", detail: str = "connection refused") -> None:
+        self.client.attempts[-1].errback(ConnectFailed(category, detail))
+
+    def connect(self, session_present: bool = False) -> None:
+        self.client.attempts[-1].callback(session_present)
+
+    def wait(self) -> float:
+        """Advance to the only pending timer and return how long that was."""
+        (call,) = self.clock.getDelayedCalls()
+        delay = call.getTime() - self.clock.seconds()
+        self.clock.advance(delay)
+        return delay
 
 
 def refused() -> ConnectFailed:
@@ -86,196 +154,292 @@ def refused() -> ConnectFailed:
 
 
 def test_backoff_schedule_matches_the_old_service() -> None:
-    """min(5 s * 2^n, 300 s), then error after the tenth consecutive failure."""
+    """min(5 s * 2^n, 300 s), with jitter of at most 20% either way."""
     assert [retry_delay(n) for n in range(9)] == [5, 10, 20, 40, 80, 160, 300, 300, 300]
     assert retry_delay(0, 1.0) == pytest.approx(6.0)
     assert retry_delay(0, -1.0) == pytest.approx(4.0)
     assert retry_delay(50, 5.0) == pytest.approx(360.0)
 
 
-def test_retries_then_gives_up() -> None:
-    """Each failure waits the scheduled delay; the tenth puts the site in error."""
-    clock = Clock()
-    site, client, reports, _ = make_site(clock)
-    site.startService()
+def test_jitter_spreads_retries_within_bounds() -> None:
+    """With the default random jitter, first retries spread over 4-6 s."""
+    delays = set()
+    for _ in range(50):
+        h = Harness(jitter=None)
+        h.site.startService()
+        h.fail()
+        delays.add(round(h.wait(), 6))
+    assert all(4.0 <= d <= 6.0 for d in delays)
+    assert len(delays) > 10
+
+
+def test_retries_then_gives_up_and_probes() -> None:
+    """Nine waits on the old schedule; the tenth failure is error, then a probe every 15 min."""
+    h = Harness()
+    h.site.startService()
     waits = []
     for n in range(MAX_RETRIES - 1):
-        client.attempts[-1].errback(refused())
-        assert site.state.state == "waiting"
-        assert site.state.retry_count == n + 1
-        assert site.state.last_error == "refused: connection refused"
-        (call,) = clock.getDelayedCalls()
-        waits.append(call.getTime() - clock.seconds())
-        assert site.state.next_retry == datetime.fromtimestamp(call.getTime(), UTC)
-        clock.advance(waits[-1])
-        assert site.state.state == "connecting"
+        h.fail()
+        assert h.state.state == "waiting"
+        assert h.state.retry_count == n + 1
+        assert h.state.last_error == "refused: connection refused"
+        assert h.state.next_retry is not None
+        assert h.state.next_retry.timestamp() == h.clock.getDelayedCalls()[0].getTime()
+        waits.append(h.wait())
+        assert h.state.state == "connecting"
     assert waits == [5, 10, 20, 40, 80, 160, 300, 300, 300]
-    client.attempts[-1].errback(refused())
-    assert site.state.state == "error"
-    assert site.state.status == "error"
-    assert site.state.retry_count == MAX_RETRIES
-    assert site.state.next_retry is None
-    assert clock.getDelayedCalls() == []
-    assert len(client.attempts) == MAX_RETRIES
-    assert [r.status for r in reports][:3] == ["disconnected", "connecting", "disconnected"]
+    h.fail()
+    assert (h.state.state, h.state.status, h.state.retry_count) == ("error", "error", 10)
+    assert h.wait() == PROBE_INTERVAL
+    assert h.state.state == "connecting"
+    h.fail()
+    assert (h.state.state, h.state.retry_count) == ("error", 11)
+    assert h.wait() == PROBE_INTERVAL
+    h.connect()
+    assert (h.state.state, h.state.retry_count, h.state.last_error) == ("connected", 0, None)
+    assert h.clock.getDelayedCalls() == []
+    assert [e.to_state for e in h.events[:3]] == ["connecting", "waiting", "connecting"]
+    assert h.events[1].reason == "refused: connection refused"
 
 
-def test_connect_subscribes_and_resets() -> None:
-    """A successful connect subscribes every topic with its QoS and clears the error."""
-    clock = Clock()
-    site, client, _, _ = make_site(clock)
-    site.startService()
-    client.attempts[-1].errback(refused())
-    clock.advance(5)
-    clock.advance(1)
-    client.attempts[-1].callback(False)
-    assert site.state.state == "connected"
-    assert site.state.retry_count == 0
-    assert site.state.last_error is None
-    assert site.state.last_connected_at == datetime.fromtimestamp(6, UTC)
-    assert client.subscriptions == [
+def test_bad_credentials_go_straight_to_error() -> None:
+    """Refused credentials are not retried on the schedule: error at once, then probes."""
+    h = Harness()
+    h.site.startService()
+    h.fail("auth", "broker refused the credentials: Not authorized")
+    assert h.state.state == "error"
+    assert h.state.retry_count == 1
+    assert h.state.last_error == "auth: broker refused the credentials: Not authorized"
+    assert h.wait() == PROBE_INTERVAL
+
+
+def test_connect_subscribes_and_checks_every_suback() -> None:
+    """A new session subscribes every topic; a refused filter shows in last_error."""
+    h = Harness()
+    h.site.startService()
+    h.fail()
+    h.wait()
+    h.connect(session_present=False)
+    assert h.state.state == "connected"
+    assert h.state.last_connected_at == datetime.fromtimestamp(h.clock.seconds(), UTC)
+    assert h.client.subscriptions == [
         [
             ("north/gateway/+/heartbeat", 1),
             ("north/datalogger/+/+/heartbeat", 1),
             ("north/sensor/+/data", 1),
         ]
     ]
+    h.client.subacks[-1].callback(
+        [
+            SubscriptionResult("north/gateway/+/heartbeat", True, "Granted QoS 1"),
+            SubscriptionResult("north/datalogger/+/+/heartbeat", False, "Unspecified error"),
+            SubscriptionResult("north/sensor/+/data", True, "Granted QoS 1"),
+        ]
+    )
+    assert h.state.state == "connected"
+    assert h.state.last_error == (
+        "subscription refused: north/datalogger/+/+/heartbeat (Unspecified error)"
+    )
+    assert [r.granted for r in h.state.subscriptions] == [True, False, True]
+    assert h.events[-1].reason == h.state.last_error
 
 
-def test_lost_connection_waits_and_resubscribes() -> None:
-    """After a lost connection the site retries and subscribes again."""
-    clock = Clock()
-    site, client, _, _ = make_site(clock)
-    site.startService()
-    client.attempts[-1].callback(True)
-    client.on_lost(ConnectFailed("network", "connection lost"))
-    assert site.state.state == "waiting"
-    assert site.state.last_error == "network: connection lost"
-    clock.advance(5)
-    client.attempts[-1].callback(True)
-    assert site.state.state == "connected"
-    assert len(client.subscriptions) == 2
+def test_resumed_session_is_not_resubscribed() -> None:
+    """With the broker's session present and the same topics, no SUBSCRIBE is sent again."""
+    h = Harness()
+    h.site.startService()
+    h.connect(session_present=False)
+    h.client.subacks[-1].callback(
+        [SubscriptionResult(t, True, "ok") for t, _ in h.client.subscriptions[-1]]
+    )
+    h.client.on_lost(ConnectFailed("network", "connection lost"))
+    assert h.state.state == "waiting"
+    h.wait()
+    h.connect(session_present=True)
+    assert len(h.client.subscriptions) == 1
+    h.client.on_lost(ConnectFailed("network", "connection lost"))
+    h.wait()
+    h.connect(session_present=False)
+    assert len(h.client.subscriptions) == 2
+
+
+def test_topics_change_without_reconnecting() -> None:
+    """New subscriptions are applied on the live connection: removed ones unsubscribed."""
+    h = Harness()
+    h.site.startService()
+    h.connect()
+    new = (default_topics("north")[0], TopicSubscription("north/extra/#", "other"))
+    h.site.update_topics(new)
+    assert h.client.unsubscribed == [["north/datalogger/+/+/heartbeat", "north/sensor/+/data"]]
+    assert h.client.subscriptions[-1] == [("north/gateway/+/heartbeat", 1), ("north/extra/#", 1)]
+    assert len(h.client.attempts) == 1
 
 
 def test_restart_resets_and_connects_now() -> None:
-    """Restart from waiting or error ignores the pending retry and reconnects at once."""
-    clock = Clock()
-    site, client, _, _ = make_site(clock)
-    site.startService()
-    client.attempts[-1].errback(refused())
-    assert clock.getDelayedCalls() != []
-    site.restart()
-    assert site.state.state == "connecting"
-    assert site.state.retry_count == 0
-    assert clock.getDelayedCalls() == []
-    assert len(client.attempts) == 2
+    """Restart from waiting or error ignores the pending timer and reconnects at once."""
+    h = Harness()
+    h.site.startService()
+    h.fail()
+    h.site.restart()
+    assert (h.state.state, h.state.retry_count, h.state.next_retry) == ("connecting", 0, None)
+    assert h.clock.getDelayedCalls() == []
+    assert h.events[-1].reason == "restart requested"
     for _ in range(MAX_RETRIES):
-        client.attempts[-1].errback(refused())
-        if site.state.state == "waiting":
-            clock.advance(300)
-    assert site.state.state == "error"
-    site.restart()
-    assert site.state.state == "connecting"
-    assert site.state.retry_count == 0
+        h.fail()
+        if h.state.state == "waiting":
+            h.wait()
+    assert h.state.state == "error"
+    h.site.restart()
+    assert (h.state.state, h.state.retry_count) == ("connecting", 0)
+    assert h.clock.getDelayedCalls() == []
 
 
 def test_restart_while_connected_disconnects_first() -> None:
     """Restarting a connected site sends DISCONNECT, then connects again."""
-    clock = Clock()
-    site, client, _, _ = make_site(clock)
-    site.startService()
-    client.attempts[-1].callback(True)
-    site.restart()
-    assert site.state.state == "restarting"
-    assert len(client.disconnects) == 1
-    client.disconnects[-1].callback(None)
-    assert site.state.state == "connecting"
-    assert len(client.attempts) == 2
-    assert clock.getDelayedCalls() == []
+    h = Harness()
+    h.site.startService()
+    h.connect()
+    h.site.restart()
+    assert h.state.state == "restarting"
+    h.client.disconnects[-1].callback(None)
+    assert h.state.state == "connecting"
+    assert len(h.client.attempts) == 2
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_resume_error_stays_in_error() -> None:
+    """A site the database shows in error is not reconnected at start; it probes on time."""
+    h0 = Harness()
+    due = datetime.fromtimestamp(h0.clock.seconds() + 600, UTC)
+    h = Harness(ResumeState("error", 10, due, "auth: bad", None))
+    h.site.startService()
+    assert (h.state.state, h.state.retry_count, h.state.next_retry) == ("error", 10, due)
+    assert h.client.attempts == []
+    assert h.wait() == 600
+    assert h.state.state == "connecting"
+
+
+def test_resume_waiting_honours_next_retry() -> None:
+    """A waiting site keeps its retry count and waits until its stored next retry."""
+    h0 = Harness()
+    due = datetime.fromtimestamp(h0.clock.seconds() + 42, UTC)
+    h = Harness(ResumeState("disconnected", 3, due, "timeout: timed out connecting", None))
+    h.site.startService()
+    assert (h.state.state, h.state.retry_count) == ("waiting", 3)
+    assert h.wait() == 42
+    h.fail()
+    assert h.state.retry_count == 4
+    assert h.wait() == 40
+
+
+def test_resume_overdue_retry_connects_now() -> None:
+    """A retry that fell due while mqttsvc was down is made at once, keeping the count."""
+    h0 = Harness()
+    past = datetime.fromtimestamp(h0.clock.seconds() - 5, UTC)
+    h = Harness(ResumeState("disconnected", 2, past, "refused: connection refused", None))
+    h.site.startService()
+    assert (h.state.state, h.state.retry_count) == ("connecting", 2)
 
 
 def test_stop_while_waiting_cancels_the_retry() -> None:
     """Stop leaves no timer behind and reports disconnected."""
-    clock = Clock()
-    site, client, reports, _ = make_site(clock)
-    site.startService()
-    client.attempts[-1].errback(refused())
-    stopped = site.stopService()
+    h = Harness()
+    h.site.startService()
+    h.fail()
+    stopped = h.site.stopService()
     assert stopped.called
-    assert site.state.state == "stopped"
-    assert site.state.next_retry is None
-    assert reports[-1].status == "disconnected"
-    assert clock.getDelayedCalls() == []
+    assert (h.state.state, h.state.next_retry) == ("stopped", None)
+    assert h.states[-1].status == "disconnected"
+    assert h.clock.getDelayedCalls() == []
 
 
-def test_stop_while_connected_waits_for_disconnect() -> None:
-    """Stop fires only once the clean DISCONNECT has closed the connection."""
-    clock = Clock()
-    site, client, _, _ = make_site(clock)
-    site.startService()
-    client.attempts[-1].callback(True)
-    stopped = site.stopService()
-    assert not stopped.called
-    assert site.state.state == "stopping"
-    client.disconnects[-1].callback(None)
+def test_stop_in_error_cancels_the_probe() -> None:
+    h = Harness()
+    h.site.startService()
+    h.fail("auth", "no")
+    assert h.site.stopService().called
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_stop_drains_then_disconnects() -> None:
+    """Shutdown stops reading, waits for commits (acks go out), then DISCONNECTs."""
+    h = Harness()
+    h.site.startService()
+    h.connect()
+    h.client.on_message(ReceivedMessage("north/gateway/g/heartbeat", b"{}", 1, False, 7, 1))
+    stopped = h.site.stopService()
+    assert h.client.paused == 1
+    assert h.client.disconnects == []
+    h.writer.submitted[0][1].callback(None)
+    assert h.client.acked == [7]
+    assert len(h.client.disconnects) == 1
+    h.client.disconnects[-1].callback(None)
     assert stopped.called
-    assert site.state.state == "stopped"
-    assert clock.getDelayedCalls() == []
+    assert h.state.state == "stopped"
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_stop_gives_up_draining_after_a_timeout() -> None:
+    """A commit that never comes does not hold shutdown; the message is not acked."""
+    h = Harness()
+    h.site.startService()
+    h.connect()
+    h.client.on_message(ReceivedMessage("north/gateway/g/heartbeat", b"{}", 1, False, 7, 1))
+    stopped = h.site.stopService()
+    h.clock.advance(DRAIN_TIMEOUT)
+    assert len(h.client.disconnects) == 1
+    h.client.disconnects[-1].callback(None)
+    assert stopped.called
+    assert h.client.acked == []
 
 
 def test_stop_aborts_a_broker_that_does_not_answer() -> None:
     """A DISCONNECT that never completes is cut off after the timeout."""
-    clock = Clock()
-    site, client, _, _ = make_site(clock)
-    site.startService()
-    client.attempts[-1].callback(True)
-    stopped = site.stopService()
-    clock.advance(5)
-    assert client.aborted == 1
+    h = Harness()
+    h.site.startService()
+    h.connect()
+    stopped = h.site.stopService()
+    h.clock.advance(DISCONNECT_TIMEOUT)
+    assert h.client.aborted == 1
     assert stopped.called
-    assert clock.getDelayedCalls() == []
+    assert h.clock.getDelayedCalls() == []
 
 
 def test_stop_while_connecting_ignores_the_late_result() -> None:
     """An attempt that completes after stop does not revive the site."""
-    clock = Clock()
-    site, client, _, _ = make_site(clock)
-    site.startService()
-    attempt = client.attempts[-1]
-    stopped = site.stopService()
-    client.disconnects[-1].callback(None)
+    h = Harness()
+    h.site.startService()
+    attempt = h.client.attempts[-1]
+    stopped = h.site.stopService()
+    h.client.disconnects[-1].callback(None)
     assert stopped.called
     attempt.callback(True)
-    assert site.state.state == "stopped"
-    assert client.subscriptions == []
+    assert h.state.state == "stopped"
+    assert h.client.subscriptions == []
 
 
 def test_messages_are_acknowledged_after_commit() -> None:
     """A message's PUBACK waits for its batch's commit; a failed write is not acked."""
-    clock = Clock()
-    site, client, _, writer = make_site(clock)
-    site.startService()
-    client.attempts[-1].callback(True)
-    client.on_message(ReceivedMessage("north/gateway/g/heartbeat", b"{}", 1, False, 7, 1))
-    client.on_message(ReceivedMessage("north/gateway/g/heartbeat", b"{}", 1, False, 8, 1))
-    assert site.messages_received == 2
-    assert client.acked == []
-    writer.submitted[0][1].callback(None)
-    assert client.acked == [7]
-    writer.submitted[1][1].errback(RuntimeError("database gone"))
-    assert client.acked == [7]
+    h = Harness()
+    h.site.startService()
+    h.connect()
+    h.client.on_message(ReceivedMessage("north/gateway/g/heartbeat", b"{}", 1, False, 7, 1))
+    h.client.on_message(ReceivedMessage("north/gateway/g/heartbeat", b"x", 1, False, 8, 1))
+    assert (h.site.messages_received, h.site.messages_rejected) == (2, 1)
+    assert h.client.acked == []
+    h.writer.submitted[0][1].callback(None)
+    assert h.client.acked == [7]
+    h.writer.submitted[1][1].errback(RuntimeError("database gone"))
+    assert h.client.acked == [7]
+
+
+def test_client_id_is_stable() -> None:
+    """The client id is prefix, instance and site: the same on every start."""
+    assert Harness().client.client_id == "mqttsvc_box_north"
 
 
 def test_illegal_input_raises() -> None:
     """An input with no transition from the current state is an error, not a no-op."""
-    clock = Clock()
-    site, _, _, _ = make_site(clock)
+    h = Harness()
     with pytest.raises(Exception, match="no transition"):
-        site._machine._retryDue()
-
-
-def test_stop_when_stopped_is_immediate() -> None:
-    clock = Clock()
-    site, _, _, _ = make_site(clock)
-    assert site._machine.stop().called
-    assert succeed(None).called
+        h.site._machine._retryDue()

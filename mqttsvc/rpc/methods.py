@@ -80,10 +80,45 @@ class ControlPlane:
                         required=False,
                         description="Subscriptions: objects with topic, kind and qos.",
                     ),
+                    Param(
+                        "status_topic",
+                        "string",
+                        required=False,
+                        nullable=True,
+                        description="Retained online/offline (birth and last will) topic.",
+                    ),
                 ),
                 summary="Create a site; an enabled site connects at once.",
             ),
             Method("site.get", self.site_get, (site_id,), summary="A site's configuration."),
+            Method(
+                "site.start",
+                self.site_start,
+                (site_id,),
+                summary="Enable a site and connect it now; returns its status.",
+            ),
+            Method(
+                "site.stop",
+                self.site_stop,
+                (site_id,),
+                summary="Disable a site and disconnect it cleanly; returns its status.",
+            ),
+            Method(
+                "site.restart",
+                self.site_restart,
+                (site_id,),
+                summary="Enable a site, reset its retry count and reconnect now.",
+            ),
+            Method(
+                "event.list",
+                self.event_list,
+                (
+                    Param("site_id", "string", required=False, nullable=True),
+                    Param("since", "string", required=False, nullable=True),
+                    Param("limit", "integer", required=False),
+                ),
+                summary="Connection events, oldest first, after `since` (ISO 8601).",
+            ),
             Method("site.list", self.site_list, summary="Every site with its status."),
             Method(
                 "site.status", self.site_status, (site_id,), summary="A site's connection status."
@@ -112,6 +147,10 @@ class ControlPlane:
             "last_error": row.last_error,
             "state": "stopped",
             "state_since": iso(row.updated_at),
+            "subscriptions": [],
+            "messages_received": 0,
+            "messages_rejected": 0,
+            "last_message_at": None,
         }
         site = self._supervisor.site(config.site_id)
         if site is not None:
@@ -126,6 +165,13 @@ class ControlPlane:
                 last_error=live.last_error,
                 state=live.state,
                 state_since=iso(live.since),
+                subscriptions=[
+                    {"topic": r.topic, "granted": r.granted, "reason": r.reason}
+                    for r in live.subscriptions
+                ],
+                messages_received=site.messages_received,
+                messages_rejected=site.messages_rejected,
+                last_message_at=iso(site.last_message_at),
             )
         elif row.status != "error":
             result["status"] = "disconnected"
@@ -145,6 +191,7 @@ class ControlPlane:
             "protocol": c.protocol,
             "keepalive": c.keepalive,
             "topics": [{"topic": t.topic, "kind": t.kind, "qos": t.qos} for t in c.topics],
+            "status_topic": c.status_topic,
             "created_at": iso(row.created_at),
             "updated_at": iso(row.updated_at),
         }
@@ -173,6 +220,7 @@ class ControlPlane:
                 protocol=p.get("protocol", "3.1.1"),
                 keepalive=p.get("keepalive", 60),
                 topics=topics_from_params(p["site_id"], p.get("topics")),
+                status_topic=p.get("status_topic"),
             )
         except ConfigError as e:
             raise invalid_params(e.field, e.message) from None
@@ -191,7 +239,7 @@ class ControlPlane:
             enabled=config.is_enabled,
         )
         if config.is_enabled:
-            self._supervisor.add_site(config)
+            await self._supervisor.reconcile(config.site_id)
         return {**self._config(row), "status": self._status(row)}
 
     async def site_get(self, call: Call) -> dict[str, Any]:
@@ -206,6 +254,77 @@ class ControlPlane:
 
     async def site_status(self, call: Call) -> dict[str, Any]:
         return self._status(await self._row(call.params["site_id"]))
+
+    async def _set_enabled(self, call: Call, enabled: bool) -> str:
+        site_id: str = call.params["site_id"]
+        try:
+            found = await self._store.set_enabled(site_id, enabled)
+        except DatabaseUnavailable as e:
+            raise _unavailable(e) from None
+        if not found:
+            raise RPCError(NOT_FOUND, f"Site not found: {site_id}", {"site_id": site_id})
+        self.log.info(
+            "{method} {site_id} by {caller}",
+            method=call.method,
+            site_id=site_id,
+            caller=call.caller,
+        )
+        return site_id
+
+    async def _settled_status(self, site_id: str) -> dict[str, Any]:
+        # The row's status columns are written by the batch writer; wait for
+        # it so that what we return and what the row says agree.
+        await self._store.writer.whenIdle()
+        return self._status(await self._row(site_id))
+
+    async def site_start(self, call: Call) -> dict[str, Any]:
+        site_id = await self._set_enabled(call, True)
+        site = self._supervisor.site(site_id)
+        if site is not None and site.state.state in ("waiting", "error"):
+            site.restart()
+        else:
+            await self._supervisor.reconcile(site_id)
+        return await self._settled_status(site_id)
+
+    async def site_stop(self, call: Call) -> dict[str, Any]:
+        site_id = await self._set_enabled(call, False)
+        await self._supervisor.reconcile(site_id)
+        return await self._settled_status(site_id)
+
+    async def site_restart(self, call: Call) -> dict[str, Any]:
+        site_id = await self._set_enabled(call, True)
+        site = self._supervisor.site(site_id)
+        if site is not None:
+            site.restart()
+        else:
+            await self._supervisor.reconcile(site_id)
+        return await self._settled_status(site_id)
+
+    async def event_list(self, call: Call) -> list[dict[str, Any]]:
+        p = call.params
+        since = None
+        if p.get("since") is not None:
+            try:
+                since = datetime.fromisoformat(p["since"].replace("Z", "+00:00"))
+            except ValueError:
+                raise invalid_params("since", "must be an ISO 8601 timestamp") from None
+        limit = p.get("limit", 100)
+        if not 1 <= limit <= 1000:
+            raise invalid_params("limit", "must be from 1 to 1000")
+        try:
+            rows = await self._store.list_events(p.get("site_id"), since, limit)
+        except DatabaseUnavailable as e:
+            raise _unavailable(e) from None
+        return [
+            {
+                "id": r.id,
+                "type": "connection",
+                "site_id": r.site_id,
+                "at": iso(r.at),
+                "data": {"from": r.from_state, "to": r.to_state, "reason": r.reason},
+            }
+            for r in rows
+        ]
 
 
 def _unavailable(e: Exception) -> RPCError:
