@@ -107,8 +107,11 @@ class PrivateBroker:
         self.port = free_port()
         self.directory = directory
         self.config = directory / "mosquitto.conf"
+        # Started as root, mosquitto drops to its own user, which cannot read
+        # the test's private directory: stay root.
+        run_as = "user root\n" if os.geteuid() == 0 else ""
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\n"
+            run_as + f"listener {self.port} 127.0.0.1\n"
             "persistence true\n"
             f"persistence_location {directory}/\n"
             "allow_anonymous true\n"
@@ -118,11 +121,10 @@ class PrivateBroker:
 
     def start(self) -> None:
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.process = subprocess.Popen(
-            [mosquitto, "-c", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with (self.directory / "mosquitto.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [mosquitto, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -130,7 +132,10 @@ class PrivateBroker:
                 return
             except OSError:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited with {self.process.returncode}") from None
+                    log = (self.directory / "mosquitto.log").read_text(errors="replace")
+                    raise RuntimeError(
+                        f"mosquitto exited with {self.process.returncode}: {log[-500:]}"
+                    ) from None
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening within 10 s")
 
@@ -144,6 +149,27 @@ class PrivateBroker:
 @pytest.fixture
 def private_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
     broker = PrivateBroker(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def password_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
+    """
+    A private Mosquitto that accepts only user C{reader} with password
+    C{right-password}.
+    """
+    passwords = tmp_path / "passwords"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwords), "reader", "right-password"],
+        check=True,
+        capture_output=True,
+    )
+    broker = PrivateBroker(tmp_path, f"password_file {passwords}\n")
+    broker.config.write_text(
+        broker.config.read_text().replace("allow_anonymous true", "allow_anonymous false")
+    )
     broker.start()
     yield broker
     broker.stop()
