@@ -102,6 +102,20 @@ WHERE c.site_id = u.site_id
 """
 
 
+async def _write_rows(cursor: Any, statement: str, rows: list[tuple[Any, ...]]) -> None:
+    """
+    Run one statement over many rows: the rows are passed column by column,
+    as the arrays that the statement's C{unnest} turns back into rows.
+    """
+    if rows:
+        await cursor.execute(statement, [list(column) for column in zip(*rows, strict=True)])
+
+
+def _as_row(value: Any) -> tuple[Any, ...]:
+    row: tuple[Any, ...] = attrs.astuple(value, recurse=False)
+    return row
+
+
 async def write_effects(
     cursor: Any,
     effects: Iterable[Effect],
@@ -109,14 +123,15 @@ async def write_effects(
     events: list[ConnectionEvent] | None = None,
 ) -> None:
     """
-    Write effects and status updates with one statement per table.
+    Write effects, status updates and connection events with one statement
+    per table.
 
     Effects on the same row are folded first: one row may appear only once
     in an C{INSERT ... ON CONFLICT DO UPDATE}.
     """
     topics: dict[tuple[str, str], list[Any]] = {}
     gateways: dict[tuple[str, str], list[Any]] = {}
-    dead: list[DeadLetter] = []
+    dead: list[tuple[Any, ...]] = []
     for effect in effects:
         if isinstance(effect, TopicSeen):
             key = (effect.site_id, effect.topic)
@@ -137,69 +152,13 @@ async def write_effects(
                 if effect.at >= gw[1]:
                     gw[1], gw[2] = effect.at, effect.payload
         else:
-            dead.append(effect)
-    if topics:
-        keys = list(topics)
-        values = list(topics.values())
-        await cursor.execute(
-            _UPSERT_TOPICS,
-            (
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-                [v[0] for v in values],
-                [v[1] for v in values],
-                [v[2] for v in values],
-            ),
-        )
-    if gateways:
-        keys = list(gateways)
-        values = list(gateways.values())
-        await cursor.execute(
-            _UPSERT_GATEWAYS,
-            (
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-                [v[0] for v in values],
-                [v[1] for v in values],
-                [v[2] for v in values],
-            ),
-        )
-    if dead:
-        await cursor.execute(
-            _INSERT_DEAD_LETTERS,
-            (
-                [d.site_id for d in dead],
-                [d.topic for d in dead],
-                [d.payload for d in dead],
-                [d.reason for d in dead],
-                [d.at for d in dead],
-            ),
-        )
-    if events:
-        await cursor.execute(
-            _INSERT_EVENTS,
-            (
-                [e.site_id for e in events],
-                [e.at for e in events],
-                [e.from_state for e in events],
-                [e.to_state for e in events],
-                [e.reason for e in events],
-            ),
-        )
+            dead.append(_as_row(effect))
+    await _write_rows(cursor, _UPSERT_TOPICS, [(*k, *v) for k, v in topics.items()])
+    await _write_rows(cursor, _UPSERT_GATEWAYS, [(*k, *v) for k, v in gateways.items()])
+    await _write_rows(cursor, _INSERT_DEAD_LETTERS, dead)
+    await _write_rows(cursor, _INSERT_EVENTS, [_as_row(e) for e in events or ()])
     latest = {s.site_id: s for s in statuses}
-    if latest:
-        rows = list(latest.values())
-        await cursor.execute(
-            _UPDATE_STATUS,
-            (
-                [s.site_id for s in rows],
-                [s.status for s in rows],
-                [s.last_connected_at for s in rows],
-                [s.retry_count for s in rows],
-                [s.next_retry for s in rows],
-                [s.last_error for s in rows],
-            ),
-        )
+    await _write_rows(cursor, _UPDATE_STATUS, [_as_row(s) for s in latest.values()])
 
 
 @attrs.define

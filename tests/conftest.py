@@ -15,11 +15,13 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
+import pytest_twisted
 
 from mqttsvc import database
 
@@ -89,6 +91,24 @@ def site_id() -> str:
     A site id no other test uses, so tests share the database safely.
     """
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest_twisted.async_yield_fixture
+async def running(db_dsn: str, no_sites: None) -> AsyncIterator[Any]:
+    """
+    The service tree as C{twistd mqttsvc} builds it, on the test's
+    database (without sites), stopped after the test.
+    """
+    from twisted.internet import reactor
+
+    # Imported here: it imports treq, which must not install a reactor
+    # before pytest-twisted has chosen one.
+    from tests.service import RunningService
+
+    service = RunningService(reactor, db_dsn)
+    await service.start()
+    yield service
+    await service.stop()
 
 
 def free_port() -> int:

@@ -5,8 +5,7 @@ service tree, and calls over HTTP.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -16,16 +15,6 @@ from tests.conftest import BROKER_HOST, BROKER_PORT, PrivateBroker, free_port
 from tests.publish import publish
 from tests.service import RunningService
 from tests.waiting import eventually
-
-
-@pytest_twisted.async_yield_fixture
-async def running(db_dsn: str, no_sites: None) -> AsyncIterator[RunningService]:
-    from twisted.internet import reactor
-
-    service = RunningService(reactor, db_dsn)
-    await service.start()
-    yield service
-    await service.stop()
 
 
 def query(sql: Any, text: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -218,11 +207,16 @@ async def test_broker_restart_keeps_subscriptions(
 
     async def lost() -> Any:
         status = await running.call("site.status", {"site_id": site_id})
-        return status["state"] == "waiting"
+        return status if status["state"] == "waiting" else None
 
-    await eventually(lost, what="the site noticing the broker is gone")
+    waiting = await eventually(lost, what="the site noticing the broker is gone")
+    assert waiting["mqtt_retry_count"] == 1
+    due = datetime.fromisoformat(waiting["mqtt_next_retry"])
     private_broker.start()
-    await connected(running, site_id)
+    back = await connected(running, site_id)
+    # Reconnected at the scheduled retry, not before and not much after.
+    reconnected = datetime.fromisoformat(back["last_connected_at"])
+    assert due <= reconnected <= due + timedelta(seconds=1.5)
     await publish([(f"{site_id}/gateway/after/heartbeat", b"{}")], port=private_broker.port)
 
     def arrived() -> Any:

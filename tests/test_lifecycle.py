@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,16 +22,6 @@ from tests.fakebroker import FakeBroker
 from tests.publish import publish
 from tests.service import RunningService
 from tests.waiting import eventually
-
-
-@pytest_twisted.async_yield_fixture
-async def running(db_dsn: str, no_sites: None) -> AsyncIterator[RunningService]:
-    from twisted.internet import reactor
-
-    service = RunningService(reactor, db_dsn)
-    await service.start()
-    yield service
-    await service.stop()
 
 
 def execute(sql: Any, text: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -88,6 +79,37 @@ async def test_site_inserted_by_sql_connects_within_a_second(
     await eventually(lambda: running.root.getServiceNamed("config-listener").listening)
     await insert_site(sql, site_id)
     await state_of(running, site_id, "connected", within=1.5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_listening_resumes_after_losing_the_database(
+    running: RunningService, sql: Any, site_id: str
+) -> None:
+    """
+    When the listening connection is killed, it comes back, LISTENs again,
+    and catches up on what changed meanwhile.
+    """
+    listener = running.root.getServiceNamed("config-listener")
+    await eventually(lambda: listener.listening)
+    killed = execute(
+        sql,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND query = 'LISTEN mqttsvc_config'",
+    )
+    assert killed == [(True,)]
+    await insert_site(sql, site_id)  # while nobody listens: only a resync can see it
+    await state_of(running, site_id, "connected", within=8)
+    await eventually(lambda: listener.listening)
+    await insert_site(sql, site_id + "-b")
+    await state_of(running, site_id + "-b", "connected", within=1.5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_host_is_a_dns_error(running: RunningService, site_id: str) -> None:
+    """A host name that does not resolve is reported as such."""
+    await running.call("site.create", {"site_id": site_id, "host": "no-such-host.invalid"})
+    status = await state_of(running, site_id, "waiting")
+    assert status["last_error"].startswith("dns: cannot resolve host")
 
 
 @pytest_twisted.ensureDeferred
@@ -170,18 +192,31 @@ async def test_wrong_password_is_an_auth_error(
     assert status["mqtt_retry_count"] == 0 and status["last_error"] is None
 
 
-@pytest_twisted.ensureDeferred
-async def test_refused_subscription_shows_in_status(running: RunningService, site_id: str) -> None:
-    """A SUBACK that refuses a filter is reported in last_error and the status data."""
+@asynccontextmanager
+async def site_on_fake_broker(
+    running: RunningService, site_id: str, broker: FakeBroker, **params: Any
+) -> AsyncIterator[None]:
+    """
+    A site connected to a scripted broker on a free port, removed after.
+    """
     from twisted.internet import reactor
 
-    broker = FakeBroker(refuse_subscriptions=True)
     port = reactor.listenTCP(0, broker, interface="127.0.0.1")
     try:
         await running.call(
             "site.create",
-            {"site_id": site_id, "host": "127.0.0.1", "port": port.getHost().port},
+            {"site_id": site_id, "host": "127.0.0.1", "port": port.getHost().port, **params},
         )
+        yield
+    finally:
+        await running.call("site.stop", {"site_id": site_id})
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_subscription_shows_in_status(running: RunningService, site_id: str) -> None:
+    """A SUBACK that refuses a filter is reported in last_error and the status data."""
+    async with site_on_fake_broker(running, site_id, FakeBroker(refuse_subscriptions=True)):
 
         async def refused() -> Any:
             status = await running.call("site.status", {"site_id": site_id})
@@ -193,28 +228,13 @@ async def test_refused_subscription_shows_in_status(running: RunningService, sit
         assert status["last_error"].startswith(
             f"subscription refused: {site_id}/gateway/+/heartbeat"
         )
-    finally:
-        await running.call("site.stop", {"site_id": site_id})
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_silent_link_is_closed_and_retried(running: RunningService, site_id: str) -> None:
     """A broker that stops answering (no PINGRESP) is dropped after about two keepalives."""
-    from twisted.internet import reactor
-
     broker = FakeBroker(silent=True)
-    port = reactor.listenTCP(0, broker, interface="127.0.0.1")
-    try:
-        await running.call(
-            "site.create",
-            {
-                "site_id": site_id,
-                "host": "127.0.0.1",
-                "port": port.getHost().port,
-                "keepalive": 5,
-            },
-        )
+    async with site_on_fake_broker(running, site_id, broker, keepalive=5):
         connected = await state_of(running, site_id, "connected")
         waiting = await state_of(running, site_id, "waiting", within=15)
         silence = (
@@ -224,9 +244,6 @@ async def test_silent_link_is_closed_and_retried(running: RunningService, site_i
         assert 9 <= silence <= 13
         assert waiting["last_error"].startswith(("timeout: ", "network: "))
         assert 12 in broker.received  # it did ask with PINGREQ first
-    finally:
-        await running.call("site.stop", {"site_id": site_id})
-        await port.stopListening()
 
 
 def _read_retained(topic: str) -> bytes | None:
