@@ -45,6 +45,18 @@ def _check_site_id(instance: object, attribute: attrs.Attribute[str], value: str
         )
 
 
+_NAMED_LEVEL = re.compile(r"^\{([a-z_][a-z0-9_]*)\}$")
+
+#: The device ids each kind of message needs, in the order that plain '+'
+#: levels supply them when the pattern does not name them.
+KIND_IDS: dict[str, tuple[str, ...]] = {
+    "gateway_heartbeat": ("gateway_id",),
+    "datalogger_heartbeat": ("gateway_id", "datalogger_id"),
+    "sensor_data": ("sensor_id",),
+    "other": (),
+}
+
+
 def _check_topic_pattern(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not isinstance(value, str) or not value or len(value.encode()) > 65535:
         raise ConfigError(attribute.name, "must be a non-empty MQTT topic filter")
@@ -54,6 +66,11 @@ def _check_topic_pattern(instance: object, attribute: attrs.Attribute[str], valu
             raise ConfigError(attribute.name, f"'#' must be the whole last level in {value!r}")
         if "+" in level and level != "+":
             raise ConfigError(attribute.name, f"'+' must be a whole level in {value!r}")
+        if ("{" in level or "}" in level) and not _NAMED_LEVEL.match(level):
+            raise ConfigError(
+                attribute.name,
+                f"a named level must be a whole level like {{gateway_id}}, not {level!r}",
+            )
 
 
 def _check_in(allowed: frozenset[Any]) -> Any:
@@ -118,6 +135,113 @@ class TopicSubscription:
     kind: str = attrs.field(validator=_check_in(TOPIC_KINDS))
     qos: int = attrs.field(default=1, validator=_check_int_range(0, 1))
 
+    def __attrs_post_init__(self) -> None:
+        names = self.level_names()
+        if len(set(filter(None, names))) != len(list(filter(None, names))):
+            raise ConfigError("topic", f"a level name is used twice in {self.topic!r}")
+        needed = KIND_IDS[self.kind]
+        named = [n for n in names if n in needed]
+        wildcards = names.count("")
+        if len(named) + wildcards < len(needed) or (named and len(named) < len(needed)):
+            raise ConfigError(
+                "topic",
+                f"{self.kind} needs the levels {', '.join('{' + n + '}' for n in needed)} "
+                f"(or as many '+' levels) in {self.topic!r}",
+            )
+
+    def level_names(self) -> list[str | None]:
+        """
+        For each level: the name of a named level, C{""} for C{+}, None for
+        a literal level or C{#}.
+        """
+        names: list[str | None] = []
+        for level in self.topic.split("/"):
+            named = _NAMED_LEVEL.match(level)
+            names.append(named.group(1) if named else "" if level == "+" else None)
+        return names
+
+    @property
+    def filter(self) -> str:
+        """
+        The MQTT topic filter to subscribe to: named levels become C{+}.
+        """
+        levels = self.topic.split("/")
+        return "/".join("+" if _NAMED_LEVEL.match(level) else level for level in levels)
+
+
+#: Seconds a device of each kind is expected to stay silent at most, unless
+#: the site or the device's own heartbeat ('interval') says otherwise.
+DEFAULT_INTERVALS: dict[str, float] = {"gateway": 60.0, "datalogger": 300.0, "sensor": 900.0}
+
+#: A device is offline once it has been silent this many intervals.
+DEFAULT_GRACE = 2.5
+
+#: The largest payload processed, in bytes; larger ones are dead-lettered.
+DEFAULT_MAX_PAYLOAD = 256 * 1024
+
+
+def _check_interval(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 7 * 86400:
+        raise ConfigError(attribute.name, "must be a number of seconds from 0 to 604800")
+
+
+@attrs.frozen
+class OfflinePolicy:
+    """
+    When a site's devices count as offline: silent for longer than their
+    expected interval times the grace factor.
+    """
+
+    gateway: float = attrs.field(default=DEFAULT_INTERVALS["gateway"], validator=_check_interval)
+    datalogger: float = attrs.field(
+        default=DEFAULT_INTERVALS["datalogger"], validator=_check_interval
+    )
+    sensor: float = attrs.field(default=DEFAULT_INTERVALS["sensor"], validator=_check_interval)
+    grace: float = attrs.field(default=DEFAULT_GRACE)
+
+    @grace.validator
+    def _check_grace(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 1 <= value <= 100:
+            raise ConfigError("offline_grace", "must be a number from 1 to 100")
+
+    def interval(self, kind: str) -> float:
+        value: float = getattr(self, kind)
+        return value
+
+    def overrides(self) -> dict[str, float] | None:
+        """
+        The intervals that differ from the defaults (what is stored).
+        """
+        changed = {k: self.interval(k) for k in DEFAULT_INTERVALS}
+        changed = {k: v for k, v in changed.items() if v != DEFAULT_INTERVALS[k]}
+        return changed or None
+
+    @classmethod
+    def from_settings(cls, intervals: Any, grace: Any) -> OfflinePolicy:
+        """
+        Build from C{device_intervals} (an object of kind to seconds, or
+        null) and C{offline_grace} (a number, or null).
+
+        @raise ConfigError: naming C{device_intervals.KIND} or
+            C{offline_grace}.
+        """
+        if intervals is None:
+            intervals = {}
+        if not isinstance(intervals, dict):
+            raise ConfigError("device_intervals", "must be an object of kind to seconds")
+        unknown = set(intervals) - set(DEFAULT_INTERVALS)
+        if unknown:
+            raise ConfigError(
+                "device_intervals",
+                f"unknown kinds {sorted(unknown)}; use {sorted(DEFAULT_INTERVALS)}",
+            )
+        try:
+            return cls(**intervals, grace=DEFAULT_GRACE if grace is None else grace)
+        except ConfigError as e:
+            if e.field == "offline_grace":
+                raise
+            raise ConfigError(f"device_intervals.{e.field}", e.message) from None
+
 
 def default_topics(site_id: str) -> tuple[TopicSubscription, ...]:
     """
@@ -152,6 +276,7 @@ class SiteConfig:
     keepalive: int = attrs.field(default=60, validator=_check_int_range(5, 3600))
     topics: tuple[TopicSubscription, ...] = attrs.field(default=())
     status_topic: str | None = attrs.field(default=None, validator=_check_topic_name)
+    offline: OfflinePolicy = attrs.field(factory=OfflinePolicy)
 
     @topics.validator
     def _check_topics(self, attribute: attrs.Attribute[Any], value: Any) -> None:

@@ -4,18 +4,32 @@ From an MQTT message to the database effects it has.
 Processing is pure: it routes a topic to the site's subscription that
 matched it, parses the payload, and returns the effects (frozen values) for
 the batch writer.  Anything it cannot understand becomes a L{DeadLetter}
-with the reason, never an exception.
+with the reason, never an exception.  The protocol is described in
+C{docs/protocol.md}.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 
-from mqttsvc.config import TopicSubscription
+from mqttsvc.config import DEFAULT_MAX_PAYLOAD, KIND_IDS, TopicSubscription
+
+#: Device kind of each message kind that has one.
+DEVICE_KIND = {
+    "gateway_heartbeat": "gateway",
+    "datalogger_heartbeat": "datalogger",
+    "sensor_data": "sensor",
+}
+
+#: Epoch values above this are taken as milliseconds (1e11 s is in the year 5138).
+_MILLISECONDS_FROM = 1e11
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 
 
 @attrs.frozen
@@ -27,18 +41,74 @@ class TopicSeen:
     site_id: str
     topic: str
     at: datetime
+    #: The raw payload, kept for a dead letter should the database refuse
+    #: the message's other effects.
+    payload: bytes = attrs.field(default=b"", repr=False, eq=False)
 
 
 @attrs.frozen
-class GatewaySeen:
+class DeviceSeen:
     """
-    A gateway sent a heartbeat; it is online.
+    A device spoke (a heartbeat, or a sensor's data); it is alive.
+
+    @ivar gateway_id: a datalogger's gateway; None for other kinds.
+    @ivar payload: the message's JSON object, canonical text.
+    @ivar reported_status: the heartbeat's own C{status} field.
+    @ivar interval: seconds until the next heartbeat is due, if it said.
     """
 
     site_id: str
-    gateway_id: str
+    kind: str
+    gateway_id: str | None
+    device_id: str
     at: datetime
     payload: str
+    reported_status: str | None = None
+    interval: float | None = None
+
+    @property
+    def key(self) -> DeviceKey:
+        return DeviceKey(self.site_id, self.kind, self.gateway_id, self.device_id)
+
+
+@attrs.frozen
+class DeviceKey:
+    """
+    Identifies a device: dataloggers are known under their gateway.
+    """
+
+    site_id: str
+    kind: str
+    gateway_id: str | None
+    device_id: str
+
+
+@attrs.frozen
+class DeviceStatus:
+    """
+    A device's liveness changed (online, offline or unknown), and why.
+    """
+
+    key: DeviceKey
+    from_status: str
+    status: str
+    at: datetime
+    reason: str
+
+
+@attrs.frozen
+class Reading:
+    """
+    One sensor value at one time.
+    """
+
+    site_id: str
+    sensor_id: str
+    ts: datetime
+    name: str
+    value: float
+    unit: str | None
+    received_at: datetime
 
 
 @attrs.frozen
@@ -54,114 +124,240 @@ class DeadLetter:
     at: datetime
 
 
-Effect = TopicSeen | GatewaySeen | DeadLetter
+Effect = TopicSeen | DeviceSeen | Reading | DeadLetter | DeviceStatus
 
 
-@attrs.frozen
-class _CompiledFilter:
-    subscription: TopicSubscription
-    levels: tuple[str, ...]
-    multi: bool  # ends with '#'
+class _Compiled:
+    """
+    A subscription's pattern, split once: each level is a literal to
+    compare, or a capture into a named id.
+    """
 
-    def match(self, parts: list[str]) -> list[str] | None:
-        """
-        The topic levels that the filter's C{+} wildcards matched, or None.
-        """
-        levels = self.levels
+    __slots__ = ("ids", "levels", "multi", "subscription")
+
+    def __init__(self, subscription: TopicSubscription) -> None:
+        self.subscription = subscription
+        levels = subscription.filter.split("/")
+        self.multi = levels[-1] == "#"
         if self.multi:
-            if len(parts) < len(levels):
-                return None
-        elif len(parts) != len(levels):
+            levels = levels[:-1]
+        names = subscription.level_names()[: len(levels)]
+        # Plain '+' levels supply the ids the pattern does not name, in order.
+        unnamed = iter(n for n in KIND_IDS[subscription.kind] if n not in names)
+        self.ids: list[tuple[int, str]] = []
+        for i, name in enumerate(names):
+            if name == "":
+                name = next(unnamed, None)
+            if name:
+                self.ids.append((i, name))
+        self.levels = [None if level == "+" else level for level in levels]
+
+    def match(self, parts: list[str]) -> dict[str, str] | None:
+        levels = self.levels
+        if len(parts) != len(levels) and not (self.multi and len(parts) >= len(levels)):
             return None
-        captured = []
         for level, part in zip(levels, parts, strict=False):
-            if level == "+":
-                captured.append(part)
-            elif level != part:
+            if level is not None and level != part:
                 return None
-        return captured
+        return {name: parts[i] for i, name in self.ids}
 
 
 class Router:
     """
-    Matches topics against one site's subscriptions, precompiled once.
+    Matches topics against one site's subscriptions, compiled once.
 
-    Filters are tried in the order they were configured; the first match
+    Patterns are tried in the order they were configured; the first match
     decides the kind.
     """
 
     def __init__(self, subscriptions: tuple[TopicSubscription, ...]) -> None:
-        compiled = []
-        for sub in subscriptions:
-            levels = tuple(sub.topic.split("/"))
-            multi = levels[-1] == "#"
-            compiled.append(_CompiledFilter(sub, levels[:-1] if multi else levels, multi))
-        self._filters = tuple(compiled)
+        self._compiled = [_Compiled(s) for s in subscriptions]
 
-    def route(self, topic: str) -> tuple[TopicSubscription, list[str]] | None:
+    def route(self, topic: str) -> tuple[TopicSubscription, dict[str, str]] | None:
         """
-        The subscription a topic belongs to, with the values of its C{+}
-        levels; None when no subscription matches.
+        The subscription a topic belongs to, with the ids its levels carry;
+        None when no subscription matches.
         """
         parts = topic.split("/")
-        for f in self._filters:
-            captured = f.match(parts)
-            if captured is not None:
-                return f.subscription, captured
+        for compiled in self._compiled:
+            ids = compiled.match(parts)
+            if ids is not None:
+                return compiled.subscription, ids
         return None
 
 
-def _decode_object(payload: bytes) -> tuple[dict[str, Any] | None, str | None]:
+class Rejected(Exception):
     """
-    Parse a JSON object payload.
+    The message cannot be processed; the text says why.
+    """
 
-    @return: the object and its canonical JSON text, or None and a reason.
+
+def _decode_object(payload: bytes) -> tuple[dict[str, Any], str]:
+    """
+    Parse a JSON object payload into the object and its canonical text.
     """
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:
-        return None, f"payload is not UTF-8: {e.reason} at byte {e.start}"
+        raise Rejected(f"payload is not UTF-8: {e.reason} at byte {e.start}") from None
     try:
         value = json.loads(text)
     except ValueError as e:
-        return None, f"payload is not JSON: {e}"
+        raise Rejected(f"payload is not JSON: {e}") from None
     if not isinstance(value, dict):
-        return None, f"payload is a JSON {type(value).__name__}, not an object"
-    canonical = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        raise Rejected(f"payload is a JSON {_json_type(value)}, not an object")
+    try:
+        canonical = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise Rejected("payload holds NaN or Infinity, which JSON does not allow") from None
     if "\\u0000" in canonical:
-        return None, "payload contains a NUL character, which PostgreSQL cannot store"
+        raise Rejected("payload contains a NUL character, which PostgreSQL cannot store")
     return value, canonical
 
 
-def process(site_id: str, router: Router, topic: str, payload: bytes, at: datetime) -> list[Effect]:
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if value is None:
+        return "null"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_ts(value: Any, received: datetime) -> datetime:
+    """
+    A message's C{ts}: epoch seconds or milliseconds, or ISO 8601 (naive
+    means UTC); the receive time when absent.
+
+    @raise Rejected: for any other value.
+    """
+    if value is None:
+        return received
+    if _number(value):
+        seconds = value / 1000.0 if abs(value) >= _MILLISECONDS_FROM else float(value)
+        try:
+            ts = datetime.fromtimestamp(seconds, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise Rejected(f"ts {value!r} is out of range") from None
+    elif isinstance(value, str):
+        try:
+            ts = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise Rejected(f"ts {value!r} is neither epoch seconds nor ISO 8601") from None
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=UTC)
+    else:
+        raise Rejected(f"ts must be a number or an ISO 8601 string, not a JSON {_json_type(value)}")
+    if not _EARLIEST <= ts < _LATEST:
+        raise Rejected(f"ts {value!r} is out of range (1970 to 2200)")
+    return ts
+
+
+def _heartbeat(fields: dict[str, Any]) -> tuple[str | None, float | None]:
+    status = fields.get("status")
+    if status is not None and (not isinstance(status, str) or len(status) > 64):
+        raise Rejected("status must be a string of at most 64 characters")
+    interval = fields.get("interval")
+    if interval is not None and (not _number(interval) or not 0 < interval <= 7 * 86400):
+        raise Rejected("interval must be a number of seconds from 0 to 604800")
+    return status, None if interval is None else float(interval)
+
+
+def _readings(
+    site_id: str, sensor_id: str, fields: dict[str, Any], received: datetime
+) -> list[Reading]:
+    ts = parse_ts(fields.get("ts"), received)
+    unit = fields.get("unit")
+    if unit is not None and (not isinstance(unit, str) or len(unit) > 32):
+        raise Rejected("unit must be a string of at most 32 characters")
+    values: dict[str, Any] = {}
+    if "value" in fields:
+        values["value"] = fields["value"]
+    if "values" in fields:
+        extra = fields["values"]
+        if not isinstance(extra, dict) or not extra:
+            raise Rejected("values must be a non-empty object of names to numbers")
+        for name in extra:
+            if not 1 <= len(name) <= 100:
+                raise Rejected("each name in values must have 1 to 100 characters")
+            if name in values:
+                raise Rejected(f"{name!r} is given both as value and in values")
+        values.update(extra)
+    if not values:
+        raise Rejected("sensor data needs a value (a number) or values (an object of numbers)")
+    for name, value in values.items():
+        if not _number(value):
+            where = "value" if name == "value" and "value" in fields else f"values.{name}"
+            raise Rejected(f"{where} must be a finite number, not a JSON {_json_type(value)}")
+    return [
+        Reading(site_id, sensor_id, ts, name, float(value), unit, received)
+        for name, value in values.items()
+    ]
+
+
+def process(
+    site_id: str,
+    router: Router,
+    topic: str,
+    payload: bytes,
+    at: datetime,
+    *,
+    retained: bool = False,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+) -> list[Effect]:
     """
     The effects of one message received at C{at}.
+
+    A retained message is a replay of the past, not a sign of life: it
+    updates no device, and its readings are kept only when they carry
+    their own C{ts} (so a replay cannot invent a reading at receive time).
     """
-    effects: list[Effect] = [TopicSeen(site_id, topic, at)]
+    effects: list[Effect] = [TopicSeen(site_id, topic, at, payload)]
     routed = router.route(topic)
     if routed is None:
         return effects
-    subscription, captured = routed
-    if subscription.kind == "gateway_heartbeat":
-        if not captured or not captured[0]:
-            effects.append(
-                DeadLetter(
-                    site_id,
-                    topic,
-                    payload,
-                    f"subscription {subscription.topic!r} has no '+' level for the gateway id",
-                    at,
+    subscription, ids = routed
+    device_kind = DEVICE_KIND.get(subscription.kind)
+    if device_kind is None:
+        return effects
+    if not all(ids.values()):
+        effects.append(DeadLetter(site_id, topic, payload, "a device id level is empty", at))
+        return effects
+    try:
+        if len(payload) > max_payload:
+            raise Rejected(f"payload of {len(payload)} bytes is over the limit of {max_payload}")
+        fields, canonical = _decode_object(payload)
+        if device_kind == "sensor":
+            sensor_id = ids["sensor_id"]
+            readings = _readings(site_id, sensor_id, fields, at)
+            if retained and "ts" not in fields:
+                readings = []
+            if not retained:
+                effects.append(DeviceSeen(site_id, "sensor", None, sensor_id, at, canonical))
+            effects.extend(readings)
+        else:
+            status, interval = _heartbeat(fields)
+            parse_ts(fields.get("ts"), at)  # validated; liveness uses the receive time
+            if not retained:
+                effects.append(
+                    DeviceSeen(
+                        site_id,
+                        device_kind,
+                        ids.get("gateway_id") if device_kind == "datalogger" else None,
+                        ids["datalogger_id"] if device_kind == "datalogger" else ids["gateway_id"],
+                        at,
+                        canonical,
+                        status,
+                        interval,
+                    )
                 )
-            )
-            return effects
-        try:
-            value, canonical = _decode_object(payload)
-        except ValueError as e:  # out-of-range floats and the like
-            value, canonical = None, f"payload cannot be stored as JSON: {e}"
-        if value is None:
-            assert canonical is not None
-            effects.append(DeadLetter(site_id, topic, payload, canonical, at))
-            return effects
-        assert canonical is not None
-        effects.append(GatewaySeen(site_id, captured[0], at, canonical))
+    except Rejected as e:
+        effects.append(DeadLetter(site_id, topic, payload, str(e), at))
     return effects

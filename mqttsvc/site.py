@@ -28,8 +28,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mqttsvc.config import SiteConfig, TopicSubscription
-from mqttsvc.processing import DeadLetter, Router, process
+from mqttsvc.batch import ConnectionEvent, StatusUpdate
+from mqttsvc.config import DEFAULT_MAX_PAYLOAD, SiteConfig, TopicSubscription
+from mqttsvc.offline import OfflineDetector
+from mqttsvc.processing import DeadLetter, DeviceSeen, Router, process
 from mqttsvc.transport import (
     BrokerClient,
     ConnectFailed,
@@ -37,7 +39,6 @@ from mqttsvc.transport import (
     ReceivedMessage,
     SubscriptionResult,
 )
-from mqttsvc.writer import ConnectionEvent, StatusUpdate
 
 #: Consecutive failed attempts after which a site gives up (status error).
 MAX_RETRIES = 10
@@ -464,6 +465,9 @@ class SiteService(Service):
     @param instance: this mqttsvc instance's name, part of the client id.
     @param resume: the connection state the database remembers; a site in
         error stays in error, a waiting site waits for its next retry.
+    @param devices: the offline detector that learns of every device that
+        speaks.
+    @param max_payload: payloads larger than this (bytes) are dead letters.
     """
 
     log = Logger()
@@ -479,15 +483,20 @@ class SiteService(Service):
         resume: ResumeState | None = None,
         jitter: Callable[[], float] | None = None,
         probe_interval: float = PROBE_INTERVAL,
+        devices: OfflineDetector | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
         client_factory: Callable[..., BrokerClient] = MQTTClient,
     ) -> None:
         self.name = config.site_id
+        self._devices = devices
+        self._max_payload = max_payload
         self.config = config
         self._clock: IReactorTime = reactor
         self._writer = writer
         self._router = Router(config.topics)
         self._resume = resume
         self._uncommitted: set[Deferred[None]] = set()
+        self._pressed = False
         self.messages_received = 0
         self.messages_rejected = 0
         self.last_message_at: datetime | None = None
@@ -515,6 +524,8 @@ class SiteService(Service):
 
     def startService(self) -> None:
         super().startService()
+        if not self._pressed:
+            self._core.client.resume()
         resume, self._resume = self._resume, None
         core = self._core
         if resume is not None and resume.retry_count > 0:
@@ -558,10 +569,24 @@ class SiteService(Service):
         Reset the retry count and reconnect now (from any state; a site in
         error leaves it only this way).
         """
+        if not self._pressed:
+            self._core.client.resume()
         self._core.retry_count = 0
         self._core.next_retry = None
         self._core.reason = "restart requested"
         self._machine.restart()
+
+    def pause_reading(self) -> None:
+        """
+        Take no more messages from the broker for now (back-pressure).
+        """
+        self._pressed = True
+        self._core.client.pause()
+
+    def resume_reading(self) -> None:
+        self._pressed = False
+        if self.running:
+            self._core.client.resume()
 
     def update_topics(self, topics: tuple[TopicSubscription, ...]) -> None:
         """
@@ -588,9 +613,25 @@ class SiteService(Service):
         now = self._core.now()
         self.messages_received += 1
         self.last_message_at = now
-        effects = process(self.config.site_id, self._router, message.topic, message.payload, now)
-        if any(isinstance(e, DeadLetter) for e in effects):
+        effects = process(
+            self.config.site_id,
+            self._router,
+            message.topic,
+            message.payload,
+            now,
+            retained=message.retain,
+            max_payload=self._max_payload,
+        )
+        if isinstance(effects[-1], DeadLetter):
             self.messages_rejected += 1
+        elif self._devices is not None:
+            policy = self.config.offline
+            for effect in list(effects):
+                if isinstance(effect, DeviceSeen):
+                    interval = effect.interval or policy.interval(effect.kind)
+                    change = self._devices.seen(effect.key, interval, policy.grace)
+                    if change is not None:
+                        effects.append(change)
         committed = self._writer.submit(effects)
         self._uncommitted.add(committed)
         client = self._core.client

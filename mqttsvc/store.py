@@ -13,12 +13,14 @@ from datetime import datetime
 from typing import Any
 
 import attrs
+from psycopg2.extras import Json
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from mqttsvc.config import SiteConfig, TopicSubscription
+from mqttsvc.config import DEFAULT_GRACE, OfflinePolicy, SiteConfig, TopicSubscription
 from mqttsvc.pool import ConnectionPool
+from mqttsvc.processing import DeviceKey
 from mqttsvc.site import ResumeState
 from mqttsvc.writer import BatchWriter
 
@@ -73,7 +75,8 @@ class EventRow:
 
 _SITE_COLUMNS = """
     c.site_id, c.host, c.port, c.username, c.password, c.client_id_prefix, c.is_enabled,
-    c.protocol, c.keepalive, c.status_topic, c.status, c.last_connected_at, c.mqtt_retry_count,
+    c.protocol, c.keepalive, c.status_topic, c.device_intervals, c.offline_grace,
+    c.status, c.last_connected_at, c.mqtt_retry_count,
     c.mqtt_next_retry, c.last_error, c.created_at, c.updated_at,
     COALESCE(
         (SELECT array_agg(ARRAY[t.topic, t.kind, t.qos::text] ORDER BY t.id)
@@ -86,8 +89,8 @@ _SITE_COLUMNS = """
 def _site_row(row: tuple[Any, ...]) -> SiteRow:
     (
         site_id, host, port, username, password, prefix, enabled, protocol, keepalive,
-        status_topic, status, last_connected_at, retry_count, next_retry, last_error,
-        created, updated, topics,
+        status_topic, device_intervals, offline_grace, status, last_connected_at, retry_count,
+        next_retry, last_error, created, updated, topics,
     ) = row  # fmt: skip
     config = SiteConfig(
         site_id=site_id,
@@ -101,6 +104,7 @@ def _site_row(row: tuple[Any, ...]) -> SiteRow:
         keepalive=keepalive,
         topics=tuple(TopicSubscription(t, k, int(q)) for t, k, q in topics),
         status_topic=status_topic,
+        offline=OfflinePolicy.from_settings(device_intervals, offline_grace),
     )
     return SiteRow(
         config=config,
@@ -175,8 +179,9 @@ class Store(Service):
         async def insert(cursor: Any) -> None:
             await cursor.execute(
                 "INSERT INTO mqtt_connection (site_id, host, port, username, password, "
-                "client_id_prefix, is_enabled, protocol, keepalive, status_topic) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "client_id_prefix, is_enabled, protocol, keepalive, status_topic, "
+                "device_intervals, offline_grace) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (site_id) DO NOTHING RETURNING id",
                 (
                     config.site_id,
@@ -189,6 +194,8 @@ class Store(Service):
                     config.protocol,
                     config.keepalive,
                     config.status_topic,
+                    Json(config.offline.overrides()) if config.offline.overrides() else None,
+                    None if config.offline.grace == DEFAULT_GRACE else config.offline.grace,
                 ),
             )
             inserted = cursor.fetchall()
@@ -238,3 +245,20 @@ class Store(Service):
             {"site": site_id, "since": since, "limit": limit},
         )
         return [EventRow(*row) for row in rows]
+
+    async def load_devices(self) -> list[tuple[DeviceKey, str, float | None]]:
+        """
+        Every known device: its key, stored status and own heartbeat
+        interval (None when it never said).
+        """
+        rows = await self.pool.query(
+            "SELECT 'gateway', site_id, NULL, gateway_id, status, heartbeat_interval FROM gateway "
+            "UNION ALL SELECT 'datalogger', site_id, gateway_id, datalogger_id, status, "
+            "heartbeat_interval FROM datalogger "
+            "UNION ALL SELECT 'sensor', site_id, NULL, sensor_id, status, heartbeat_interval "
+            "FROM sensor"
+        )
+        return [
+            (DeviceKey(site_id, kind, gateway_id, device_id), status, interval)
+            for kind, site_id, gateway_id, device_id, status, interval in rows
+        ]

@@ -22,9 +22,12 @@ from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mqttsvc.batch import ConnectionEvent
+from mqttsvc.config import DEFAULT_MAX_PAYLOAD, OfflinePolicy
+from mqttsvc.offline import OfflineDetector
+from mqttsvc.processing import DeviceStatus
 from mqttsvc.site import PROBE_INTERVAL, SiteService, SiteState
 from mqttsvc.store import SiteRow, Store
-from mqttsvc.writer import ConnectionEvent
 
 #: Seconds between two full reconciliations (the old service's health check).
 MONITOR_INTERVAL = 30.0
@@ -48,9 +51,14 @@ class SiteSupervisor(MultiService):
         instance: str = "local",
         monitor_interval: float = MONITOR_INTERVAL,
         probe_interval: float = PROBE_INTERVAL,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
         site_factory: Callable[..., SiteService] = SiteService,
     ) -> None:
         super().__init__()
+        self._max_payload = max_payload
+        self.devices = OfflineDetector(reactor, self._devices_changed)
+        self._devices_loaded = False
+        store.writer.on_pressure = self._pressure
         self._reactor = reactor
         self._store = store
         self._instance = instance
@@ -100,11 +108,52 @@ class SiteSupervisor(MultiService):
 
     async def reconcile_all(self) -> None:
         """
-        Bring every site in line with the database.
+        Bring every site in line with the database (the first time, after
+        loading the devices it knows).
         """
         rows = {row.config.site_id: row for row in await self._store.list_sites()}
+        if not self._devices_loaded:
+            await self._load_devices(rows)
         for site_id in sorted(set(rows) | set(self.namedServices)):
             await self._apply(site_id, rows.get(site_id))
+
+    async def _load_devices(self, rows: dict[str, SiteRow]) -> None:
+        """
+        Rebuild the offline detector from the database: every device is
+        unknown until its site is connected, then gets a grace period.
+        """
+        default = OfflinePolicy()
+        known = []
+        for key, status, interval in await self._store.load_devices():
+            row = rows.get(key.site_id)
+            policy = row.config.offline if row is not None else default
+            known.append((key, status, interval or policy.interval(key.kind)))
+        self.devices.load(known)
+        self._devices_loaded = True
+        changes = []
+        for site_id in {key.site_id for key, _, _ in known}:
+            changes.extend(self.devices.site_down(site_id, "mqttsvc started"))
+        self._devices_changed(changes)
+        self.log.info("tracking {count} known devices", count=len(known))
+
+    def _pressure(self, pressing: bool) -> None:
+        for site in self.sites():
+            if pressing:
+                site.pause_reading()
+            else:
+                site.resume_reading()
+
+    def _devices_changed(self, changes: list[DeviceStatus]) -> None:
+        if not changes:
+            return
+        written = self._store.writer.submit(list(changes))
+        written.addErrback(
+            lambda f: self.log.warn(
+                "could not record {count} device status changes: {error}",
+                count=len(changes),
+                error=f.getErrorMessage(),
+            )
+        )
 
     async def reconcile(self, site_id: str) -> None:
         """
@@ -149,6 +198,8 @@ class SiteSupervisor(MultiService):
                     why = "deleted" if row is None else "disabled"
                     self.log.info("site {site_id} {why}: stopping it", site_id=site_id, why=why)
                     await current.disownServiceParent()
+                if row is None:
+                    self.devices.forget_site(site_id)
                 return
             if current is None:
                 self._attach(row)
@@ -171,12 +222,26 @@ class SiteSupervisor(MultiService):
             instance=self._instance,
             resume=row.resume_state() if resume else None,
             probe_interval=self._probe_interval,
+            devices=self.devices,
+            max_payload=self._max_payload,
         )
         site.setServiceParent(self)
+        if self._store.writer.pressing:
+            site.pause_reading()
         return site
 
     def _report(self, state: SiteState, event: ConnectionEvent) -> None:
         self._store.writer.set_status(state.as_update(), event)
+        if event.to_state == event.from_state:
+            return
+        if event.to_state == "connected":
+            site = self.site(event.site_id)
+            grace = site.config.offline.grace if site is not None else OfflinePolicy().grace
+            self.devices.site_up(event.site_id, grace)
+        elif event.from_state == "connected":
+            self._devices_changed(
+                self.devices.site_down(event.site_id, f"site connection {event.to_state}")
+            )
 
     def site(self, site_id: str) -> SiteService | None:
         """
@@ -194,6 +259,7 @@ class SiteSupervisor(MultiService):
         """
         if self._monitor.running:
             self._monitor.stop()
+        self.devices.stop()
         self.running = False
         stops = [Deferred.fromCoroutine(_maybe(s.stopService())) for s in self.sites()]
         return gatherResults(stops, consumeErrors=True).addCallback(lambda _: None)

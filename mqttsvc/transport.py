@@ -148,6 +148,8 @@ class BrokerClient(Protocol):
 
     def pause(self) -> None: ...
 
+    def resume(self) -> None: ...
+
     def ack(self, message: ReceivedMessage) -> bool: ...
 
     def disconnect(self) -> Deferred[None]: ...
@@ -281,9 +283,9 @@ class MQTTClient:
 
     def _socket_open(self, sock: Any) -> None:
         self._descriptor = _SocketDescriptor(self, sock)
-        self._paused = False
         self._last_rx = self._reactor.seconds()
-        self._reactor.addReader(self._descriptor)
+        if not self._paused:
+            self._reactor.addReader(self._descriptor)
         if self._writing:
             self._reactor.addWriter(self._descriptor)
 
@@ -330,6 +332,10 @@ class MQTTClient:
         self._client.loop_write()
 
     def _loop_misc(self) -> None:
+        if self._paused:
+            # Not reading, so not hearing PINGRESP either: neither paho's
+            # keepalive nor the watchdog can judge the link now.
+            return
         silence = self._reactor.seconds() - self._last_rx
         if self._connected and silence > SILENCE_FACTOR * self._config.keepalive:
             self.log.warn(
@@ -506,13 +512,24 @@ class MQTTClient:
 
     def pause(self) -> None:
         """
-        Stop reading from the broker (for shutdown: take no new messages
-        while the ones in hand are committed and acknowledged).  The next
-        connection reads again.
+        Stop reading from the broker: at shutdown (take no new messages
+        while the ones in hand are committed and acknowledged), and while
+        the database cannot keep up.  It lasts, across reconnections,
+        until L{resume}.
         """
         self._paused = True
         if self._descriptor is not None:
             self._reactor.removeReader(self._descriptor)
+
+    def resume(self) -> None:
+        """
+        Read from the broker again after L{pause}.
+        """
+        if self._paused:
+            self._paused = False
+            if self._descriptor is not None:
+                self._last_rx = self._reactor.seconds()
+                self._reactor.addReader(self._descriptor)
 
     def ack(self, message: ReceivedMessage) -> bool:
         """

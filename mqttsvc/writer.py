@@ -1,12 +1,18 @@
 """
 The batched writer: many messages' effects per statement and transaction.
 
-Messages are queued with their effects; whenever the writer is idle it
-takes everything queued (up to a batch size) and writes it in one
-transaction, one statement per table, then fires each message's Deferred so
-that its MQTT acknowledgement goes out only after the commit.  While one
-batch is being written the next one gathers, so the batch size follows the
-load by itself (group commit).
+Messages are queued with their effects.  A batch is written when
+C{batch_size} messages are waiting or the oldest has waited C{batch_delay}
+seconds, whichever comes first (group commit), in one transaction with one
+statement per table; then each message's Deferred fires, so that its MQTT
+acknowledgement goes out only after the commit.  One batch is written at a
+time, which keeps each site's writes in order; the next one gathers
+meanwhile.
+
+When more than C{high_water} messages wait (the database is slow or down),
+the writer asks for back-pressure: the sites stop reading from their
+brokers until the queue is back under C{low_water}, so memory stays bounded
+and the brokers keep the rest.
 
 Connection failures keep the batch and retry it with backoff.  A batch the
 database rejects for its data is split: each message is retried on its own
@@ -16,8 +22,7 @@ and one that still fails becomes a dead letter with the database's reason.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
-from datetime import datetime
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -26,145 +31,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from mqttsvc.batch import ConnectionEvent, StatusUpdate, write_effects
 from mqttsvc.pool import ConnectionPool, is_connection_error
-from mqttsvc.processing import DeadLetter, Effect, GatewaySeen, TopicSeen
-
-
-@attrs.frozen
-class StatusUpdate:
-    """
-    The connection state of one site as the C{mqtt_connection} row shows it.
-    """
-
-    site_id: str
-    status: str
-    last_connected_at: datetime | None
-    retry_count: int
-    next_retry: datetime | None
-    last_error: str | None
-
-
-@attrs.frozen
-class ConnectionEvent:
-    """
-    One transition of a site's connection, for the C{connection_event}
-    history.
-    """
-
-    site_id: str
-    at: datetime
-    from_state: str
-    to_state: str
-    reason: str | None
-
-
-_UPSERT_TOPICS = """
-INSERT INTO discovered_topic (site_id, topic_path, first_seen_at, last_seen_at, message_count)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[], %s::bigint[])
-ON CONFLICT (site_id, topic_path) DO UPDATE SET
-    first_seen_at = LEAST(discovered_topic.first_seen_at, EXCLUDED.first_seen_at),
-    last_seen_at = GREATEST(discovered_topic.last_seen_at, EXCLUDED.last_seen_at),
-    message_count = discovered_topic.message_count + EXCLUDED.message_count
-"""
-
-_UPSERT_GATEWAYS = """
-INSERT INTO gateway (site_id, gateway_id, status, first_seen_at, last_seen_at, last_payload)
-SELECT s, g, 'online', f, l, p::jsonb
-FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[], %s::text[])
-    AS t(s, g, f, l, p)
-ON CONFLICT (site_id, gateway_id) DO UPDATE SET
-    status = 'online',
-    last_payload = CASE WHEN EXCLUDED.last_seen_at >= gateway.last_seen_at
-                        THEN EXCLUDED.last_payload ELSE gateway.last_payload END,
-    last_seen_at = GREATEST(gateway.last_seen_at, EXCLUDED.last_seen_at)
-"""
-
-_INSERT_DEAD_LETTERS = """
-INSERT INTO dead_letter (site_id, topic, payload, reason, received_at)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[], %s::timestamptz[])
-"""
-
-_INSERT_EVENTS = """
-INSERT INTO connection_event (site_id, at, from_state, to_state, reason)
-SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[])
-"""
-
-_UPDATE_STATUS = """
-UPDATE mqtt_connection AS c SET
-    status = u.status,
-    last_connected_at = u.last_connected_at,
-    mqtt_retry_count = u.retry_count,
-    mqtt_next_retry = u.next_retry,
-    last_error = u.last_error
-FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::integer[], %s::timestamptz[], %s::text[])
-    AS u(site_id, status, last_connected_at, retry_count, next_retry, last_error)
-WHERE c.site_id = u.site_id
-"""
-
-
-async def _write_rows(cursor: Any, statement: str, rows: list[tuple[Any, ...]]) -> None:
-    """
-    Run one statement over many rows: the rows are passed column by column,
-    as the arrays that the statement's C{unnest} turns back into rows.
-    """
-    if rows:
-        await cursor.execute(statement, [list(column) for column in zip(*rows, strict=True)])
-
-
-def _as_row(value: Any) -> tuple[Any, ...]:
-    row: tuple[Any, ...] = attrs.astuple(value, recurse=False)
-    return row
-
-
-async def write_effects(
-    cursor: Any,
-    effects: Iterable[Effect],
-    statuses: Iterable[StatusUpdate] = (),
-    events: list[ConnectionEvent] | None = None,
-) -> None:
-    """
-    Write effects, status updates and connection events with one statement
-    per table.
-
-    Effects on the same row are folded first: one row may appear only once
-    in an C{INSERT ... ON CONFLICT DO UPDATE}.
-    """
-    topics: dict[tuple[str, str], list[Any]] = {}
-    gateways: dict[tuple[str, str], list[Any]] = {}
-    dead: list[tuple[Any, ...]] = []
-    for effect in effects:
-        if isinstance(effect, TopicSeen):
-            key = (effect.site_id, effect.topic)
-            seen = topics.get(key)
-            if seen is None:
-                topics[key] = [effect.at, effect.at, 1]
-            else:
-                seen[0] = min(seen[0], effect.at)
-                seen[1] = max(seen[1], effect.at)
-                seen[2] += 1
-        elif isinstance(effect, GatewaySeen):
-            key = (effect.site_id, effect.gateway_id)
-            gw = gateways.get(key)
-            if gw is None:
-                gateways[key] = [effect.at, effect.at, effect.payload]
-            else:
-                gw[0] = min(gw[0], effect.at)
-                if effect.at >= gw[1]:
-                    gw[1], gw[2] = effect.at, effect.payload
-        else:
-            dead.append(_as_row(effect))
-    await _write_rows(cursor, _UPSERT_TOPICS, [(*k, *v) for k, v in topics.items()])
-    await _write_rows(cursor, _UPSERT_GATEWAYS, [(*k, *v) for k, v in gateways.items()])
-    await _write_rows(cursor, _INSERT_DEAD_LETTERS, dead)
-    await _write_rows(cursor, _INSERT_EVENTS, [_as_row(e) for e in events or ()])
-    latest = {s.site_id: s for s in statuses}
-    await _write_rows(cursor, _UPDATE_STATUS, [_as_row(s) for s in latest.values()])
+from mqttsvc.processing import DeadLetter, Effect, TopicSeen
 
 
 @attrs.define
 class _Pending:
     effects: list[Effect]
     done: Deferred[None]
+    queued_at: float
 
 
 @attrs.define
@@ -197,7 +73,12 @@ class BatchWriter:
     @param pool: the connection pool to write through (one connection is
         enough: only one batch is written at a time, which also keeps the
         writes of one site in order).
-    @param max_batch: the most messages written in one transaction.
+    @param batch_size: write as soon as this many messages wait; also the
+        most written in one transaction.
+    @param batch_delay: write at the latest this many seconds after the
+        oldest waiting message arrived.
+    @param on_pressure: called with True when the queue passes
+        C{high_water}, and with False once it is back under C{low_water}.
     """
 
     log = Logger()
@@ -206,13 +87,23 @@ class BatchWriter:
         self,
         clock: IReactorTime,
         pool: ConnectionPool,
-        max_batch: int = 2000,
+        batch_size: int = 1000,
+        batch_delay: float = 0.01,
         max_retry_delay: float = 10.0,
+        high_water: int | None = None,
+        low_water: int | None = None,
+        on_pressure: Callable[[bool], None] | None = None,
     ) -> None:
         self._clock = clock
         self._pool = pool
-        self._max_batch = max_batch
+        self._batch_size = batch_size
+        self._batch_delay = batch_delay
         self._max_retry_delay = max_retry_delay
+        self._high_water = high_water if high_water is not None else 20 * batch_size
+        self._low_water = low_water if low_water is not None else 2 * batch_size
+        self.on_pressure = on_pressure
+        self.pressing = False
+        self._retrying = False
         self._queue: deque[_Pending] = deque()
         self._records = _SiteRecords()
         self._flushing = False
@@ -236,9 +127,21 @@ class BatchWriter:
         @return: fires once they are committed.
         """
         done: Deferred[None] = Deferred()
-        self._queue.append(_Pending(effects, done))
+        self._queue.append(_Pending(effects, done, self._clock.seconds()))
+        if not self.pressing and len(self._queue) >= self._high_water:
+            self._press(True)
         self._kick()
         return done
+
+    def _press(self, pressing: bool) -> None:
+        self.pressing = pressing
+        self.log.warn(
+            "{action} reading from the brokers: {count} messages wait to be written",
+            action="pausing" if pressing else "resuming",
+            count=len(self._queue),
+        )
+        if self.on_pressure is not None:
+            self.on_pressure(pressing)
 
     def set_status(self, update: StatusUpdate, event: ConnectionEvent | None = None) -> None:
         """
@@ -270,26 +173,46 @@ class BatchWriter:
             self._scheduled.cancel()
         self._scheduled = None
 
-    def _kick(self, delay: float = 0) -> None:
-        if self._flushing or self._scheduled is not None:
+    def _kick(self, retry_in: float | None = None) -> None:
+        """
+        Decide when the next batch is written.
+        """
+        if self._flushing:
             return
         if not self._queue and not self._records:
             waiters, self._idle_waiters = self._idle_waiters, []
             for w in waiters:
                 w.callback(None)
             return
+        if retry_in is not None:
+            self._retrying = True
+            self._schedule(retry_in)
+        elif self._retrying:
+            return  # the retry is already scheduled
+        elif len(self._queue) >= self._batch_size:
+            self._schedule(0)
+        elif self._scheduled is None:
+            oldest = self._queue[0].queued_at if self._queue else self._clock.seconds()
+            self._schedule(max(0.0, oldest + self._batch_delay - self._clock.seconds()))
+
+    def _schedule(self, delay: float) -> None:
+        if self._scheduled is not None and self._scheduled.active():
+            if self._scheduled.getTime() <= self._clock.seconds() + delay:
+                return
+            self._scheduled.cancel()
         self._scheduled = self._clock.callLater(delay, self._flush)
 
     def _flush(self) -> None:
         self._scheduled = None
+        self._retrying = False
         self._flushing = True
-        batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+        batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
         records, self._records = self._records, _SiteRecords()
         d = Deferred.fromCoroutine(self._write(batch, records))
         d.addErrback(lambda f: self.log.failure("batch writer crashed", f))
 
     async def _write(self, batch: list[_Pending], records: _SiteRecords) -> None:
-        delay = 0.0
+        delay: float | None = None
         try:
             await self._pool.transaction(
                 lambda cursor: write_effects(
@@ -327,6 +250,8 @@ class BatchWriter:
                 p.done.callback(None)
         finally:
             self._flushing = False
+            if self.pressing and len(self._queue) <= self._low_water:
+                self._press(False)
             self._kick(delay)
 
     def _requeue(self, batch: list[_Pending], records: _SiteRecords) -> None:
@@ -367,19 +292,10 @@ class BatchWriter:
 def _rejected(effects: list[Effect], reason: str) -> list[Effect]:
     """
     What to write instead of a message whose effects the database refused:
-    its topic sighting and a dead letter with the database's reason.
+    its topic sighting and a dead letter with the raw payload and the
+    database's reason.
     """
-    topics: list[Effect] = [e for e in effects if isinstance(e, TopicSeen)]
-    if not topics:
+    seen = next((e for e in effects if isinstance(e, TopicSeen)), None)
+    if seen is None:
         return []
-    seen = topics[0]
-    assert isinstance(seen, TopicSeen)
-    payload = next(
-        (
-            e.payload if isinstance(e, DeadLetter) else e.payload.encode()
-            for e in effects
-            if isinstance(e, DeadLetter | GatewaySeen)
-        ),
-        b"",
-    )
-    return [*topics, DeadLetter(seen.site_id, seen.topic, payload, reason, seen.at)]
+    return [seen, DeadLetter(seen.site_id, seen.topic, seen.payload, reason, seen.at)]

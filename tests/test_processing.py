@@ -1,88 +1,233 @@
 """
-Routing topics and turning payloads into effects, dead letters included.
+Routing topics and turning payloads into effects; every bad payload is a
+dead letter with its reason, never an exception.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from typing import Any
 
-from mqttsvc.config import TopicSubscription, default_topics
-from mqttsvc.processing import DeadLetter, GatewaySeen, Router, TopicSeen, process
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mqttsvc.config import ConfigError, TopicSubscription, default_topics
+from mqttsvc.processing import (
+    DeadLetter,
+    DeviceKey,
+    DeviceSeen,
+    Reading,
+    Rejected,
+    Router,
+    TopicSeen,
+    parse_ts,
+    process,
+)
 
 AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+ROUTER = Router(default_topics("s"))
 
 
-def test_router_captures_wildcards() -> None:
-    """The values of '+' levels are captured; '#' matches any tail."""
+def run(topic: str, payload: Any, **kwargs: Any) -> list[Any]:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return process("s", ROUTER, topic, data, AT, **kwargs)
+
+
+def test_router_named_and_positional_levels() -> None:
+    """Named levels say which id they carry; plain '+' levels fill the kind's ids in order."""
     router = Router(
         (
-            TopicSubscription("s/gateway/+/heartbeat", "gateway_heartbeat"),
+            TopicSubscription("s/gw/{gateway_id}/dl/{datalogger_id}/hb", "datalogger_heartbeat"),
+            TopicSubscription("s/{datalogger_id}/{gateway_id}/x", "datalogger_heartbeat"),
+            TopicSubscription("s/datalogger/+/+/heartbeat", "datalogger_heartbeat"),
             TopicSubscription("s/raw/#", "other"),
         )
     )
-    routed = router.route("s/gateway/gw-1/heartbeat")
-    assert routed is not None
-    assert routed[0].kind == "gateway_heartbeat"
-    assert routed[1] == ["gw-1"]
-    raw = router.route("s/raw/a/b/c")
-    assert raw is not None and raw[0].kind == "other"
-    assert router.route("s/gateway/gw-1/heartbeat/extra") is None
-    assert router.route("s/gateway/heartbeat") is None
-    assert router.route("other/gateway/gw-1/heartbeat") is None
-
-
-def test_first_matching_subscription_wins() -> None:
-    """Filters are tried in configured order."""
-    router = Router(
-        (TopicSubscription("s/+/x", "other"), TopicSubscription("s/gateway/+", "gateway_heartbeat"))
+    assert router.route("s/gw/G/dl/D/hb") == (
+        router._compiled[0].subscription,
+        {"gateway_id": "G", "datalogger_id": "D"},
     )
-    routed = router.route("s/gateway/x")
-    assert routed is not None and routed[0].kind == "other"
+    assert router.route("s/D2/G2/x")[1] == {"datalogger_id": "D2", "gateway_id": "G2"}  # type: ignore[index]
+    assert router.route("s/datalogger/G3/D3/heartbeat")[1] == {  # type: ignore[index]
+        "gateway_id": "G3",
+        "datalogger_id": "D3",
+    }
+    assert router.route("s/raw/a/b/c")[0].kind == "other"  # type: ignore[index]
+    assert router.route("s/gw/G/dl/D/hb/extra") is None
+    assert router.route("other/gw/G/dl/D/hb") is None
+
+
+def test_named_levels_are_subscribed_as_wildcards() -> None:
+    sub = TopicSubscription("acme/{sensor_id}/telemetry", "sensor_data")
+    assert sub.filter == "acme/+/telemetry"
+
+
+@pytest.mark.parametrize(
+    ("topic", "kind"),
+    [
+        ("s/{gateway_id}/{gateway_id}", "gateway_heartbeat"),
+        ("s/heartbeat", "gateway_heartbeat"),
+        ("s/{gateway_id}/x", "datalogger_heartbeat"),
+        ("s/{gateway_id}/+/x", "datalogger_heartbeat"),
+        ("s/{sensor", "sensor_data"),
+    ],
+)
+def test_patterns_that_cannot_carry_the_ids(topic: str, kind: str) -> None:
+    """A pattern that cannot name every id its kind needs is refused when configured."""
+    with pytest.raises(ConfigError):
+        TopicSubscription(topic, kind)
 
 
 def test_gateway_heartbeat() -> None:
-    """A heartbeat yields the topic sighting and the gateway's new state."""
-    effects = process(
-        "s", Router(default_topics("s")), "s/gateway/gw-1/heartbeat", b'{"status": "ok"}', AT
-    )
+    """A heartbeat says the gateway is alive, with its own status and interval."""
+    effects = run("s/gateway/gw-1/heartbeat", {"status": "ok", "interval": 30, "fw": "1.2"})
     assert effects == [
         TopicSeen("s", "s/gateway/gw-1/heartbeat", AT),
-        GatewaySeen("s", "gw-1", AT, '{"status":"ok"}'),
+        DeviceSeen(
+            "s", "gateway", None, "gw-1", AT, '{"status":"ok","interval":30,"fw":"1.2"}', "ok", 30.0
+        ),
     ]
+    assert effects[1].key == DeviceKey("s", "gateway", None, "gw-1")
 
 
-def test_other_kinds_are_counted_as_topics() -> None:
-    """Messages of kinds without their own effects still count as topics."""
-    effects = process("s", Router(default_topics("s")), "s/sensor/t1/data", b"{}", AT)
-    assert effects == [TopicSeen("s", "s/sensor/t1/data", AT)]
+def test_datalogger_heartbeat_knows_its_gateway() -> None:
+    [_, seen] = run("s/datalogger/gw-1/dl-9/heartbeat", {})
+    assert seen == DeviceSeen("s", "datalogger", "gw-1", "dl-9", AT, "{}", None, None)
 
 
-def test_unmatched_topic_only_counted() -> None:
-    """A topic no subscription claims is recorded as discovered."""
-    effects = process("s", Router(default_topics("s")), "s/else", b"x", AT)
-    assert effects == [TopicSeen("s", "s/else", AT)]
+def test_sensor_value_and_values() -> None:
+    """A single value is named 'value'; each entry of values is a reading of its own."""
+    single = run("s/sensor/t1/data", {"ts": 1767225600, "value": 21.5, "unit": "°C"})
+    ts = datetime(2026, 1, 1, tzinfo=UTC)
+    assert single[1] == DeviceSeen("s", "sensor", None, "t1", AT, single[1].payload)
+    assert single[2:] == [Reading("s", "t1", ts, "value", 21.5, "°C", AT)]
+    several = run("s/sensor/t2/data", {"ts": 1767225600000, "values": {"t": 1, "h": 55.5}})
+    assert [(r.name, r.value, r.ts) for r in several[2:]] == [("t", 1.0, ts), ("h", 55.5, ts)]
+    no_ts = run("s/sensor/t3/data", {"value": 1})
+    assert no_ts[2].ts == AT
 
 
-def _dead_reason(payload: bytes) -> str:
-    effects = process("s", Router(default_topics("s")), "s/gateway/g/heartbeat", payload, AT)
-    assert effects[0] == TopicSeen("s", "s/gateway/g/heartbeat", AT)
-    assert len(effects) == 2 and isinstance(effects[1], DeadLetter)
-    assert effects[1].payload == payload
-    return effects[1].reason
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, AT),
+        (1767225600, datetime(2026, 1, 1, tzinfo=UTC)),
+        (1767225600.5, datetime(2026, 1, 1, 0, 0, 0, 500000, tzinfo=UTC)),
+        (1767225600500, datetime(2026, 1, 1, 0, 0, 0, 500000, tzinfo=UTC)),
+        ("2026-01-01T00:00:00Z", datetime(2026, 1, 1, tzinfo=UTC)),
+        ("2026-01-01T01:00:00+01:00", datetime(2026, 1, 1, tzinfo=UTC)),
+        ("2026-01-01 00:00:00", datetime(2026, 1, 1, tzinfo=UTC)),
+    ],
+)
+def test_timestamps(raw: Any, expected: datetime) -> None:
+    """Epoch seconds, milliseconds and ISO 8601 all mean the same instant."""
+    assert parse_ts(raw, AT) == expected
 
 
-def test_bad_payloads_become_dead_letters() -> None:
-    """Each kind of bad payload is kept with a reason that says what is wrong."""
-    assert "not JSON" in _dead_reason(b"garbage")
-    assert "not UTF-8" in _dead_reason(b"\xff\xfe")
-    assert "JSON list, not an object" in _dead_reason(b"[1, 2]")
-    assert "NUL" in _dead_reason(b'{"a": "\\u0000"}')
-    assert "cannot be stored" in _dead_reason(b'{"a": NaN}')
+@pytest.mark.parametrize("raw", [True, "yesterday", [], {}, -1e20, 1e30, "9999-01-01T00:00:00"])
+def test_bad_timestamps(raw: Any) -> None:
+    with pytest.raises(Rejected):
+        parse_ts(raw, AT)
 
 
-def test_subscription_without_wildcard_for_gateway() -> None:
-    """A gateway subscription that captures no id is a configuration problem, reported."""
-    router = Router((TopicSubscription("s/gw/heartbeat", "gateway_heartbeat"),))
-    effects = process("s", router, "s/gw/heartbeat", b"{}", AT)
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        ("s/gateway/g/heartbeat", b"garbage", "payload is not JSON"),
+        ("s/gateway/g/heartbeat", b"\xff\xfe", "payload is not UTF-8"),
+        ("s/gateway/g/heartbeat", b"[1, 2]", "payload is a JSON array, not an object"),
+        ("s/gateway/g/heartbeat", b'{"a": "\\u0000"}', "NUL character"),
+        ("s/gateway/g/heartbeat", b'{"a": NaN}', "NaN or Infinity"),
+        ("s/gateway/g/heartbeat", {"status": 5}, "status must be a string"),
+        ("s/gateway/g/heartbeat", {"interval": "soon"}, "interval must be a number"),
+        ("s/gateway/g/heartbeat", {"interval": 0}, "interval must be a number"),
+        ("s/gateway/g/heartbeat", {"ts": "noon"}, "ts 'noon' is neither"),
+        ("s/sensor/t/data", {}, "needs a value"),
+        ("s/sensor/t/data", {"value": "1"}, "value must be a finite number, not a JSON string"),
+        ("s/sensor/t/data", {"value": True}, "value must be a finite number"),
+        ("s/sensor/t/data", {"values": {"a": None}}, "values.a must be a finite number"),
+        ("s/sensor/t/data", {"values": []}, "values must be a non-empty object"),
+        ("s/sensor/t/data", {"value": 1, "values": {"value": 2}}, "given both"),
+        ("s/sensor/t/data", {"value": 1, "unit": 5}, "unit must be a string"),
+    ],
+)
+def test_bad_payloads_become_dead_letters(topic: str, payload: Any, reason: str) -> None:
+    """Each kind of bad payload is kept whole, with a reason that says what is wrong."""
+    effects = run(topic, payload)
+    assert effects[0] == TopicSeen("s", topic, AT)
+    assert len(effects) == 2
+    [letter] = effects[1:]
+    assert isinstance(letter, DeadLetter)
+    assert reason in letter.reason
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    assert letter.payload == raw
+
+
+def test_oversized_payload() -> None:
+    effects = run("s/sensor/t/data", {"value": 1, "pad": "x" * 100}, max_payload=50)
     assert isinstance(effects[1], DeadLetter)
-    assert "no '+' level" in effects[1].reason
+    assert "over the limit of 50" in effects[1].reason
+
+
+def test_retained_messages_are_not_signs_of_life() -> None:
+    """A retained replay updates no device; only readings with their own ts are kept."""
+    heartbeat = run("s/gateway/g/heartbeat", {"status": "ok"}, retained=True)
+    assert heartbeat == [TopicSeen("s", "s/gateway/g/heartbeat", AT)]
+    with_ts = run("s/sensor/t/data", {"ts": 1767225600, "value": 1}, retained=True)
+    assert [type(e) for e in with_ts] == [TopicSeen, Reading]
+    without_ts = run("s/sensor/t/data", {"value": 1}, retained=True)
+    assert [type(e) for e in without_ts] == [TopicSeen]
+
+
+def test_other_and_unmatched_topics_are_only_counted() -> None:
+    assert run("s/else", b"x") == [TopicSeen("s", "s/else", AT)]
+    router = Router((TopicSubscription("s/#", "other"),))
+    assert process("s", router, "s/a/b", b"\x00", AT) == [TopicSeen("s", "s/a/b", AT)]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+sensor_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "ts": json_values | st.integers(min_value=0, max_value=2**42),
+        "value": json_values,
+        "values": json_values | st.dictionaries(st.text(max_size=8), st.floats(), max_size=4),
+        "unit": json_values,
+        "status": json_values,
+        "interval": json_values,
+    },
+)
+
+
+@pytest.mark.parametrize("topic", ["s/sensor/t/data", "s/gateway/g/heartbeat"])
+def test_any_payload_is_processed_or_dead_lettered(topic: str) -> None:
+    """
+    Whatever arrives, processing returns effects: either the device's
+    effects, or exactly one dead letter holding the payload.
+    """
+
+    # Hypothesis runs inside the test: pytest-twisted's hook does not
+    # accept @given on the test function itself.
+    @settings(max_examples=300, deadline=None)
+    @given(payload=st.binary(max_size=200) | sensor_fields.map(lambda d: json.dumps(d).encode()))
+    def check(payload: bytes) -> None:
+        effects = process("s", ROUTER, topic, payload, AT)
+        assert effects[0] == TopicSeen("s", topic, AT)
+        dead = [e for e in effects if isinstance(e, DeadLetter)]
+        if dead:
+            assert len(effects) == 2 and dead[0].payload == payload and dead[0].reason
+        else:
+            assert isinstance(effects[1], DeviceSeen)
+            for reading in effects[2:]:
+                assert isinstance(reading, Reading)
+                assert reading.value == reading.value  # finite, never NaN
+
+    check()

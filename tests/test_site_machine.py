@@ -13,6 +13,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from mqttsvc.batch import ConnectionEvent
 from mqttsvc.config import SiteConfig, TopicSubscription, default_topics
 from mqttsvc.site import (
     DISCONNECT_TIMEOUT,
@@ -25,7 +26,6 @@ from mqttsvc.site import (
     retry_delay,
 )
 from mqttsvc.transport import ConnectFailed, ReceivedMessage, SubscriptionResult
-from mqttsvc.writer import ConnectionEvent
 
 
 class FakeClient:
@@ -45,6 +45,7 @@ class FakeClient:
         self.subacks: list[Deferred[list[SubscriptionResult]]] = []
         self.unsubscribed: list[list[str]] = []
         self.paused = 0
+        self.resumed = 0
         self.disconnects: list[Deferred[None]] = []
         self.acked: list[int] = []
         self.aborted = 0
@@ -64,6 +65,9 @@ class FakeClient:
 
     def pause(self) -> None:
         self.paused += 1
+
+    def resume(self) -> None:
+        self.resumed += 1
 
     def disconnect(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()

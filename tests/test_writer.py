@@ -8,14 +8,26 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import attrs
 import pytest_twisted
 from twisted.internet.defer import gatherResults
 
 from mqttsvc.pool import ConnectionPool
-from mqttsvc.processing import DeadLetter, GatewaySeen, TopicSeen
+from mqttsvc.processing import (
+    DeadLetter,
+    DeviceKey,
+    DeviceSeen,
+    DeviceStatus,
+    Reading,
+    TopicSeen,
+)
 from mqttsvc.writer import BatchWriter
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def gateway(site_id: str, gateway_id: str, at: datetime, payload: str) -> DeviceSeen:
+    return DeviceSeen(site_id, "gateway", None, gateway_id, at, payload)
 
 
 def rows(sql: Any, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -37,7 +49,7 @@ async def test_one_transaction_for_a_burst(db_dsn: str, sql: Any, site_id: str) 
         at = T0 + timedelta(seconds=i)
         done.append(
             writer.submit(
-                [TopicSeen(site_id, topic, at), GatewaySeen(site_id, "g1", at, f'{{"n": {i}}}')]
+                [TopicSeen(site_id, topic, at), gateway(site_id, "g1", at, f'{{"n": {i}}}')]
             )
         )
     await gatherResults(done)
@@ -84,11 +96,11 @@ async def test_rejected_message_becomes_dead_letter(db_dsn: str, sql: Any, site_
     pool = ConnectionPool(reactor, db_dsn, size=1)
     writer = BatchWriter(reactor, pool)
     good = writer.submit(
-        [TopicSeen(site_id, "a", T0), GatewaySeen(site_id, "good", T0, '{"ok": true}')]
+        [TopicSeen(site_id, "a", T0), gateway(site_id, "good", T0, '{"ok": true}')]
     )
     # Not JSON: processing never produces this, so it stands for any row
     # that the database rejects for its content.
-    bad = writer.submit([TopicSeen(site_id, "b", T0), GatewaySeen(site_id, "bad", T0, "{")])
+    bad = writer.submit([TopicSeen(site_id, "b", T0, b"{"), gateway(site_id, "bad", T0, "{")])
     letter = writer.submit(
         [TopicSeen(site_id, "c", T0), DeadLetter(site_id, "c", b"\x00", "x", T0)]
     )
@@ -109,3 +121,106 @@ async def test_rejected_message_becomes_dead_letter(db_dsn: str, sql: Any, site_
         sql, "SELECT topic_path FROM discovered_topic WHERE site_id = %s ORDER BY 1", site_id
     )
     assert topics == [("a",), ("b",), ("c",)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_devices_readings_and_status(db_dsn: str, sql: Any, site_id: str) -> None:
+    """
+    Every kind of device is upserted; readings are inserted once however
+    often they arrive; the last status change in a batch wins and each
+    change is recorded as a device event.
+    """
+    from twisted.internet import reactor
+
+    pool = ConnectionPool(reactor, db_dsn, size=1)
+    writer = BatchWriter(reactor, pool)
+    t1 = T0 + timedelta(seconds=1)
+    logger = DeviceSeen(site_id, "datalogger", "gw", "dl", T0, '{"a":1}', "ok", 30.0)
+    key = logger.key
+    reading = Reading(site_id, "s1", T0, "value", 1.5, "V", T0)
+    await gatherResults(
+        [
+            writer.submit(
+                [
+                    logger,
+                    DeviceStatus(key, "unknown", "online", T0, "message received"),
+                    DeviceSeen(site_id, "sensor", None, "s1", T0, "{}"),
+                    reading,
+                    reading,
+                ]
+            ),
+            writer.submit([DeviceStatus(key, "online", "offline", t1, "silent")]),
+            writer.submit([attrs.evolve(logger, at=t1, reported_status=None, interval=None)]),
+        ]
+    )
+    await writer.submit([reading, DeviceStatus(key, "offline", "online", t1, "message received")])
+    pool.close()
+    assert rows(
+        sql,
+        "SELECT status, first_seen_at, last_seen_at, reported_status, heartbeat_interval "
+        "FROM datalogger WHERE site_id = %s AND gateway_id = 'gw' AND datalogger_id = 'dl'",
+        site_id,
+    ) == [("online", T0, t1, "ok", 30.0)]
+    assert rows(sql, "SELECT status FROM sensor WHERE site_id = %s", site_id) == [("online",)]
+    assert rows(
+        sql,
+        "SELECT sensor_id, ts, name, value, unit FROM sensor_reading WHERE site_id = %s",
+        site_id,
+    ) == [("s1", T0, "value", 1.5, "V")]
+    assert rows(
+        sql,
+        "SELECT kind, device_id, gateway_id, from_status, to_status, reason FROM device_event "
+        "WHERE site_id = %s ORDER BY id",
+        site_id,
+    ) == [
+        ("datalogger", "dl", "gw", "unknown", "online", "message received"),
+        ("datalogger", "dl", "gw", "online", "offline", "silent"),
+        ("datalogger", "dl", "gw", "offline", "online", "message received"),
+    ]
+    assert key == DeviceKey(site_id, "datalogger", "gw", "dl")
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_commit_waits_for_size_or_delay(db_dsn: str, site_id: str) -> None:
+    """A batch goes when batch_size messages wait, or batch_delay after the first."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    pool = ConnectionPool(reactor, db_dsn, size=1)
+    writer = BatchWriter(reactor, pool, batch_size=10, batch_delay=0.2)
+    started = reactor.seconds()
+    await writer.submit([TopicSeen(site_id, "x", T0)])
+    assert reactor.seconds() - started >= 0.2
+    assert writer.batches_written == 1
+    started = reactor.seconds()
+    await gatherResults([writer.submit([TopicSeen(site_id, "x", T0)]) for _ in range(10)])
+    assert reactor.seconds() - started < 0.2
+    assert writer.batches_written == 2
+    await deferLater(reactor, 0, lambda: None)
+    pool.close()
+
+
+def test_back_pressure_between_the_water_marks() -> None:
+    """Past high water the writer asks to pause reading; under low water, to resume."""
+    from twisted.internet.task import Clock
+
+    class NeverWrites:
+        async def transaction(self, work: Any) -> None:
+            raise AssertionError("not reached: the clock never advances")
+
+    pressure: list[bool] = []
+    writer = BatchWriter(
+        Clock(),
+        NeverWrites(),
+        batch_size=2,
+        high_water=5,
+        low_water=2,
+        on_pressure=pressure.append,  # type: ignore[arg-type]
+    )
+    for _ in range(4):
+        writer.submit([TopicSeen("s", "x", T0)])
+    assert pressure == []
+    writer.submit([TopicSeen("s", "x", T0)])
+    assert pressure == [True]
+    writer.submit([TopicSeen("s", "x", T0)])
+    assert pressure == [True]
