@@ -131,11 +131,20 @@ class Store(Service):
     log = Logger()
     name = "store"
 
-    def __init__(self, reactor: Any, dsn: str, rpc_connections: int = 3) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        dsn: str,
+        rpc_connections: int = 3,
+        batch_size: int = 1000,
+        batch_delay: float = 0.01,
+    ) -> None:
         self._reactor = reactor
         self.pool = ConnectionPool(reactor, dsn, size=rpc_connections)
         self._writer_pool = ConnectionPool(reactor, dsn, size=1)
-        self.writer = BatchWriter(reactor, self._writer_pool)
+        self.writer = BatchWriter(
+            reactor, self._writer_pool, batch_size=batch_size, batch_delay=batch_delay
+        )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -22,7 +22,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from mqttsvc import database
-from mqttsvc.config import ConfigError
+from mqttsvc.config import DEFAULT_MAX_PAYLOAD, ConfigError
 from mqttsvc.notifications import ConfigListener
 from mqttsvc.rpc.dispatcher import Dispatcher
 from mqttsvc.rpc.methods import ControlPlane
@@ -44,6 +44,18 @@ _ENV = {
     "instance": "MQTTSVC_INSTANCE",
     "monitor-interval": "MQTTSVC_MONITOR_INTERVAL",
     "probe-interval": "MQTTSVC_PROBE_INTERVAL",
+    "max-payload": "MQTTSVC_MAX_PAYLOAD",
+    "batch-size": "MQTTSVC_BATCH_SIZE",
+    "batch-delay-ms": "MQTTSVC_BATCH_DELAY_MS",
+}
+
+#: Defaults of the numeric options, as their text would be given.
+_NUMBERS = {
+    "monitor-interval": str(MONITOR_INTERVAL),
+    "probe-interval": str(PROBE_INTERVAL),
+    "max-payload": str(DEFAULT_MAX_PAYLOAD),
+    "batch-size": "1000",
+    "batch-delay-ms": "10",
 }
 
 
@@ -89,6 +101,26 @@ class Options(usage.Options):
             f"Seconds between connection probes of a site in error "
             f"[env MQTTSVC_PROBE_INTERVAL; default {PROBE_INTERVAL:g}].",
         ],
+        [
+            "max-payload",
+            None,
+            None,
+            f"Largest payload processed, in bytes; larger ones are dead letters "
+            f"[env MQTTSVC_MAX_PAYLOAD; default {DEFAULT_MAX_PAYLOAD}].",
+        ],
+        [
+            "batch-size",
+            None,
+            None,
+            "Write a batch once this many messages wait [env MQTTSVC_BATCH_SIZE; default 1000].",
+        ],
+        [
+            "batch-delay-ms",
+            None,
+            None,
+            "...or once the oldest has waited this many milliseconds "
+            "[env MQTTSVC_BATCH_DELAY_MS; default 10].",
+        ],
     ]
     optFlags = [
         ["migrate", None, "Apply pending schema migrations at start [env MQTTSVC_MIGRATE=1]."],
@@ -106,10 +138,9 @@ class Options(usage.Options):
             self["rpc"] = DEFAULT_RPC
         if self["instance"] is None:
             self["instance"] = socket.gethostname().split(".")[0] or "mqttsvc"
-        if self["monitor-interval"] is None:
-            self["monitor-interval"] = str(MONITOR_INTERVAL)
-        if self["probe-interval"] is None:
-            self["probe-interval"] = str(PROBE_INTERVAL)
+        for name, default in _NUMBERS.items():
+            if self[name] is None:
+                self[name] = default
         if not self["migrate"]:
             self["migrate"] = self._environ.get("MQTTSVC_MIGRATE", "") in ("1", "true", "yes")
 
@@ -139,12 +170,7 @@ def check_config(options: Options, reactor: Any) -> Tokens | None:
         endpoint = serverFromString(reactor, options["rpc"])
     except Exception as e:
         raise ConfigError("rpc", f"malformed endpoint {options['rpc']!r}: {e}") from None
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", options["instance"]):
-        raise ConfigError(
-            "instance", f"{options['instance']!r} must be 1-64 letters, digits, '_', '-' or '.'"
-        )
-    for name in ("monitor-interval", "probe-interval"):
-        options[name] = _positive_seconds(name, options[name])
+    check_values(options)
     tokens = None
     if options["rpc-token-file"]:
         tokens = load_tokens(options["rpc-token-file"])
@@ -169,14 +195,31 @@ def check_config(options: Options, reactor: Any) -> Tokens | None:
     return tokens
 
 
-def _positive_seconds(name: str, value: str | float) -> float:
+def check_values(options: Options) -> None:
+    """
+    Check the options that need no I/O, turning the numeric ones into
+    numbers.
+
+    @raise ConfigError: naming the option.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", options["instance"]):
+        raise ConfigError(
+            "instance", f"{options['instance']!r} must be 1-64 letters, digits, '_', '-' or '.'"
+        )
+    for name in _NUMBERS:
+        options[name] = _positive_number(name, options[name])
+    for name in ("max-payload", "batch-size"):
+        options[name] = int(options[name])
+
+
+def _positive_number(name: str, value: str | float) -> float:
     try:
-        seconds = float(value)
+        number = float(value)
     except ValueError:
-        raise ConfigError(name, f"{value!r} is not a number of seconds") from None
-    if not seconds > 0:
-        raise ConfigError(name, "must be more than 0 seconds")
-    return seconds
+        raise ConfigError(name, f"{value!r} is not a number") from None
+    if not number > 0:
+        raise ConfigError(name, "must be more than 0")
+    return number
 
 
 def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootService:
@@ -184,7 +227,12 @@ def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootS
     The service tree: store, site supervisor, web server.
     """
     root = RootService()
-    store = Store(reactor, options["db"])
+    store = Store(
+        reactor,
+        options["db"],
+        batch_size=options["batch-size"],
+        batch_delay=options["batch-delay-ms"] / 1000.0,
+    )
     store.setServiceParent(root)
     supervisor = SiteSupervisor(
         reactor,
@@ -192,6 +240,7 @@ def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootS
         instance=options["instance"],
         monitor_interval=options["monitor-interval"],
         probe_interval=options["probe-interval"],
+        max_payload=options["max-payload"],
     )
     supervisor.setServiceParent(root)
     ConfigListener(reactor, options["db"], supervisor.notified, supervisor.resync).setServiceParent(

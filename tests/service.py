@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 
 from mqttsvc.store import Store
 from mqttsvc.supervisor import SiteSupervisor
-from mqttsvc.tap import Options, buildService
+from mqttsvc.tap import Options, buildService, check_values
 
 
 class RunningService:
@@ -28,8 +28,7 @@ class RunningService:
         options.parseOptions(
             ["--db", dsn, "--rpc", "tcp:0:interface=127.0.0.1", "--instance", "test", *extra_args]
         )
-        for name in ("monitor-interval", "probe-interval"):
-            options[name] = float(options[name])
+        check_values(options)
         self.root = buildService(options, reactor, None)
         self.store: Store = self.root.getServiceNamed("store")
         self.supervisor: SiteSupervisor = self.root.getServiceNamed("sites")

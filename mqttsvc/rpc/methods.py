@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from mqttsvc.config import ConfigError, SiteConfig, topics_from_params
+from mqttsvc.config import ConfigError, OfflinePolicy, SiteConfig, topics_from_params
 from mqttsvc.pool import DatabaseUnavailable
 from mqttsvc.rpc.dispatcher import (
     CONFLICT,
@@ -86,6 +86,21 @@ class ControlPlane:
                         required=False,
                         nullable=True,
                         description="Retained online/offline (birth and last will) topic.",
+                    ),
+                    Param(
+                        "device_intervals",
+                        "object",
+                        required=False,
+                        nullable=True,
+                        description="Expected seconds between messages per device kind, "
+                        "e.g. {gateway: 30}.",
+                    ),
+                    Param(
+                        "offline_grace",
+                        "number",
+                        required=False,
+                        nullable=True,
+                        description="Silent intervals before a device is offline (default 2.5).",
                     ),
                 ),
                 summary="Create a site; an enabled site connects at once.",
@@ -192,6 +207,10 @@ class ControlPlane:
             "keepalive": c.keepalive,
             "topics": [{"topic": t.topic, "kind": t.kind, "qos": t.qos} for t in c.topics],
             "status_topic": c.status_topic,
+            "device_intervals": {
+                kind: c.offline.interval(kind) for kind in ("gateway", "datalogger", "sensor")
+            },
+            "offline_grace": c.offline.grace,
             "created_at": iso(row.created_at),
             "updated_at": iso(row.updated_at),
         }
@@ -221,6 +240,9 @@ class ControlPlane:
                 keepalive=p.get("keepalive", 60),
                 topics=topics_from_params(p["site_id"], p.get("topics")),
                 status_topic=p.get("status_topic"),
+                offline=OfflinePolicy.from_settings(
+                    p.get("device_intervals"), p.get("offline_grace")
+                ),
             )
         except ConfigError as e:
             raise invalid_params(e.field, e.message) from None

@@ -1,0 +1,124 @@
+"""
+The offline detector on a fake clock: deadlines, unknown while a site is
+disconnected, grace after reconnecting, restart rebuild, and scale.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from mqttsvc.offline import OfflineDetector
+from mqttsvc.processing import DeviceKey, DeviceStatus
+
+GW = DeviceKey("s", "gateway", None, "gw-1")
+DL = DeviceKey("s", "datalogger", "gw-1", "dl-1")
+OTHER = DeviceKey("t", "sensor", None, "x")
+
+
+def detector() -> tuple[OfflineDetector, Clock, list[DeviceStatus]]:
+    clock = Clock()
+    changes: list[DeviceStatus] = []
+    return OfflineDetector(clock, changes.extend), clock, changes
+
+
+def test_offline_exactly_at_the_deadline() -> None:
+    """Last message + interval x grace: not a moment before, and at once after."""
+    d, clock, changes = detector()
+    first = d.seen(GW, 60, 2.5)
+    assert first is not None and (first.from_status, first.status) == ("unknown", "online")
+    assert d.seen(GW, 60, 2.5) is None
+    clock.advance(100)
+    assert d.seen(GW, 60, 2.5) is None  # deadline moves to 250
+    clock.advance(149.999)
+    assert changes == []
+    clock.advance(0.001)
+    [change] = changes
+    assert (change.key, change.from_status, change.status) == (GW, "online", "offline")
+    assert change.reason == "silent for 150s (2.5 x 60s interval)"
+    assert d.status(GW) == "offline"
+    assert clock.getDelayedCalls() == []
+    back = d.seen(GW, 60, 2.5)
+    assert back is not None and (back.from_status, back.status) == ("offline", "online")
+
+
+def test_heartbeat_interval_overrides_per_device() -> None:
+    d, clock, changes = detector()
+    d.seen(GW, 60, 2)
+    d.seen(DL, 5, 2)
+    clock.advance(10)
+    assert [c.key for c in changes] == [DL]
+    clock.advance(110)
+    assert [c.key for c in changes] == [DL, GW]
+
+
+def test_site_down_makes_devices_unknown_without_deadlines() -> None:
+    """While a site is disconnected its devices are unknown, never offline."""
+    d, clock, changes = detector()
+    d.seen(GW, 60, 2)
+    d.seen(OTHER, 60, 2)
+    down = d.site_down("s", "site connection waiting")
+    assert [(c.key, c.from_status, c.status) for c in down] == [(GW, "online", "unknown")]
+    clock.advance(10_000)
+    assert [c.key for c in changes] == [OTHER]
+    assert d.status(GW) == "unknown"
+
+
+def test_reconnect_gives_a_grace_period() -> None:
+    """After reconnecting, a silent device gets a full interval x grace before offline."""
+    d, clock, changes = detector()
+    d.seen(GW, 60, 2)
+    d.site_down("s", "down")
+    clock.advance(500)
+    d.site_up("s", 2)
+    clock.advance(119)
+    assert changes == []
+    clock.advance(1)
+    assert [(c.from_status, c.status) for c in changes] == [("unknown", "offline")]
+
+
+def test_rebuilt_after_a_restart() -> None:
+    """Devices loaded from the database are watched once their site connects."""
+    d, clock, changes = detector()
+    d.load([(GW, "online", 60.0), (DL, "offline", 300.0)])
+    down = d.site_down("s", "mqttsvc started")
+    assert {(c.key, c.from_status, c.status) for c in down} == {
+        (GW, "online", "unknown"),
+        (DL, "offline", "unknown"),
+    }
+    d.site_up("s", 2)
+    clock.advance(120)
+    assert [c.key for c in changes] == [GW]
+    clock.advance(480)
+    assert [c.key for c in changes] == [GW, DL]
+    assert clock.getDelayedCalls() == []
+
+
+def test_forgotten_site_is_not_flagged() -> None:
+    d, clock, changes = detector()
+    d.seen(GW, 60, 2)
+    d.forget_site("s")
+    clock.advance(1000)
+    assert changes == [] and len(d) == 0
+
+
+def test_stale_heap_entries_are_compacted() -> None:
+    """A chatty device does not grow the heap without bound."""
+    d, clock, _ = detector()
+    for _ in range(10_000):
+        d.seen(GW, 60, 2)
+        clock.advance(0.001)
+    assert len(d._heap) <= 2 * len(d) + 1024
+
+
+def test_hundred_thousand_devices_on_one_timer() -> None:
+    """100,000 tracked devices use one timer, and each goes offline at its own deadline."""
+    d, clock, changes = detector()
+    keys = [DeviceKey("big", "sensor", None, f"s{i}") for i in range(100_000)]
+    for i, key in enumerate(keys):
+        d.seen(key, 60 + i % 60, 2)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(120)
+    assert len(changes) == len([i for i in range(100_000) if i % 60 == 0])
+    clock.advance(120)
+    assert len(changes) == 100_000
+    assert clock.getDelayedCalls() == []
