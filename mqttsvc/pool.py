@@ -45,6 +45,19 @@ def is_connection_error(e: BaseException) -> bool:
     return isinstance(e, CONNECTION_ERRORS)
 
 
+def is_rejection(e: BaseException) -> bool:
+    """
+    Whether the database refused a statement for the data in it (a data
+    exception, an integrity violation, a program limit), so that writing
+    the same rows again cannot succeed.  Anything else is worth retrying.
+    """
+    return (
+        isinstance(e, psycopg2.Error)
+        and e.pgcode is not None
+        and e.pgcode[:2] in ("22", "23", "54")
+    )
+
+
 class ConnectionPool:
     """
     Up to C{size} txpostgres connections to one database.

@@ -253,12 +253,18 @@ class _SiteCore:
         for w in waiters:
             w.callback(None)
 
+    def wanted(self) -> tuple[tuple[str, int], ...]:
+        """
+        The MQTT filters and QoS the configured topics subscribe to.
+        """
+        return tuple((t.filter, t.qos) for t in self.config.topics)
+
     def subscribe(self) -> None:
         """
         Subscribe every configured topic on the current connection, and
         record the broker's verdict on each.
         """
-        wanted = tuple((t.topic, t.qos) for t in self.config.topics)
+        wanted = self.wanted()
         token = self.attempt
 
         def verdicts(results: list[SubscriptionResult]) -> None:
@@ -350,7 +356,7 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
         if not session_present:
             s.subscribed = ()
         s.enter("connected")
-        if s.subscribed != tuple((t.topic, t.qos) for t in s.config.topics):
+        if s.subscribed != s.wanted():
             s.subscribe()
         return s.client
 
@@ -594,7 +600,8 @@ class SiteService(Service):
         filters and subscribe the current set (the broker keeps one
         subscription per filter).
         """
-        removed = [t.topic for t in self.config.topics if t not in topics]
+        kept = {t.filter for t in topics}
+        removed = [t.filter for t in self.config.topics if t.filter not in kept]
         self.config = attrs.evolve(self.config, topics=topics)
         self._core.config = self.config
         self._router = Router(topics)

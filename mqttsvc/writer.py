@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mqttsvc.batch import ConnectionEvent, StatusUpdate, write_effects
-from mqttsvc.pool import ConnectionPool, is_connection_error
+from mqttsvc.pool import ConnectionPool, is_rejection
 from mqttsvc.processing import DeadLetter, Effect, TopicSeen
 
 
@@ -223,25 +223,16 @@ class BatchWriter:
                 )
             )
         except Exception as e:
-            if is_connection_error(e):
-                self._requeue(batch, records)
-                self._failures += 1
-                delay = min(0.5 * 2 ** (self._failures - 1), self._max_retry_delay)
-                self.log.warn(
-                    "database unavailable, keeping {count} messages and retrying in "
-                    "{delay}s: {error}",
-                    count=len(batch),
-                    delay=delay,
-                    error=str(e).strip(),
-                )
-            else:
+            if is_rejection(e):
                 self.log.warn(
                     "database rejected a batch of {count} messages, writing them one by one: "
                     "{error}",
                     count=len(batch),
                     error=str(e).strip(),
                 )
-                await self._write_one_by_one(batch, records)
+                delay = await self._write_one_by_one(batch, records)
+            else:
+                delay = self._retry_later(batch, records, e)
         else:
             self._failures = 0
             self.batches_written += 1
@@ -254,39 +245,58 @@ class BatchWriter:
                 self._press(False)
             self._kick(delay)
 
-    def _requeue(self, batch: list[_Pending], records: _SiteRecords) -> None:
+    def _retry_later(self, batch: list[_Pending], records: _SiteRecords, error: Exception) -> float:
+        """
+        Keep what could not be written (the database is unreachable, or
+        failed in a way that retrying can mend) and say when to try again.
+        Nothing is acknowledged meanwhile, and nothing is dropped.
+        """
         self._queue.extendleft(reversed(batch))
         self._records.put_back(records)
+        self._failures += 1
+        delay = min(0.5 * 2 ** (self._failures - 1), self._max_retry_delay)
+        self.log.warn(
+            "database write failed, keeping {count} messages and retrying in {delay}s: {error}",
+            count=len(self._queue),
+            delay=delay,
+            error=str(error).strip() or type(error).__name__,
+        )
+        return delay
 
-    async def _write_one_by_one(self, batch: list[_Pending], records: _SiteRecords) -> None:
-        for p in batch:
+    async def _write_one_by_one(self, batch: list[_Pending], records: _SiteRecords) -> float | None:
+        """
+        Write a rejected batch message by message; a message the database
+        refuses becomes a dead letter with its reason.
+
+        @return: the delay before a retry, if the database failed otherwise.
+        """
+        for i, p in enumerate(batch):
             try:
                 await self._pool.transaction(partial(write_effects, effects=p.effects))
             except Exception as e:
-                if is_connection_error(e):
-                    p.done.errback(e)
-                    continue
+                if not is_rejection(e):
+                    return self._retry_later(batch[i:], records, e)
                 reason = f"database rejected the message: {str(e).strip().splitlines()[0]}"
                 try:
                     await self._pool.transaction(
                         partial(write_effects, effects=_rejected(p.effects, reason))
                     )
                 except Exception as e2:
-                    p.done.errback(e2)
-                    continue
+                    return self._retry_later(batch[i:], records, e2)
             self.messages_written += 1
             p.done.callback(None)
         if records:
             try:
                 await self._pool.transaction(records.write)
             except Exception as e:
-                if is_connection_error(e):
-                    self._requeue([], records)
-                else:
-                    self.log.error(
-                        "the database refused site statuses and events, dropped: {error}",
-                        error=str(e).strip(),
-                    )
+                if not is_rejection(e):
+                    return self._retry_later([], records, e)
+                self.log.error(
+                    "the database refused site statuses and events, dropped: {error}",
+                    error=str(e).strip(),
+                )
+        self._failures = 0
+        return None
 
 
 def _rejected(effects: list[Effect], reason: str) -> list[Effect]:

@@ -135,6 +135,9 @@ class PrivateBroker:
             "persistence true\n"
             f"persistence_location {directory}/\n"
             "allow_anonymous true\n"
+            # Queue without limit for a slow subscriber, as mqttsvc's brokers
+            # should be configured (Mosquitto's default drops after 1000).
+            "max_queued_messages 0\n"
             f"{extra_config}"
         )
         self.process: subprocess.Popen[bytes] | None = None

@@ -12,9 +12,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from twisted.internet.threads import deferToThread
 
 
-def _publish_blocking(
-    host: str, port: int, messages: list[tuple[str, bytes]], retain: bool
-) -> None:
+def publish_blocking(host: str, port: int, messages: list[tuple[str, bytes]], retain: bool) -> None:
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-pub-{uuid.uuid4().hex[:8]}")
     client.connect(host, port)
     client.loop_start()
@@ -39,4 +37,4 @@ async def publish(
     Publish C{(topic, payload)} pairs with QoS 1 and return once the broker
     has acknowledged all of them.
     """
-    await deferToThread(_publish_blocking, host, port, messages, retain)
+    await deferToThread(publish_blocking, host, port, messages, retain)
