@@ -54,6 +54,8 @@ class ConfigListener(Service):
         self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f), started=True)
         self._down_since_logged = False
         self.listening = False
+        #: How many times a listening connection has been established.
+        self.connections = 0
 
     def startService(self) -> None:
         super().startService()
@@ -121,6 +123,7 @@ class ConfigListener(Service):
         connection.addNotifyObserver(self._notified)
         self._connection = connection
         self.listening = True
+        self.connections += 1
         self.log.info("listening for configuration changes")
         try:
             self._on_resync()

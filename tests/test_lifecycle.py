@@ -91,6 +91,7 @@ async def test_listening_resumes_after_losing_the_database(
     """
     listener = running.root.getServiceNamed("config-listener")
     await eventually(lambda: listener.listening)
+    before = listener.connections
     killed = execute(
         sql,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -99,7 +100,7 @@ async def test_listening_resumes_after_losing_the_database(
     assert killed == [(True,)]
     await insert_site(sql, site_id)  # while nobody listens: only a resync can see it
     await state_of(running, site_id, "connected", within=8)
-    await eventually(lambda: listener.listening)
+    await eventually(lambda: listener.connections > before, what="listening again")
     await insert_site(sql, site_id + "-b")
     await state_of(running, site_id + "-b", "connected", within=1.5)
 
