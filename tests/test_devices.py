@@ -301,3 +301,50 @@ async def test_database_connections_killed_mid_stream(
 
     await eventually(all_there, within=30, what=f"all {total} readings")
     assert query(sql, "SELECT count(*) FROM dead_letter WHERE site_id = %s", site_id) == [(0,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_rebuilds_deadlines(
+    db_dsn: str, no_sites: None, sql: Any, site_id: str
+) -> None:
+    """
+    After a restart of mqttsvc, known devices are unknown until their site
+    connects, then get a grace period: one that stays silent goes offline,
+    one that speaks is online.
+    """
+    from twisted.internet import reactor
+
+    first = RunningService(reactor, db_dsn)
+    await first.start()
+    await connected_site(first, site_id, device_intervals={"gateway": 0.5}, offline_grace=2)
+    await publish(
+        [(f"{site_id}/gateway/{g}/heartbeat", j({"interval": 60})) for g in ("quiet", "chatty")]
+    )
+
+    def statuses() -> dict[str, str]:
+        return dict(
+            query(sql, "SELECT gateway_id, status FROM gateway WHERE site_id = %s", site_id)
+        )
+
+    await eventually(lambda: statuses() == {"quiet": "online", "chatty": "online"}, what="online")
+    await first.stop()
+    assert statuses() == {"quiet": "unknown", "chatty": "unknown"}
+
+    second = RunningService(reactor, db_dsn)
+    await second.start()
+    try:
+        # "quiet" said its interval is 60 s: its grace after reconnecting is
+        # 2 x 60 s, far beyond this test, so it stays unknown; "chatty" speaks.
+        await publish([(f"{site_id}/gateway/chatty/heartbeat", j({"interval": 0.5}))])
+        await eventually(lambda: statuses()["chatty"] == "online", what="chatty online")
+        await eventually(lambda: statuses()["chatty"] == "offline", what="chatty offline")
+        assert statuses()["quiet"] == "unknown"
+        reasons = query(
+            sql,
+            "SELECT reason FROM device_event WHERE site_id = %s AND device_id = 'quiet' "
+            "ORDER BY id",
+            site_id,
+        )
+        assert reasons == [("message received",), ("site connection stopping",)]
+    finally:
+        await second.stop()
