@@ -61,6 +61,15 @@ class OfflineDetector:
     def __len__(self) -> int:
         return len(self._devices)
 
+    def counts(self) -> dict[str, int]:
+        """
+        How many tracked devices are in each status.
+        """
+        counts = {ONLINE: 0, OFFLINE: 0, UNKNOWN: 0}
+        for device in self._devices.values():
+            counts[device.status] += 1
+        return counts
+
     def status(self, key: DeviceKey) -> str | None:
         device = self._devices.get(key)
         return None if device is None else device.status

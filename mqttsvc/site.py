@@ -162,6 +162,7 @@ class _SiteCore:
     last_connected_at: datetime | None = None
     next_retry: datetime | None = None
     attempt: int = 0
+    connects: int = 0
     state: SiteState | None = None
     reason: str | None = None
     subscribed: tuple[tuple[str, int], ...] = ()
@@ -351,6 +352,7 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
         s.retry_count = 0
         s.last_error = None
         s.next_retry = None
+        s.connects += 1
         s.last_connected_at = s.now()
         s.reason = "session resumed" if session_present else "new session"
         if not session_present:
@@ -505,6 +507,7 @@ class SiteService(Service):
         self._pressed = False
         self.messages_received = 0
         self.messages_rejected = 0
+        self.messages_committed = 0
         self.last_message_at: datetime | None = None
         client = client_factory(
             reactor, config, self._message, self._lost, client_id=config.client_id(instance)
@@ -520,6 +523,13 @@ class SiteService(Service):
         if resume is not None:
             self._core.last_connected_at = resume.last_connected_at
         self._machine = _SiteMachine(self._core)
+
+    @property
+    def connects(self) -> int:
+        """
+        How many times the broker accepted this site's connection.
+        """
+        return self._core.connects
 
     @property
     def state(self) -> SiteState:
@@ -645,6 +655,7 @@ class SiteService(Service):
 
         def acknowledge(_: object) -> None:
             self._uncommitted.discard(committed)
+            self.messages_committed += 1
             client.ack(message)
 
         def unacknowledged(f: Failure) -> None:

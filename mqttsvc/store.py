@@ -18,7 +18,13 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from mqttsvc.config import DEFAULT_GRACE, OfflinePolicy, SiteConfig, TopicSubscription
+from mqttsvc.config import (
+    DEFAULT_GRACE,
+    ConfigError,
+    OfflinePolicy,
+    SiteConfig,
+    TopicSubscription,
+)
 from mqttsvc.pool import ConnectionPool
 from mqttsvc.processing import DeviceKey
 from mqttsvc.site import ResumeState
@@ -45,6 +51,8 @@ class SiteRow:
     last_error: str | None
     created_at: datetime
     updated_at: datetime
+    #: What in the stored configuration was invalid and is being ignored.
+    config_error: str | None = None
 
     def resume_state(self) -> ResumeState:
         """
@@ -57,20 +65,6 @@ class SiteRow:
             last_error=self.last_error,
             last_connected_at=self.last_connected_at,
         )
-
-
-@attrs.frozen
-class EventRow:
-    """
-    One entry of a site's connection history.
-    """
-
-    id: int
-    site_id: str
-    at: datetime
-    from_state: str
-    to_state: str
-    reason: str | None
 
 
 _SITE_COLUMNS = """
@@ -92,6 +86,20 @@ def _site_row(row: tuple[Any, ...]) -> SiteRow:
         status_topic, device_intervals, offline_grace, status, last_connected_at, retry_count,
         next_retry, last_error, created, updated, topics,
     ) = row  # fmt: skip
+    # A row written by SQL may hold what the API would have refused. Keep
+    # the site usable and say what was wrong rather than fail every call.
+    problems = []
+    subscriptions = []
+    for topic, kind, qos in topics:
+        try:
+            subscriptions.append(TopicSubscription(topic, kind, int(qos)))
+        except ConfigError as e:
+            problems.append(f"topic {topic!r} ({kind}) ignored: {e.message}")
+    try:
+        offline = OfflinePolicy.from_settings(device_intervals, offline_grace)
+    except ConfigError as e:
+        problems.append(f"{e.field} ignored: {e.message}")
+        offline = OfflinePolicy()
     config = SiteConfig(
         site_id=site_id,
         host=host,
@@ -102,9 +110,9 @@ def _site_row(row: tuple[Any, ...]) -> SiteRow:
         is_enabled=enabled,
         protocol=protocol,
         keepalive=keepalive,
-        topics=tuple(TopicSubscription(t, k, int(q)) for t, k, q in topics),
+        topics=tuple(subscriptions),
         status_topic=status_topic,
-        offline=OfflinePolicy.from_settings(device_intervals, offline_grace),
+        offline=offline,
     )
     return SiteRow(
         config=config,
@@ -115,7 +123,56 @@ def _site_row(row: tuple[Any, ...]) -> SiteRow:
         last_error=last_error,
         created_at=created,
         updated_at=updated,
+        config_error="; ".join(problems) or None,
     )
+
+
+#: The configuration columns of mqtt_connection (beside site_id), in the
+#: order of L{_config_values}.
+CONFIG_COLUMNS = (
+    "host",
+    "port",
+    "username",
+    "password",
+    "client_id_prefix",
+    "is_enabled",
+    "protocol",
+    "keepalive",
+    "status_topic",
+    "device_intervals",
+    "offline_grace",
+)
+
+
+def _config_values(config: SiteConfig) -> tuple[Any, ...]:
+    overrides = config.offline.overrides()
+    return (
+        config.host,
+        config.port,
+        config.username,
+        config.password,
+        config.client_id_prefix,
+        config.is_enabled,
+        config.protocol,
+        config.keepalive,
+        config.status_topic,
+        Json(overrides) if overrides else None,
+        None if config.offline.grace == DEFAULT_GRACE else config.offline.grace,
+    )
+
+
+async def _insert_topics(cursor: Any, connection_id: int, config: SiteConfig) -> None:
+    if config.topics:
+        await cursor.execute(
+            "INSERT INTO mqtt_topic (connection_id, topic, kind, qos) "
+            "SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::smallint[])",
+            (
+                connection_id,
+                [t.topic for t in config.topics],
+                [t.kind for t in config.topics],
+                [t.qos for t in config.topics],
+            ),
+        )
 
 
 class Store(Service):
@@ -187,45 +244,62 @@ class Store(Service):
 
         async def insert(cursor: Any) -> None:
             await cursor.execute(
-                "INSERT INTO mqtt_connection (site_id, host, port, username, password, "
-                "client_id_prefix, is_enabled, protocol, keepalive, status_topic, "
-                "device_intervals, offline_grace) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                f"INSERT INTO mqtt_connection (site_id, {', '.join(CONFIG_COLUMNS)}) "
+                f"VALUES (%s, {', '.join(['%s'] * len(CONFIG_COLUMNS))}) "
                 "ON CONFLICT (site_id) DO NOTHING RETURNING id",
-                (
-                    config.site_id,
-                    config.host,
-                    config.port,
-                    config.username,
-                    config.password,
-                    config.client_id_prefix,
-                    config.is_enabled,
-                    config.protocol,
-                    config.keepalive,
-                    config.status_topic,
-                    Json(config.offline.overrides()) if config.offline.overrides() else None,
-                    None if config.offline.grace == DEFAULT_GRACE else config.offline.grace,
-                ),
+                (config.site_id, *_config_values(config)),
             )
             inserted = cursor.fetchall()
             if not inserted:
                 raise SiteExists(config.site_id)
-            (connection_id,) = inserted[0]
-            if config.topics:
-                await cursor.execute(
-                    "INSERT INTO mqtt_topic (connection_id, topic, kind, qos) "
-                    "SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::smallint[])",
-                    (
-                        connection_id,
-                        [t.topic for t in config.topics],
-                        [t.kind for t in config.topics],
-                        [t.qos for t in config.topics],
-                    ),
-                )
+            await _insert_topics(cursor, inserted[0][0], config)
 
         await self.pool.transaction(insert)
-        site = await self.get_site(config.site_id)
-        assert site is not None
+        return await self._must_get(config.site_id)
+
+    async def update_site(self, config: SiteConfig, topics_changed: bool) -> SiteRow | None:
+        """
+        Replace a site's configuration (and its subscriptions when they
+        changed) in one transaction.
+
+        @return: the new row, or None when the site does not exist.
+        """
+
+        async def update(cursor: Any) -> bool:
+            await cursor.execute(
+                f"UPDATE mqtt_connection SET ({', '.join(CONFIG_COLUMNS)}) = "
+                f"({', '.join(['%s'] * len(CONFIG_COLUMNS))}) WHERE site_id = %s RETURNING id",
+                (*_config_values(config), config.site_id),
+            )
+            updated = cursor.fetchall()
+            if not updated:
+                return False
+            if topics_changed:
+                await cursor.execute(
+                    "DELETE FROM mqtt_topic WHERE connection_id = %s", (updated[0][0],)
+                )
+                await _insert_topics(cursor, updated[0][0], config)
+            return True
+
+        if not await self.pool.transaction(update):
+            return None
+        return await self._must_get(config.site_id)
+
+    async def delete_site(self, site_id: str) -> bool:
+        """
+        Delete a site and its subscriptions (its devices, readings and
+        history stay).
+
+        @return: whether it existed.
+        """
+        rows = await self.pool.query(
+            "DELETE FROM mqtt_connection WHERE site_id = %s RETURNING id", (site_id,)
+        )
+        return bool(rows)
+
+    async def _must_get(self, site_id: str) -> SiteRow:
+        site = await self.get_site(site_id)
+        assert site is not None, f"site {site_id} vanished"
         return site
 
     async def set_enabled(self, site_id: str, enabled: bool) -> bool:
@@ -239,21 +313,6 @@ class Store(Service):
             (enabled, site_id),
         )
         return bool(rows)
-
-    async def list_events(
-        self, site_id: str | None, since: datetime | None, limit: int
-    ) -> list[EventRow]:
-        """
-        Connection events, oldest first, after C{since} (exclusive).
-        """
-        rows = await self.pool.query(
-            "SELECT id, site_id, at, from_state, to_state, reason FROM connection_event "
-            "WHERE (%(site)s::text IS NULL OR site_id = %(site)s) "
-            "AND (%(since)s::timestamptz IS NULL OR at > %(since)s) "
-            "ORDER BY at, id LIMIT %(limit)s",
-            {"site": site_id, "since": since, "limit": limit},
-        )
-        return [EventRow(*row) for row in rows]
 
     async def load_devices(self) -> list[tuple[DeviceKey, str, float | None]]:
         """

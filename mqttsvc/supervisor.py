@@ -75,6 +75,13 @@ class SiteSupervisor(MultiService):
         monitoring: Deferred[Any] = self._monitor.start(self._monitor_interval, now=True)
         monitoring.addErrback(lambda f: self.log.failure("the site monitor stopped", f))
 
+    @property
+    def loaded(self) -> bool:
+        """
+        Whether the sites in the database have been reconciled once.
+        """
+        return self._loaded.called
+
     def whenLoaded(self) -> Deferred[None]:
         """
         Fire once the sites in the database have been reconciled for the

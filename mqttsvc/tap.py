@@ -12,6 +12,7 @@ import re
 import socket
 import sys
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from twisted.application import strports
@@ -21,11 +22,18 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from mqttsvc import database
+from mqttsvc import database, logs
 from mqttsvc.config import DEFAULT_MAX_PAYLOAD, ConfigError
+from mqttsvc.health import readiness
+from mqttsvc.manhole import (
+    load_host_key,
+    makeManholeService,
+    read_authorized_keys,
+    tree_namespace,
+)
+from mqttsvc.metrics import Metrics
 from mqttsvc.notifications import ConfigListener
-from mqttsvc.rpc.dispatcher import Dispatcher
-from mqttsvc.rpc.methods import ControlPlane
+from mqttsvc.rpc.methods import control_plane
 from mqttsvc.service import RootService
 from mqttsvc.site import PROBE_INTERVAL
 from mqttsvc.store import Store
@@ -34,6 +42,8 @@ from mqttsvc.tokens import Tokens, load_tokens
 from mqttsvc.web import WebApp
 
 DEFAULT_RPC = "tcp:8780:interface=127.0.0.1"
+#: Relative to the working directory (twistd --rundir), beside twistd.pid.
+DEFAULT_MANHOLE_HOST_KEY = "mqttsvc-manhole-host-key"
 
 log = Logger()
 
@@ -47,6 +57,13 @@ _ENV = {
     "max-payload": "MQTTSVC_MAX_PAYLOAD",
     "batch-size": "MQTTSVC_BATCH_SIZE",
     "batch-delay-ms": "MQTTSVC_BATCH_DELAY_MS",
+    "log-format": "MQTTSVC_LOG_FORMAT",
+    "log-file": "MQTTSVC_LOG_FILE",
+    "log-max-bytes": "MQTTSVC_LOG_MAX_BYTES",
+    "log-keep": "MQTTSVC_LOG_KEEP",
+    "manhole": "MQTTSVC_MANHOLE",
+    "manhole-keys": "MQTTSVC_MANHOLE_KEYS",
+    "manhole-host-key": "MQTTSVC_MANHOLE_HOST_KEY",
 }
 
 #: Defaults of the numeric options, as their text would be given.
@@ -56,6 +73,8 @@ _NUMBERS = {
     "max-payload": str(DEFAULT_MAX_PAYLOAD),
     "batch-size": "1000",
     "batch-delay-ms": "10",
+    "log-max-bytes": str(10 * 1024 * 1024),
+    "log-keep": "10",
 }
 
 
@@ -65,7 +84,10 @@ class Options(usage.Options):
     variable.
     """
 
-    synopsis = "[--db DSN] [--rpc ENDPOINT] [--rpc-token-file PATH] [--migrate]"
+    synopsis = (
+        "[--db DSN] [--rpc ENDPOINT] [--rpc-token-file PATH] [--migrate] "
+        "[--manhole ENDPOINT --manhole-keys PATH]"
+    )
     optParameters = [
         ["db", None, None, "PostgreSQL connection string [env MQTTSVC_DB]."],
         [
@@ -121,6 +143,50 @@ class Options(usage.Options):
             "...or once the oldest has waited this many milliseconds "
             "[env MQTTSVC_BATCH_DELAY_MS; default 10].",
         ],
+        [
+            "manhole",
+            None,
+            None,
+            "SSH manhole listener, a strports description; bind it to loopback, e.g. "
+            "tcp:2222:interface=127.0.0.1 (without interface= it listens on every "
+            "interface) [env MQTTSVC_MANHOLE; default: no manhole].",
+        ],
+        [
+            "manhole-keys",
+            None,
+            None,
+            "Authorized keys file of the SSH keys that may log in to the manhole; "
+            "required with --manhole [env MQTTSVC_MANHOLE_KEYS].",
+        ],
+        [
+            "manhole-host-key",
+            None,
+            None,
+            "The manhole's SSH host key, generated with mode 0600 if missing "
+            f"[env MQTTSVC_MANHOLE_HOST_KEY; default ./{DEFAULT_MANHOLE_HOST_KEY}].",
+        ],
+    ]
+    optParameters += [
+        [
+            "log-format",
+            None,
+            None,
+            "text or json (one JSON object a line) [env MQTTSVC_LOG_FORMAT; default text].",
+        ],
+        [
+            "log-file",
+            None,
+            None,
+            "Log to this file, rotated by size, instead of standard output "
+            "(twistd's --logfile works too) [env MQTTSVC_LOG_FILE].",
+        ],
+        [
+            "log-max-bytes",
+            None,
+            None,
+            "Rotate the log file at this size [env MQTTSVC_LOG_MAX_BYTES; default 10485760].",
+        ],
+        ["log-keep", None, None, "Rotated log files to keep [env MQTTSVC_LOG_KEEP; default 10]."],
     ]
     optFlags = [
         ["migrate", None, "Apply pending schema migrations at start [env MQTTSVC_MIGRATE=1]."],
@@ -136,11 +202,35 @@ class Options(usage.Options):
                 self[option] = self._environ[variable]
         if self["rpc"] is None:
             self["rpc"] = DEFAULT_RPC
+        if self["manhole-host-key"] is None:
+            self["manhole-host-key"] = DEFAULT_MANHOLE_HOST_KEY
         if self["instance"] is None:
             self["instance"] = socket.gethostname().split(".")[0] or "mqttsvc"
         for name, default in _NUMBERS.items():
             if self[name] is None:
                 self[name] = default
+        if self["log-format"] is None:
+            self["log-format"] = "text"
+        self._install_logger()
+
+    def _install_logger(self) -> None:
+        """
+        Give twistd (our parent command, when there is one) the log
+        observer these options describe, unless it was told another one.
+        """
+        parent = getattr(self, "parent", None)
+        if parent is None or parent.get("logger"):
+            return
+        if self["log-format"] not in logs.FORMATS:
+            raise usage.UsageError(f"--log-format must be one of {', '.join(logs.FORMATS)}")
+        try:
+            max_bytes, keep = int(self["log-max-bytes"]), int(self["log-keep"])
+        except ValueError:
+            raise usage.UsageError("--log-max-bytes and --log-keep must be whole numbers") from None
+        path = self["log-file"] or parent.get("logfile") or None
+        if path is None and not parent.get("nodaemon"):
+            path = "twistd.log"
+        parent["logger"] = logs.configure(self["log-format"], path, max_bytes, keep)
         if not self["migrate"]:
             self["migrate"] = self._environ.get("MQTTSVC_MIGRATE", "") in ("1", "true", "yes")
 
@@ -179,6 +269,8 @@ def check_config(options: Options, reactor: Any) -> Tokens | None:
             "rpc-token-file",
             f"required when the JSON-RPC listener {options['rpc']!r} is not on loopback",
         )
+    if options["manhole"]:
+        check_manhole(options, reactor)
     if options["migrate"]:
         applied = database.migrate(dsn)
         if applied:
@@ -193,6 +285,30 @@ def check_config(options: Options, reactor: Any) -> Tokens | None:
                 "'mqttsvc migrate --db DSN' or start with --migrate",
             )
     return tokens
+
+
+def check_manhole(options: Options, reactor: Any) -> None:
+    """
+    Check the SSH manhole's options and key files, generating the host key
+    on first start.
+
+    @raise ConfigError: naming the option.
+    """
+    try:
+        endpoint = serverFromString(reactor, options["manhole"])
+    except Exception as e:
+        raise ConfigError("manhole", f"malformed endpoint {options['manhole']!r}: {e}") from None
+    if not options["manhole-keys"]:
+        raise ConfigError(
+            "manhole-keys", "required with --manhole: the SSH public keys that may log in"
+        )
+    read_authorized_keys(options["manhole-keys"])
+    load_host_key(options["manhole-host-key"])
+    if not _is_loopback(endpoint):
+        log.warn(
+            "the SSH manhole {endpoint} is not on loopback: anyone who reaches it may try keys",
+            endpoint=options["manhole"],
+        )
 
 
 def check_values(options: Options) -> None:
@@ -224,7 +340,8 @@ def _positive_number(name: str, value: str | float) -> float:
 
 def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootService:
     """
-    The service tree: store, site supervisor, web server.
+    The service tree: store, site supervisor, web server, and the SSH
+    manhole when C{--manhole} is given.
     """
     root = RootService()
     store = Store(
@@ -246,8 +363,11 @@ def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootS
     ConfigListener(reactor, options["db"], supervisor.notified, supervisor.resync).setServiceParent(
         root
     )
-    dispatcher = Dispatcher(ControlPlane(store, supervisor).methods())
-    web = WebApp(dispatcher, tokens)
+    dispatcher = control_plane(reactor, store, supervisor)
+    metrics = Metrics()
+    store.writer.observe = metrics.observe_batch
+    metrics.watch(supervisor, store.writer)
+    web = WebApp(dispatcher, tokens, metrics.render, partial(readiness, reactor, store, supervisor))
     if tokens is None:
         log.warn("no --rpc-token-file: the JSON-RPC API accepts calls without a token")
     site = Site(web.resource())
@@ -255,6 +375,14 @@ def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootS
     http = strports.service(options["rpc"], site, reactor=reactor)
     http.setName("web")
     http.setServiceParent(root)
+    if options["manhole"]:
+        makeManholeService(
+            reactor,
+            options["manhole"],
+            options["manhole-keys"],
+            options["manhole-host-key"],
+            tree_namespace(root, reactor),
+        ).setServiceParent(root)
     return root
 
 

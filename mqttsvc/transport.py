@@ -207,6 +207,7 @@ class MQTTClient:
         on_lost: Callable[[ConnectFailed], None],
         client_id: str,
         connect_timeout: float = 5.0,
+        persistent: bool = True,
     ) -> None:
         self._reactor = reactor
         self._config = config
@@ -229,15 +230,15 @@ class MQTTClient:
         self._lost_reason: ConnectFailed | None = None
         self._misc = LoopingCall(self._loop_misc)
         self._misc.clock = reactor
-        self._client = self._make_client(client_id, connect_timeout)
+        self._client = self._make_client(client_id, connect_timeout, persistent)
 
-    def _make_client(self, client_id: str, connect_timeout: float) -> paho.Client:
+    def _make_client(self, client_id: str, connect_timeout: float, persistent: bool) -> paho.Client:
         config = self._config
         v5 = config.protocol == "5"
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            clean_session=None if v5 else False,
+            clean_session=None if v5 else not persistent,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             reconnect_on_failure=False,
             manual_ack=True,
@@ -258,14 +259,14 @@ class MQTTClient:
         client.on_socket_register_write = self._marshal(self._register_write)
         client.on_socket_unregister_write = self._marshal(self._unregister_write)
         connect_properties = None
-        if v5:
+        if v5 and persistent:
             connect_properties = Properties(PacketTypes.CONNECT)
             connect_properties.SessionExpiryInterval = SESSION_EXPIRY
         client.connect_async(
             config.host,
             config.port,
             keepalive=config.keepalive,
-            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            clean_start=not persistent if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=connect_properties,
         )
         return client

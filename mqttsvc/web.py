@@ -1,13 +1,17 @@
 """
-The HTTP face of mqttsvc: JSON-RPC at C{/rpc} and liveness at C{/healthz}.
+The HTTP face of mqttsvc: JSON-RPC at C{/rpc}, Prometheus metrics at
+C{/metrics}, readiness at C{/readyz} (all three need a token) and liveness
+at C{/healthz} (open).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
@@ -38,9 +42,22 @@ class WebApp:
     app = Klein()
     log = Logger()
 
-    def __init__(self, dispatcher: Dispatcher, tokens: Tokens | None) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        tokens: Tokens | None,
+        metrics: Callable[[], bytes] | None = None,
+        readiness: Callable[[], Awaitable[list[str]]] | None = None,
+    ) -> None:
+        """
+        @param metrics: renders the Prometheus text exposition.
+        @param readiness: the reasons the service is not ready (none when
+            it is).
+        """
         self._dispatcher = dispatcher
         self._tokens = tokens
+        self._metrics = metrics
+        self._readiness = readiness
 
     def resource(self) -> IResource:
         resource: IResource = self.app.resource()
@@ -55,14 +72,15 @@ class WebApp:
             return None
         return self._tokens.caller(presented.strip())
 
+    def _refuse(self, request: IRequest) -> bytes:
+        request.setHeader(b"WWW-Authenticate", b'Bearer realm="mqttsvc"')
+        return _json(request, 401, {"error": "a valid 'Authorization: Bearer' token is required"})
+
     @app.route("/rpc", methods=["POST"], strict_slashes=False)
     async def rpc(self, request: IRequest) -> bytes:
         caller = self._caller(request)
         if caller is None:
-            request.setHeader(b"WWW-Authenticate", b'Bearer realm="mqttsvc"')
-            return _json(
-                request, 401, {"error": "a valid 'Authorization: Bearer' token is required"}
-            )
+            return self._refuse(request)
         content_type = (request.getHeader(b"Content-Type") or b"").split(b";")[0].strip()
         if content_type.lower() != b"application/json":
             return _json(request, 415, {"error": "Content-Type must be application/json"})
@@ -89,3 +107,21 @@ class WebApp:
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: IRequest) -> bytes:
         return _json(request, 200, {"status": "ok"})
+
+    @app.route("/readyz", methods=["GET", "HEAD"])
+    async def readyz(self, request: IRequest) -> bytes:
+        if self._caller(request) is None:
+            return self._refuse(request)
+        problems = await self._readiness() if self._readiness is not None else []
+        if problems:
+            return _json(request, 503, {"status": "not ready", "reasons": problems})
+        return _json(request, 200, {"status": "ready"})
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        if self._caller(request) is None:
+            return self._refuse(request)
+        if self._metrics is None:
+            return _json(request, 404, {"error": "metrics are not enabled"})
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        return self._metrics()

@@ -102,6 +102,8 @@ class BatchWriter:
         self._high_water = high_water if high_water is not None else 20 * batch_size
         self._low_water = low_water if low_water is not None else 2 * batch_size
         self.on_pressure = on_pressure
+        #: Called with each committed batch's size and write time.
+        self.observe: Callable[[int, float], None] | None = None
         self.pressing = False
         self._retrying = False
         self._queue: deque[_Pending] = deque()
@@ -213,6 +215,7 @@ class BatchWriter:
 
     async def _write(self, batch: list[_Pending], records: _SiteRecords) -> None:
         delay: float | None = None
+        started = self._clock.seconds()
         try:
             await self._pool.transaction(
                 lambda cursor: write_effects(
@@ -237,6 +240,8 @@ class BatchWriter:
             self._failures = 0
             self.batches_written += 1
             self.messages_written += len(batch)
+            if self.observe is not None and batch:
+                self.observe(len(batch), self._clock.seconds() - started)
             for p in batch:
                 p.done.callback(None)
         finally:

@@ -196,3 +196,25 @@ def password_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="module")
+def mqttsvc_service(db_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """
+    One real C{twistd mqttsvc} (L{tests.twistd_process.TwistdService}) for a
+    test module, started on the test database without sites and stopped
+    with SIGTERM after the module's last test.  Tests create sites with ids
+    of their own (the L{site_id} fixture).
+    """
+    from tests.twistd_process import TwistdService
+
+    conn = psycopg2.connect(db_dsn)
+    with conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM mqtt_connection")
+    conn.close()
+    service = TwistdService(db_dsn, tmp_path_factory.mktemp("twistd"))
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()

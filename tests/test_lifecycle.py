@@ -13,6 +13,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import paho.mqtt.client as paho
+import psycopg2
+import psycopg2.errors
+import pytest
 import pytest_twisted
 from paho.mqtt.enums import CallbackAPIVersion
 from twisted.internet.threads import deferToThread
@@ -103,6 +106,36 @@ async def test_listening_resumes_after_losing_the_database(
     await eventually(lambda: listener.connections > before, what="listening again")
     await insert_site(sql, site_id + "-b")
     await state_of(running, site_id + "-b", "connected", within=1.5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_rows_written_by_sql(running: RunningService, sql: Any, site_id: str) -> None:
+    """
+    A subscription the API would refuse, written by SQL, is ignored and
+    reported; the site and every other call keep working.  What the
+    database itself can refuse, it refuses.
+    """
+    await eventually(lambda: running.root.getServiceNamed("config-listener").listening)
+    await insert_site(sql, site_id)
+    await write(
+        sql,
+        "INSERT INTO mqtt_topic (connection_id, topic, kind) SELECT id, %s, 'sensor_data' "
+        "FROM mqtt_connection WHERE site_id = %s RETURNING id",
+        f"{site_id}/plain",
+        site_id,
+    )
+    status = await state_of(running, site_id, "connected")
+    assert status["config_error"] == (
+        f"topic '{site_id}/plain' (sensor_data) ignored: sensor_data needs the levels "
+        f"{{sensor_id}} (or as many '+' levels) in '{site_id}/plain'"
+    )
+    assert [s["topic"] for s in status["subscriptions"]] == [f"{site_id}/gateway/+/heartbeat"]
+    assert (await running.call("service.status"))["connected"] == 1
+    assert [s["site_id"] for s in await running.call("site.list")] == [site_id]
+    with pytest.raises(psycopg2.errors.CheckViolation):
+        await write(
+            sql, "INSERT INTO mqtt_connection (site_id, host) VALUES ('bad id', 'h') RETURNING id"
+        )
 
 
 @pytest_twisted.ensureDeferred

@@ -97,6 +97,14 @@ async def test_notification_only_is_204(treq: StubTreq) -> None:
     assert await response.content() == b""
 
 
+@pytest.mark.parametrize("path", ["/metrics", "/readyz"])
+@pytest_twisted.ensureDeferred
+async def test_metrics_and_readiness_need_a_token(treq: StubTreq, path: str) -> None:
+    """Only /healthz is open."""
+    response = await treq.get("http://x" + path)
+    assert response.code == 401
+
+
 @pytest_twisted.ensureDeferred
 async def test_healthz_is_open(treq: StubTreq) -> None:
     """Liveness needs no token."""

@@ -150,7 +150,16 @@ class Dispatcher:
 
     log = Logger()
 
-    def __init__(self, methods: Iterable[Method]) -> None:
+    def __init__(
+        self,
+        methods: Iterable[Method],
+        errors: dict[type[Exception], Callable[[Exception], RPCError]] | None = None,
+    ) -> None:
+        """
+        @param errors: exceptions that methods may raise and the RPC errors
+            they stand for (for example the database being unreachable).
+        """
+        self._errors = errors or {}
         self.methods: dict[str, Method] = {}
         for m in methods:
             if m.name in self.methods:
@@ -207,6 +216,10 @@ class Dispatcher:
             if is_notification and e.code != INVALID_REQUEST:
                 return None
             return _error_response(id_, e)
+        except tuple(self._errors) as e:
+            if is_notification:
+                return None
+            return _error_response(id_, self._errors[type(e)](e))
         except Exception:
             self.log.failure(
                 "JSON-RPC method {method} failed (called by {caller})",

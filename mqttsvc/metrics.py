@@ -1,0 +1,116 @@
+"""
+Prometheus metrics, through C{prometheus_client}.
+
+Histograms are observed as batches are written; everything else is read
+from the live objects when Prometheus scrapes, by a collector, so there is
+no second copy of the state to keep in step (and no label left behind for a
+deleted site).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from mqttsvc.supervisor import SiteSupervisor
+    from mqttsvc.writer import BatchWriter
+
+STATES = ("stopped", "connecting", "connected", "waiting", "error", "stopping", "restarting")
+
+
+class _LiveCollector(Collector):
+    def __init__(self, supervisor: SiteSupervisor, writer: BatchWriter) -> None:
+        self._supervisor = supervisor
+        self._writer = writer
+
+    def collect(self) -> Iterator[Metric]:
+        sites = self._supervisor.sites()
+        state = GaugeMetricFamily(
+            "mqttsvc_site_state",
+            "1 for the state each site's connection is in",
+            labels=["site_id", "state"],
+        )
+        received = CounterMetricFamily(
+            "mqttsvc_messages_received", "MQTT messages received", labels=["site_id"]
+        )
+        rejected = CounterMetricFamily(
+            "mqttsvc_messages_rejected", "Messages dead-lettered", labels=["site_id"]
+        )
+        committed = CounterMetricFamily(
+            "mqttsvc_messages_committed",
+            "Messages whose effects were committed (and so acknowledged)",
+            labels=["site_id"],
+        )
+        connects = CounterMetricFamily(
+            "mqttsvc_site_connects",
+            "Successful connections (the first and every reconnect)",
+            labels=["site_id"],
+        )
+        for site in sites:
+            current = site.state.state
+            for name in STATES:
+                state.add_metric([site.config.site_id, name], 1.0 if name == current else 0.0)
+            received.add_metric([site.config.site_id], site.messages_received)
+            rejected.add_metric([site.config.site_id], site.messages_rejected)
+            committed.add_metric([site.config.site_id], site.messages_committed)
+            connects.add_metric([site.config.site_id], site.connects)
+        yield from (state, received, rejected, committed, connects)
+        yield GaugeMetricFamily(
+            "mqttsvc_write_queue_depth",
+            "Messages waiting to be written",
+            value=self._writer.queued,
+        )
+        yield GaugeMetricFamily(
+            "mqttsvc_reading_paused",
+            "1 while the sites stop reading because the database cannot keep up",
+            value=1.0 if self._writer.pressing else 0.0,
+        )
+        devices = GaugeMetricFamily(
+            "mqttsvc_devices", "Tracked devices by status", labels=["status"]
+        )
+        for status, count in sorted(self._supervisor.devices.counts().items()):
+            devices.add_metric([status], count)
+        yield devices
+
+
+class Metrics:
+    """
+    The registry of one mqttsvc process.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.batch_size = Histogram(
+            "mqttsvc_batch_size",
+            "Messages per committed batch",
+            buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "mqttsvc_commit_seconds",
+            "Time to write and commit one batch",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+
+    def observe_batch(self, messages: int, seconds: float) -> None:
+        self.batch_size.observe(messages)
+        self.commit_seconds.observe(seconds)
+
+    def watch(self, supervisor: SiteSupervisor, writer: BatchWriter) -> None:
+        """
+        Report the live state of these at every scrape.
+        """
+        self.registry.register(_LiveCollector(supervisor, writer))
+
+    def render(self) -> bytes:
+        """
+        The text exposition of every metric.
+        """
+        rendered: bytes = generate_latest(self.registry)
+        return rendered

@@ -1,0 +1,229 @@
+"""
+The control plane's read side: devices, readings, discovered topics,
+events, and the dead letters (which can also be replayed or purged).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from twisted.logger import Logger
+
+from mqttsvc import observations
+from mqttsvc.batch import write_effects
+from mqttsvc.processing import DeadLetter, Reading, Router, process
+from mqttsvc.rpc.dispatcher import Call, Method, Param, invalid_params
+from mqttsvc.store import Store
+
+KINDS = ("gateway", "datalogger", "sensor")
+DEVICE_STATUSES = ("online", "offline", "unknown")
+
+
+def _since(call: Call) -> datetime | None:
+    value = call.params.get("since")
+    if value is None:
+        return None
+    try:
+        since = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise invalid_params("since", "must be an ISO 8601 timestamp") from None
+    if since.tzinfo is None:
+        raise invalid_params("since", "must include its UTC offset (for example Z)")
+    return since
+
+
+def _limit(call: Call, default: int, most: int) -> int:
+    limit: int = call.params.get("limit", default)
+    if not 1 <= limit <= most:
+        raise invalid_params("limit", f"must be from 1 to {most}")
+    return limit
+
+
+def _one_of(call: Call, name: str, allowed: tuple[str, ...]) -> str | None:
+    value: str | None = call.params.get(name)
+    if value is not None and value not in allowed:
+        raise invalid_params(name, f"must be one of {', '.join(allowed)}")
+    return value
+
+
+def _ids(call: Call) -> list[int]:
+    ids = call.params["ids"]
+    if not ids or len(ids) > 10_000:
+        raise invalid_params("ids", "must list 1 to 10000 dead letter ids")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise invalid_params("ids", "must be integers")
+    return list(ids)
+
+
+class ObservationMethods:
+    """
+    What the service has observed, read back through the store's pool.
+    """
+
+    log = Logger()
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def methods(self) -> list[Method]:
+        site_id = Param("site_id", "string", description="The site's identifier.")
+        some_site = Param("site_id", "string", required=False, nullable=True)
+        since = Param(
+            "since", "string", required=False, nullable=True, description="ISO 8601, exclusive."
+        )
+        limit = Param("limit", "integer", required=False)
+        ids = Param("ids", "array", description="Dead letter ids.")
+        return [
+            Method(
+                "device.list",
+                self.device_list,
+                (
+                    site_id,
+                    Param(
+                        "kind",
+                        "string",
+                        required=False,
+                        nullable=True,
+                        description="gateway, datalogger or sensor.",
+                    ),
+                    Param(
+                        "status",
+                        "string",
+                        required=False,
+                        nullable=True,
+                        description="online, offline or unknown.",
+                    ),
+                ),
+                summary="A site's devices and their status.",
+            ),
+            Method(
+                "reading.list",
+                self.reading_list,
+                (site_id, Param("sensor_id", "string"), since, limit),
+                summary="A sensor's readings after `since`, or its latest (limit 100, at most "
+                "10000), oldest first.",
+            ),
+            Method(
+                "topic.list",
+                self.topic_list,
+                (site_id,),
+                summary="Every exact topic seen on a site, with counts.",
+            ),
+            Method(
+                "event.list",
+                self.event_list,
+                (some_site, since, limit),
+                summary="Connection and device events after `since`, oldest first (limit 100, "
+                "at most 1000).",
+            ),
+            Method(
+                "deadletter.list",
+                self.deadletter_list,
+                (some_site, limit),
+                summary="The latest dead letters, newest first (limit 100, at most 1000).",
+            ),
+            Method(
+                "deadletter.replay",
+                self.deadletter_replay,
+                (ids,),
+                summary="Process dead letters again with their site's current configuration; "
+                "those that now pass are written and removed.",
+            ),
+            Method(
+                "deadletter.purge",
+                self.deadletter_purge,
+                (ids,),
+                summary="Delete dead letters.",
+            ),
+        ]
+
+    async def device_list(self, call: Call) -> list[dict[str, Any]]:
+        return await observations.devices(
+            self._store.pool,
+            call.params["site_id"],
+            _one_of(call, "kind", KINDS),
+            _one_of(call, "status", DEVICE_STATUSES),
+        )
+
+    async def reading_list(self, call: Call) -> list[dict[str, Any]]:
+        return await observations.readings(
+            self._store.pool,
+            call.params["site_id"],
+            call.params["sensor_id"],
+            _since(call),
+            _limit(call, 100, 10_000),
+        )
+
+    async def topic_list(self, call: Call) -> list[dict[str, Any]]:
+        return await observations.topics(self._store.pool, call.params["site_id"])
+
+    async def event_list(self, call: Call) -> list[dict[str, Any]]:
+        return await observations.events(
+            self._store.pool, call.params.get("site_id"), _since(call), _limit(call, 100, 1000)
+        )
+
+    async def deadletter_list(self, call: Call) -> list[dict[str, Any]]:
+        return await observations.dead_letters(
+            self._store.pool, call.params.get("site_id"), _limit(call, 100, 1000)
+        )
+
+    async def deadletter_purge(self, call: Call) -> dict[str, Any]:
+        rows = await self._store.pool.query(
+            "DELETE FROM dead_letter WHERE id = ANY(%s) RETURNING id", (_ids(call),)
+        )
+        self.log.info(
+            "{count} dead letters purged by {caller}", count=len(rows), caller=call.caller
+        )
+        return {"purged": len(rows)}
+
+    async def deadletter_replay(self, call: Call) -> dict[str, Any]:
+        """
+        Replayed messages are old: they add readings (received at their
+        original time) but say nothing about whether a device is alive now,
+        and were already counted as topics when they first arrived.
+        """
+        wanted = _ids(call)
+        sites = {row.config.site_id: row.config for row in await self._store.list_sites()}
+
+        async def replay(cursor: Any) -> dict[str, int]:
+            await cursor.execute(
+                "SELECT id, site_id, topic, payload, received_at FROM dead_letter "
+                "WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                (wanted,),
+            )
+            replayed, dead_again = 0, 0
+            effects: list[Reading] = []
+            done: list[int] = []
+            reasons: list[tuple[int, str]] = []
+            for id_, site_id, topic, payload, received_at in cursor.fetchall():
+                config = sites.get(site_id)
+                if config is None:
+                    reasons.append((id_, f"site {site_id} no longer exists"))
+                    dead_again += 1
+                    continue
+                result = process(site_id, Router(config.topics), topic, bytes(payload), received_at)
+                dead = [e for e in result if isinstance(e, DeadLetter)]
+                if dead:
+                    reasons.append((id_, dead[0].reason))
+                    dead_again += 1
+                    continue
+                effects.extend(e for e in result if isinstance(e, Reading))
+                done.append(id_)
+                replayed += 1
+            await write_effects(cursor, effects)
+            if done:
+                await cursor.execute("DELETE FROM dead_letter WHERE id = ANY(%s)", (done,))
+            for id_, reason in reasons:
+                await cursor.execute(
+                    "UPDATE dead_letter SET reason = %s WHERE id = %s", (reason, id_)
+                )
+            return {"replayed": replayed, "dead_again": dead_again}
+
+        outcome: dict[str, int] = await self._store.pool.transaction(replay)
+        self.log.info(
+            "dead letters replayed by {caller}: {replayed} written, {dead_again} still dead",
+            caller=call.caller,
+            **outcome,
+        )
+        return outcome

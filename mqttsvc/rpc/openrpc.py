@@ -1,0 +1,55 @@
+"""
+The OpenRPC document of the control plane, generated from the method
+registry itself so that it can never drift from the code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mqttsvc import __version__
+from mqttsvc.rpc.dispatcher import Method, Param
+
+
+def _schema(param: Param) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": [param.type, "null"] if param.nullable else param.type}
+    return schema
+
+
+def document(methods: list[Method]) -> dict[str, Any]:
+    """
+    An OpenRPC 1.2.6 document describing C{methods}.
+    """
+    return {
+        "openrpc": "1.2.6",
+        "info": {
+            "title": "mqttsvc",
+            "version": __version__,
+            "description": "Control plane of mqttsvc: sites, their connections, and what "
+            "their devices sent. Bearer token authentication.",
+        },
+        "methods": [
+            {
+                "name": m.name,
+                "summary": m.summary,
+                "paramStructure": "either",
+                "params": [
+                    {
+                        "name": p.name,
+                        "required": p.required,
+                        "description": p.description,
+                        "schema": _schema(p),
+                    }
+                    for p in m.params
+                ],
+                "result": {"name": "result", "schema": {}},
+                "errors": [
+                    {"code": -32602, "message": "Invalid params"},
+                    {"code": -32001, "message": "Not found"},
+                    {"code": -32002, "message": "Conflict"},
+                    {"code": -32003, "message": "Database unavailable"},
+                ],
+            }
+            for m in methods
+        ],
+    }

@@ -1,0 +1,95 @@
+"""
+/metrics and /readyz of a running service tree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import BROKER_HOST, free_port
+from tests.publish import publish
+from tests.service import RunningService
+from tests.waiting import eventually
+
+
+def base(service: RunningService) -> str:
+    return service.url.rsplit("/rpc", 1)[0]
+
+
+async def samples(service: RunningService) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await treq.get(base(service) + "/metrics", persistent=False)
+    assert response.code == 200
+    assert response.headers.getRawHeaders("Content-Type")[0].startswith("text/plain")
+    text = (await response.content()).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_follow_the_live_state(running: RunningService, site_id: str) -> None:
+    """Per-site state and counters, batch histograms, queue depth and devices by status."""
+    await running.call("site.create", {"site_id": site_id, "host": BROKER_HOST})
+
+    async def connected() -> bool:
+        m = await samples(running)
+        return m.get(("mqttsvc_site_state", (("site_id", site_id), ("state", "connected")))) == 1
+
+    await eventually(connected, what="the connected state in the metrics")
+    await publish(
+        [(f"{site_id}/gateway/g/heartbeat", b"{}"), (f"{site_id}/gateway/g/heartbeat", b"x")]
+    )
+
+    async def counted() -> Any:
+        m = await samples(running)
+        return (
+            m if m.get(("mqttsvc_messages_committed_total", (("site_id", site_id),))) == 2 else None
+        )
+
+    m = await eventually(counted, what="two committed messages")
+    assert m[("mqttsvc_messages_received_total", (("site_id", site_id),))] == 2
+    assert m[("mqttsvc_messages_rejected_total", (("site_id", site_id),))] == 1
+    assert m[("mqttsvc_site_connects_total", (("site_id", site_id),))] == 1
+    assert m[("mqttsvc_site_state", (("site_id", site_id), ("state", "waiting")))] == 0
+    assert m[("mqttsvc_batch_size_count", ())] >= 1
+    assert m[("mqttsvc_commit_seconds_count", ())] >= 1
+    assert m[("mqttsvc_write_queue_depth", ())] >= 0
+    assert m[("mqttsvc_devices", (("status", "online"),))] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_ready_when_the_database_answers(running: RunningService) -> None:
+    response = await treq.get(base(running) + "/readyz", persistent=False)
+    assert response.code == 200
+    assert await response.json() == {"status": "ready"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_ready_without_a_database() -> None:
+    """With the database unreachable, /readyz answers 503 with the reasons."""
+    from twisted.internet import reactor
+
+    service = RunningService(reactor, f"host=127.0.0.1 port={free_port()} dbname=nothing")
+    service.root.startService()
+    port = await service.root.getServiceNamed("web")._waitingForPort
+    try:
+        response = await treq.get(
+            f"http://127.0.0.1:{port.getHost().port}/readyz", persistent=False
+        )
+        assert response.code == 503
+        body = await response.json()
+        assert body["status"] == "not ready"
+        assert "the sites have not been loaded from the database yet" in body["reasons"]
+        assert any(r.startswith("the database does not answer") for r in body["reasons"])
+        health = await treq.get(f"http://127.0.0.1:{port.getHost().port}/healthz", persistent=False)
+        assert health.code == 200
+    finally:
+        stopped = service.root.stopService()
+        stopped.addTimeout(20, reactor)
+        await stopped
