@@ -243,6 +243,54 @@ class OfflinePolicy:
             raise ConfigError(f"device_intervals.{e.field}", e.message) from None
 
 
+def _check_path(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (
+        not isinstance(value, str) or not value.startswith("/") or len(value) > 4096
+    ):
+        raise ConfigError(f"tls.{attribute.name}", "must be an absolute path on mqttsvc's host")
+
+
+@attrs.frozen
+class TlsSettings:
+    """
+    How to reach a site's broker over TLS: the CA bundle to trust (None:
+    the system's), a client certificate and key for mutual TLS, and the
+    explicit, loudly logged opt-out of certificate and host name checks.
+    """
+
+    ca_certs: str | None = attrs.field(default=None, validator=_check_path)
+    certfile: str | None = attrs.field(default=None, validator=_check_path)
+    keyfile: str | None = attrs.field(default=None, validator=_check_path)
+    insecure: bool = attrs.field(default=False)
+
+    @insecure.validator
+    def _check_insecure(self, attribute: attrs.Attribute[bool], value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ConfigError("tls.insecure", "must be true or false")
+        if self.keyfile is not None and self.certfile is None:
+            raise ConfigError("tls.keyfile", "needs tls.certfile too")
+
+    @classmethod
+    def from_settings(cls, value: Any) -> TlsSettings | None:
+        """
+        From the C{tls} object (None means no TLS; C{{}} means TLS with the
+        system's CA store).
+
+        @raise ConfigError: naming C{tls} or C{tls.FIELD}.
+        """
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ConfigError("tls", "must be an object (or null for no TLS)")
+        unknown = set(value) - {"ca_certs", "certfile", "keyfile", "insecure"}
+        if unknown:
+            raise ConfigError("tls", f"unknown keys {sorted(unknown)}")
+        return cls(**value)
+
+    def as_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in attrs.asdict(self).items() if v not in (None, False)}
+
+
 def default_topics(site_id: str) -> tuple[TopicSubscription, ...]:
     """
     The subscriptions a site gets when it is created without C{topics}.
@@ -277,6 +325,7 @@ class SiteConfig:
     topics: tuple[TopicSubscription, ...] = attrs.field(default=())
     status_topic: str | None = attrs.field(default=None, validator=_check_topic_name)
     offline: OfflinePolicy = attrs.field(factory=OfflinePolicy)
+    tls: TlsSettings | None = attrs.field(default=None)
 
     @topics.validator
     def _check_topics(self, attribute: attrs.Attribute[Any], value: Any) -> None:

@@ -16,6 +16,7 @@ import psycopg2
 import psycopg2.extensions
 
 from mqttsvc.config import ConfigError
+from mqttsvc.secrets import SecretError, Secrets, is_encrypted
 
 MIGRATION_TABLE = "mqttsvc_migration"
 
@@ -122,3 +123,78 @@ def pending_migrations(dsn: str) -> list[str]:
         return [m.id for m in backend.to_apply(migrations)]
     finally:
         backend.connection.close()
+
+
+def check_secrets(dsn: str, secrets: Secrets | None) -> None:
+    """
+    Prove at start-up that the key decrypts every stored password, and
+    encrypt any password that someone stored in plain text (blocking).
+
+    @raise ConfigError: naming C{secret-key-file} when passwords are stored
+        but no key was given, or the key does not fit.
+    """
+    conn = psycopg2.connect(dsn, connect_timeout=5)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT site_id, password FROM mqtt_connection WHERE password IS NOT NULL "
+                "ORDER BY site_id FOR UPDATE"
+            )
+            stored = cur.fetchall()
+            if stored and secrets is None:
+                raise ConfigError(
+                    "secret-key-file",
+                    f"{len(stored)} sites have stored passwords (first: {stored[0][0]}); "
+                    "start with --secret-key-file",
+                )
+            for site_id, password in stored:
+                assert secrets is not None
+                if not is_encrypted(password):
+                    cur.execute(
+                        "UPDATE mqtt_connection SET password = %s WHERE site_id = %s",
+                        (secrets.encrypt(password), site_id),
+                    )
+                    continue
+                try:
+                    secrets.decrypt(password)
+                except SecretError:
+                    raise ConfigError(
+                        "secret-key-file",
+                        f"the key does not decrypt the password of site {site_id} "
+                        "(a wrong key, or one rotated without mqttsvc rotate-key?)",
+                    ) from None
+    finally:
+        conn.close()
+
+
+def rotate_key(dsn: str, old: Secrets, new: Secrets) -> int:
+    """
+    Re-encrypt every stored password from the old key to the new one, in
+    one transaction (blocking; for the command line).
+
+    @return: how many passwords were re-encrypted.
+    @raise SecretError: when the old key does not decrypt one (nothing is
+        changed then).
+    """
+    conn = psycopg2.connect(dsn, connect_timeout=5)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT site_id, password FROM mqtt_connection WHERE password IS NOT NULL "
+                "FOR UPDATE"
+            )
+            rows = cur.fetchall()
+            for site_id, password in rows:
+                try:
+                    plaintext = old.decrypt(password)
+                except SecretError:
+                    raise SecretError(
+                        f"the old key does not decrypt the password of site {site_id}"
+                    ) from None
+                cur.execute(
+                    "UPDATE mqtt_connection SET password = %s WHERE site_id = %s",
+                    (new.encrypt(plaintext), site_id),
+                )
+            return len(rows)
+    finally:
+        conn.close()

@@ -23,10 +23,12 @@ from mqttsvc.config import (
     ConfigError,
     OfflinePolicy,
     SiteConfig,
+    TlsSettings,
     TopicSubscription,
 )
 from mqttsvc.pool import ConnectionPool
 from mqttsvc.processing import DeviceKey
+from mqttsvc.secrets import SecretError, Secrets, is_encrypted
 from mqttsvc.site import ResumeState
 from mqttsvc.writer import BatchWriter
 
@@ -69,7 +71,7 @@ class SiteRow:
 
 _SITE_COLUMNS = """
     c.site_id, c.host, c.port, c.username, c.password, c.client_id_prefix, c.is_enabled,
-    c.protocol, c.keepalive, c.status_topic, c.device_intervals, c.offline_grace,
+    c.protocol, c.keepalive, c.status_topic, c.device_intervals, c.offline_grace, c.tls,
     c.status, c.last_connected_at, c.mqtt_retry_count,
     c.mqtt_next_retry, c.last_error, c.created_at, c.updated_at,
     COALESCE(
@@ -80,11 +82,11 @@ _SITE_COLUMNS = """
 """
 
 
-def _site_row(row: tuple[Any, ...]) -> SiteRow:
+def _site_row(row: tuple[Any, ...], secrets: Secrets | None) -> SiteRow:
     (
         site_id, host, port, username, password, prefix, enabled, protocol, keepalive,
-        status_topic, device_intervals, offline_grace, status, last_connected_at, retry_count,
-        next_retry, last_error, created, updated, topics,
+        status_topic, device_intervals, offline_grace, tls, status, last_connected_at,
+        retry_count, next_retry, last_error, created, updated, topics,
     ) = row  # fmt: skip
     # A row written by SQL may hold what the API would have refused. Keep
     # the site usable and say what was wrong rather than fail every call.
@@ -100,6 +102,19 @@ def _site_row(row: tuple[Any, ...]) -> SiteRow:
     except ConfigError as e:
         problems.append(f"{e.field} ignored: {e.message}")
         offline = OfflinePolicy()
+    try:
+        tls_settings = TlsSettings.from_settings(tls)
+    except ConfigError as e:
+        problems.append(f"{e.field} invalid, TLS settings ignored: {e.message}")
+        tls_settings = None
+    if password is not None and is_encrypted(password):
+        try:
+            if secrets is None:
+                raise SecretError("mqttsvc runs without --secret-key-file")
+            password = secrets.decrypt(password)
+        except SecretError as e:
+            problems.append(f"password cannot be decrypted ({e}); connecting without it")
+            password = None
     config = SiteConfig(
         site_id=site_id,
         host=host,
@@ -113,6 +128,7 @@ def _site_row(row: tuple[Any, ...]) -> SiteRow:
         topics=tuple(subscriptions),
         status_topic=status_topic,
         offline=offline,
+        tls=tls_settings,
     )
     return SiteRow(
         config=config,
@@ -141,16 +157,25 @@ CONFIG_COLUMNS = (
     "status_topic",
     "device_intervals",
     "offline_grace",
+    "tls",
 )
 
 
-def _config_values(config: SiteConfig) -> tuple[Any, ...]:
+def _config_values(config: SiteConfig, secrets: Secrets | None) -> tuple[Any, ...]:
     overrides = config.offline.overrides()
+    password = None
+    if config.password is not None:
+        if secrets is None:
+            raise ConfigError(
+                "password",
+                "mqttsvc runs without --secret-key-file, so it cannot store passwords",
+            )
+        password = secrets.encrypt(config.password)
     return (
         config.host,
         config.port,
         config.username,
-        config.password,
+        password,
         config.client_id_prefix,
         config.is_enabled,
         config.protocol,
@@ -158,6 +183,7 @@ def _config_values(config: SiteConfig) -> tuple[Any, ...]:
         config.status_topic,
         Json(overrides) if overrides else None,
         None if config.offline.grace == DEFAULT_GRACE else config.offline.grace,
+        None if config.tls is None else Json(config.tls.as_settings()),
     )
 
 
@@ -195,8 +221,10 @@ class Store(Service):
         rpc_connections: int = 3,
         batch_size: int = 1000,
         batch_delay: float = 0.01,
+        secrets: Secrets | None = None,
     ) -> None:
         self._reactor = reactor
+        self.secrets = secrets
         self.pool = ConnectionPool(reactor, dsn, size=rpc_connections)
         self._writer_pool = ConnectionPool(reactor, dsn, size=1)
         self.writer = BatchWriter(
@@ -227,13 +255,37 @@ class Store(Service):
         rows = await self.pool.query(
             f"SELECT {_SITE_COLUMNS} FROM mqtt_connection c WHERE c.site_id = %s", (site_id,)
         )
-        return _site_row(rows[0]) if rows else None
+        return self._rows(rows)[0] if rows else None
 
     async def list_sites(self) -> list[SiteRow]:
         rows = await self.pool.query(
             f"SELECT {_SITE_COLUMNS} FROM mqtt_connection c ORDER BY c.site_id"
         )
-        return [_site_row(r) for r in rows]
+        return self._rows(rows)
+
+    def _rows(self, rows: list[tuple[Any, ...]]) -> list[SiteRow]:
+        sites = [_site_row(r, self.secrets) for r in rows]
+        # A password written in plain text by SQL is encrypted at once.
+        plain = [(r[0], r[4]) for r in rows if r[4] is not None and not is_encrypted(r[4])]
+        if plain and self.secrets is not None:
+            Deferred.fromCoroutine(self._encrypt_plain(plain)).addErrback(
+                lambda f: self.log.warn(
+                    "encrypting stored passwords failed: {error}", error=f.getErrorMessage()
+                )
+            )
+        return sites
+
+    async def _encrypt_plain(self, plain: list[tuple[str, str]]) -> None:
+        assert self.secrets is not None
+        for site_id, password in plain:
+            await self.pool.operation(
+                "UPDATE mqtt_connection SET password = %s WHERE site_id = %s AND password = %s",
+                (self.secrets.encrypt(password), site_id, password),
+            )
+            self.log.warn(
+                "site {site_id} had its password stored in plain text; it is encrypted now",
+                site_id=site_id,
+            )
 
     async def create_site(self, config: SiteConfig) -> SiteRow:
         """
@@ -247,7 +299,7 @@ class Store(Service):
                 f"INSERT INTO mqtt_connection (site_id, {', '.join(CONFIG_COLUMNS)}) "
                 f"VALUES (%s, {', '.join(['%s'] * len(CONFIG_COLUMNS))}) "
                 "ON CONFLICT (site_id) DO NOTHING RETURNING id",
-                (config.site_id, *_config_values(config)),
+                (config.site_id, *_config_values(config, self.secrets)),
             )
             inserted = cursor.fetchall()
             if not inserted:
@@ -269,7 +321,7 @@ class Store(Service):
             await cursor.execute(
                 f"UPDATE mqtt_connection SET ({', '.join(CONFIG_COLUMNS)}) = "
                 f"({', '.join(['%s'] * len(CONFIG_COLUMNS))}) WHERE site_id = %s RETURNING id",
-                (*_config_values(config), config.site_id),
+                (*_config_values(config, self.secrets), config.site_id),
             )
             updated = cursor.fetchall()
             if not updated:

@@ -34,6 +34,7 @@ from mqttsvc.manhole import (
 from mqttsvc.metrics import Metrics
 from mqttsvc.notifications import ConfigListener
 from mqttsvc.rpc.methods import control_plane
+from mqttsvc.secrets import load_key
 from mqttsvc.service import RootService
 from mqttsvc.site import PROBE_INTERVAL
 from mqttsvc.store import Store
@@ -61,6 +62,7 @@ _ENV = {
     "log-file": "MQTTSVC_LOG_FILE",
     "log-max-bytes": "MQTTSVC_LOG_MAX_BYTES",
     "log-keep": "MQTTSVC_LOG_KEEP",
+    "secret-key-file": "MQTTSVC_SECRET_KEY_FILE",
     "manhole": "MQTTSVC_MANHOLE",
     "manhole-keys": "MQTTSVC_MANHOLE_KEYS",
     "manhole-host-key": "MQTTSVC_MANHOLE_HOST_KEY",
@@ -167,6 +169,13 @@ class Options(usage.Options):
         ],
     ]
     optParameters += [
+        [
+            "secret-key-file",
+            None,
+            None,
+            "Key that encrypts broker passwords at rest (make one with `mqttsvc generate-key`; "
+            "mode 600) [env MQTTSVC_SECRET_KEY_FILE].",
+        ],
         [
             "log-format",
             None,
@@ -284,6 +293,9 @@ def check_config(options: Options, reactor: Any) -> Tokens | None:
                 f"{database.describe(dsn)} lacks migrations {pending}; run "
                 "'mqttsvc migrate --db DSN' or start with --migrate",
             )
+    secrets = load_key(options["secret-key-file"]) if options["secret-key-file"] else None
+    database.check_secrets(dsn, secrets)
+    options["secrets"] = secrets
     return tokens
 
 
@@ -349,6 +361,7 @@ def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootS
         options["db"],
         batch_size=options["batch-size"],
         batch_delay=options["batch-delay-ms"] / 1000.0,
+        secrets=options.get("secrets"),
     )
     store.setServiceParent(root)
     supervisor = SiteSupervisor(

@@ -11,9 +11,14 @@ from typing import Any
 import treq
 from twisted.internet.defer import Deferred
 
+from mqttsvc.secrets import Secrets
 from mqttsvc.store import Store
 from mqttsvc.supervisor import SiteSupervisor
 from mqttsvc.tap import Options, buildService, check_values
+
+#: One key for the whole test run, so that services started one after the
+#: other read each other's stored passwords.
+TEST_SECRETS = Secrets(Secrets.generate_key())
 
 
 class RunningService:
@@ -29,6 +34,7 @@ class RunningService:
             ["--db", dsn, "--rpc", "tcp:0:interface=127.0.0.1", "--instance", "test", *extra_args]
         )
         check_values(options)
+        options["secrets"] = TEST_SECRETS
         self.root = buildService(options, reactor, None)
         self.store: Store = self.root.getServiceNamed("store")
         self.supervisor: SiteSupervisor = self.root.getServiceNamed("sites")

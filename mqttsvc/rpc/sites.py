@@ -14,6 +14,7 @@ from mqttsvc.config import (
     ConfigError,
     OfflinePolicy,
     SiteConfig,
+    TlsSettings,
     default_topics,
     topics_from_params,
 )
@@ -88,6 +89,14 @@ class SiteMethods:
                 required=False,
                 nullable=True,
                 description="Silent intervals before a device is offline (default 2.5).",
+            ),
+            Param(
+                "tls",
+                "object",
+                required=False,
+                nullable=True,
+                description="TLS to the broker: {ca_certs, certfile, keyfile, insecure} (paths "
+                "on mqttsvc's host); {} for the system CAs; null for plain MQTT.",
             ),
         )
         host = Param("host", "string", description="The site broker's host name or IP.")
@@ -215,6 +224,7 @@ class SiteMethods:
                 kind: c.offline.interval(kind) for kind in ("gateway", "datalogger", "sensor")
             },
             "offline_grace": c.offline.grace,
+            "tls": None if c.tls is None else c.tls.as_settings(),
             "created_at": iso(row.created_at),
             "updated_at": iso(row.updated_at),
             "config_error": row.config_error,
@@ -227,8 +237,15 @@ class SiteMethods:
             counts[self._status(row)["status"]] += 1
         return {"state": "RUNNING", "total": len(rows), **counts}
 
+    def _can_store(self, config: SiteConfig) -> None:
+        if config.password is not None and self._store.secrets is None:
+            raise invalid_params(
+                "password", "mqttsvc runs without --secret-key-file, so it cannot store passwords"
+            )
+
     async def site_create(self, call: Call) -> dict[str, Any]:
         config = _site_config(call.params, None)
+        self._can_store(config)
         try:
             row = await self._store.create_site(config)
         except SiteExists:
@@ -247,6 +264,7 @@ class SiteMethods:
     async def site_update(self, call: Call) -> dict[str, Any]:
         current = await self._row(call.params["site_id"])
         config = _site_config(call.params, current.config)
+        self._can_store(config)
         row = await self._store.update_site(config, config.topics != current.config.topics)
         if row is None:
             raise _not_found(config.site_id)
@@ -340,11 +358,13 @@ def _not_found(site_id: str) -> RPCError:
 
 
 #: The settings that site.test takes.
-_TEST_SETTINGS = frozenset({"port", "username", "password", "protocol", "keepalive"})
+_TEST_SETTINGS = frozenset({"port", "username", "password", "protocol", "keepalive", "tls"})
 
 #: Parameters of site.create and site.update that map one to one onto
 #: L{SiteConfig} fields (the stored offline policy is two columns, one field).
-_PLAIN_FIELDS = tuple(c for c in CONFIG_COLUMNS if c not in ("device_intervals", "offline_grace"))
+_PLAIN_FIELDS = tuple(
+    c for c in CONFIG_COLUMNS if c not in ("device_intervals", "offline_grace", "tls")
+)
 
 
 def _site_config(params: dict[str, Any], base: SiteConfig | None) -> SiteConfig:
@@ -370,6 +390,8 @@ def _site_config(params: dict[str, Any], base: SiteConfig | None) -> SiteConfig:
                 if "offline_grace" in params
                 else (base.offline.grace if base else None),
             )
+        if "tls" in params:
+            values["tls"] = TlsSettings.from_settings(params["tls"])
         if base is None:
             return SiteConfig(site_id=site_id, **values)
         return attrs.evolve(base, **values)
