@@ -10,6 +10,10 @@
 #   MQTTSVC_MIGRATE=1       apply pending schema migrations at start
 #   MQTTSVC_RPC             JSON-RPC listener; default here tcp:8780:interface=0.0.0.0
 #   MQTTSVC_RPC_TOKEN_FILE  token file; default here /run/secrets/mqttsvc_tokens
+#   MQTTSVC_SECRET_KEY_FILE key that encrypts broker passwords at rest (mount it
+#                           like the tokens, e.g. /run/secrets/mqttsvc_key;
+#                           make one with `mqttsvc generate-key`)
+#   every other option has its MQTTSVC_* variable (see README.md)
 #
 # The token file is REQUIRED with the default listener: mqttsvc refuses to
 # serve JSON-RPC on a non-loopback interface without one, and stops at start

@@ -293,7 +293,32 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument(
         "--db", metavar="DSN", default=os.environ.get("MQTTSVC_DB"), help="[env MQTTSVC_DB]"
     )
+    commands.add_parser(
+        "generate-key", help="print a new key for --secret-key-file (store it with mode 600)"
+    )
+    rotate = commands.add_parser(
+        "rotate-key", help="re-encrypt every stored broker password from one key to another"
+    )
+    rotate.add_argument("--old", metavar="FILE", required=True, help="the key in use now")
+    rotate.add_argument("--new", metavar="FILE", required=True, help="the key to use from now on")
+    rotate.add_argument(
+        "--db", metavar="DSN", default=os.environ.get("MQTTSVC_DB"), help="[env MQTTSVC_DB]"
+    )
     return parser
+
+
+def _rotate_key(args: argparse.Namespace) -> str:
+    from mqttsvc import database
+    from mqttsvc.secrets import SecretError, load_key
+
+    if not args.db:
+        raise UsageError("rotate-key: no database given (use --db or MQTTSVC_DB)")
+    old, new = load_key(args.old), load_key(args.new)
+    try:
+        count = database.rotate_key(args.db, old, new)
+    except SecretError as e:
+        raise ConfigError("old", f"{e}; nothing was changed") from None
+    return f"re-encrypted {count} passwords; restart mqttsvc with --secret-key-file {args.new}"
 
 
 def _client(args: argparse.Namespace) -> MqttSvcClient:
@@ -369,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             print(_migrate(args.db))
+        elif args.command == "generate-key":
+            from mqttsvc.secrets import Secrets
+
+            print(Secrets.generate_key().decode())
+        elif args.command == "rotate-key":
+            print(_rotate_key(args))
         else:
             result, human = _run(args)
             print(_as_json(result) if args.json else human(result))

@@ -512,6 +512,13 @@ class SiteService(Service):
         client = client_factory(
             reactor, config, self._message, self._lost, client_id=config.client_id(instance)
         )
+        if config.tls is not None and config.tls.insecure:
+            self.log.warn(
+                "site {site_id}: TLS certificate and host name checks are OFF (tls.insecure); "
+                "anyone on the path to {host} can read and change this site's traffic",
+                site_id=config.site_id,
+                host=config.host,
+            )
         self._core = _SiteCore(
             config=config,
             clock=reactor,

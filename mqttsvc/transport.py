@@ -38,7 +38,7 @@ from twisted.python import threadable
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mqttsvc.config import SiteConfig
+from mqttsvc.config import SiteConfig, TlsSettings
 
 #: How many MQTT packets one readable event may process before yielding to
 #: the reactor, so that one busy site cannot starve the others.
@@ -120,6 +120,23 @@ def classify_connect_error(e: BaseException) -> ConnectFailed:
     if isinstance(e, OSError):
         return ConnectFailed("network", e.strerror or str(e))
     return ConnectFailed("protocol", f"{type(e).__name__}: {e}")
+
+
+def tls_context(settings: TlsSettings) -> ssl.SSLContext:
+    """
+    The TLS context for a broker: certificates and host names verified
+    against the given CA bundle (or the system's), a client certificate for
+    mutual TLS, unless the settings explicitly opt out of checking.
+
+    Blocking (it reads files): call it from the connecting thread.
+    """
+    context = ssl.create_default_context(cafile=settings.ca_certs)
+    if settings.certfile is not None:
+        context.load_cert_chain(settings.certfile, settings.keyfile)
+    if settings.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def classify_connack(reason: ReasonCode) -> ConnectFailed:
@@ -225,6 +242,8 @@ class MQTTClient:
         self._opening: Deferred[object] | None = None
         self._opening_waiters: list[Deferred[None]] = []
         self._subscribing: dict[int, tuple[list[str], Deferred[list[SubscriptionResult]]]] = {}
+        self._tls_ready = False
+        self._socket_error: str | None = None
         self._paused = False
         self._last_rx = 0.0
         self._lost_reason: ConnectFailed | None = None
@@ -250,6 +269,7 @@ class MQTTClient:
         client.on_disconnect = self._paho_disconnect
         client.on_message = self._paho_message
         client.on_subscribe = self._paho_subscribe
+        client.on_log = self._paho_log
         if config.status_topic is not None:
             # Retained, so that whoever subscribes later still learns that
             # this site's connection is gone.
@@ -393,6 +413,12 @@ class MQTTClient:
             return
         failure = self._lost_reason or ConnectFailed("network", f"connection lost: {reason}")
         self._lost_reason = None
+        if attempt is not None and self._config.tls is not None and self._socket_error:
+            # With TLS 1.3 the broker refuses a client certificate after
+            # the handshake: it shows as the first read failing.
+            failure = ConnectFailed(
+                "tls", f"the broker ended the TLS session: {self._socket_error}"
+            )
         if attempt is not None:
             attempt.errback(failure)
         elif was_connected:
@@ -445,7 +471,7 @@ class MQTTClient:
         attempt: Deferred[bool] = Deferred()
         self._connecting = attempt
         pool = self._reactor.getThreadPool()
-        opened = self._opening = deferToThreadPool(self._reactor, pool, self._client.reconnect)
+        opened = self._opening = deferToThreadPool(self._reactor, pool, self._open)
 
         def opened_ok(rc: object) -> None:
             if self._aborted:
@@ -468,6 +494,29 @@ class MQTTClient:
 
         opened.addCallbacks(opened_ok, opened_failed).addBoth(thread_done)
         return attempt
+
+    def _open(self) -> object:
+        """
+        In the worker thread: set up TLS the first time (reading the
+        certificate files), then open the connection (DNS, TCP, TLS
+        handshake) and send CONNECT.
+        """
+        tls = self._config.tls
+        if tls is not None and not self._tls_ready:
+            try:
+                context = tls_context(tls)
+            except (OSError, ssl.SSLError) as e:
+                raise ConnectFailed("tls", f"cannot load the TLS files: {e}") from None
+            self._client.tls_set_context(context)
+            self._tls_ready = True
+        self._socket_error = None
+        return self._client.reconnect()
+
+    def _paho_log(self, client: paho.Client, userdata: object, level: int, message: str) -> None:
+        # paho reports a broken TLS session only here ("failed to receive on
+        # socket: [SSL: ...]"); keep it to name the failure.
+        if message.startswith(("failed to receive on socket", "failed to send on socket")):
+            self._socket_error = message.split(": ", 1)[-1]
 
     def _fail_attempt(self, attempt: Deferred[bool], failure: ConnectFailed) -> None:
         if self._connecting is attempt:
