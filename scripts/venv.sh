@@ -31,7 +31,10 @@ fi
 # what Twisted's plugin scan needs to find twisted/plugins/mqttsvc_plugin.py.
 "$VENV/bin/python" -m pip install --quiet -e '.[test,dev]' --config-settings editable_mode=compat
 "$VENV/bin/python" -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
-"$VENV/bin/twistd" --help | grep -q ' mqttsvc ' || {
+# Read the whole listing first: `grep -q` would close the pipe early and,
+# with pipefail, fail on twistd's broken pipe.
+listing=$("$VENV/bin/twistd" --help)
+grep -q ' mqttsvc ' <<<"$listing" || {
     echo "venv: twistd does not list the mqttsvc plugin after install" >&2
     exit 1
 }
