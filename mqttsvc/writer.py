@@ -89,7 +89,7 @@ class BatchWriter:
         pool: ConnectionPool,
         batch_size: int = 1000,
         batch_delay: float = 0.01,
-        max_retry_delay: float = 10.0,
+        max_retry_delay: float = 2.0,
         high_water: int | None = None,
         low_water: int | None = None,
         on_pressure: Callable[[bool], None] | None = None,

@@ -1,0 +1,84 @@
+"""
+The mqttsvc process itself failing under load: SIGTERM (graceful) and
+SIGKILL (a crash), then started again.  Nothing is lost, nothing doubled.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import PrivateBroker
+from tests.reliability.harness import LoadPublisher, Service, readings
+from tests.twistd_process import wait_until
+
+COUNT = 6000
+RATE = 1000.0
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_stopped_under_load_then_started(
+    signal_name: str,
+    db_dsn: str,
+    no_sites: None,
+    tmp_path: Path,
+    private_broker: PrivateBroker,
+    report: dict[str, Any],
+) -> None:
+    """
+    Every message published during the stop is committed exactly once
+    after the start: QoS 1 on a persistent session, acknowledged only
+    after commit, so the broker redelivers whatever was not committed.
+    """
+    site_id = f"proc-{signal_name.lower()}"
+    service = Service(db_dsn, tmp_path, instance="reliability")
+    service.start()
+    try:
+        service.call(
+            "site.create", {"site_id": site_id, "host": "127.0.0.1", "port": private_broker.port}
+        )
+        wait_until(
+            lambda: service.call("site.status", [site_id])["subscriptions"],
+            what="the site subscribed",
+        )
+        publisher = LoadPublisher(private_broker.port, site_id, COUNT, RATE)
+        publisher.start()
+        wait_until(
+            lambda: readings(db_dsn, site_id)[0] > COUNT // 3,
+            within=30,
+            what="a third of the load committed",
+        )
+        exit_seconds = None
+        if signal_name == "SIGTERM":
+            exit_seconds = service.terminate()
+            assert exit_seconds < 10
+        else:
+            service.kill()
+        at_stop = readings(db_dsn, site_id)[0]
+        restart = time.monotonic()
+        service.start()
+        publisher.wait()
+        final = wait_until(
+            lambda: (r := readings(db_dsn, site_id))[0] >= COUNT and r,
+            within=60,
+            what=f"all {COUNT} readings",
+        )
+        recovered = time.monotonic() - restart
+        assert final == (COUNT, COUNT), final
+        assert service.call("site.status", [site_id])["state"] == "connected"
+        report[f"mqttsvc {signal_name} under load"] = {
+            "injected": f"{signal_name} after a third of the load, then a restart",
+            "load": f"{COUNT} QoS 1 messages at {RATE:.0f}/s",
+            "published": publisher.acked,
+            "committed": final[1],
+            "duplicates": final[0] - final[1],
+            "dead_lettered": 0,
+            "committed_before_stop": at_stop,
+            "exit_seconds": None if exit_seconds is None else round(exit_seconds, 2),
+            "recovery_seconds": round(recovered, 1),
+        }
+    finally:
+        service.stop()
