@@ -1,0 +1,111 @@
+"""
+The database failing under load: its connections terminated again and
+again, then unreachable for 20 seconds behind a proxy the test cuts.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg2.extensions
+
+from tests.conftest import PrivateBroker
+from tests.reliability.harness import CuttableProxy, LoadPublisher, Service, readings, sql
+from tests.twistd_process import wait_until
+
+OUTAGE = 20.0
+
+
+def _queue_depth(metrics: str) -> float:
+    match = re.search(r"^mqttsvc_write_queue_depth (\S+)$", metrics, re.M)
+    assert match is not None
+    return float(match.group(1))
+
+
+def test_database_terminated_then_unreachable(
+    db_dsn: str,
+    no_sites: None,
+    tmp_path: Path,
+    private_broker: PrivateBroker,
+    report: dict[str, Any],
+) -> None:
+    """
+    Nothing is lost or doubled, memory stays bounded while the database is
+    away (the sites stop reading), and writing resumes within 5 s of the
+    database coming back.
+    """
+    params = psycopg2.extensions.parse_dsn(db_dsn)
+    proxy = CuttableProxy(int(params.get("port", 5432)))
+    proxied = psycopg2.extensions.make_dsn(db_dsn, host="127.0.0.1", port=proxy.port)
+    site_id = "db-failures"
+    service = Service(proxied, tmp_path, instance="reliability")
+    service.start()
+    try:
+        service.call(
+            "site.create", {"site_id": site_id, "host": "127.0.0.1", "port": private_broker.port}
+        )
+        wait_until(
+            lambda: service.call("site.status", [site_id])["subscriptions"], what="subscribed"
+        )
+        count = 40_000
+        publisher = LoadPublisher(private_broker.port, site_id, count, 1000.0)
+        publisher.start()
+        wait_until(lambda: readings(db_dsn, site_id)[0] > 1000, within=20, what="load flowing")
+
+        # Terminate the service's database connections again and again.
+        terminated = 0
+        until = time.monotonic() + 5
+        while time.monotonic() < until:
+            [(n,)] = sql(
+                db_dsn,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            terminated += n
+            time.sleep(0.3)
+        assert terminated > 0
+
+        # Then cut the database off for 20 s.
+        rss_before = service.rss_mb()
+        proxy.cut()
+        cut_at = time.monotonic()
+        at_cut = readings(db_dsn, site_id)[0]
+        depths, rss = [], []
+        while time.monotonic() - cut_at < OUTAGE:
+            depths.append(_queue_depth(service.metrics()))
+            rss.append(service.rss_mb())
+            time.sleep(1)
+        proxy.restore()
+        restored = time.monotonic()
+        wait_until(
+            lambda: readings(db_dsn, site_id)[0] > at_cut + 100, within=10, what="writing again"
+        )
+        recovery = time.monotonic() - restored
+        assert recovery < 5, recovery
+        assert max(rss) - rss_before < 50, (rss_before, max(rss))
+
+        publisher.wait()
+        final = wait_until(
+            lambda: (r := readings(db_dsn, site_id))[0] >= count and r,
+            within=90,
+            what="every reading",
+        )
+        assert final == (count, count)
+        report["database terminated, then cut for 20 s"] = {
+            "injected": f"{terminated} backends terminated over 5 s, then {OUTAGE:.0f} s "
+            "unreachable behind a cut proxy",
+            "load": f"{count} QoS 1 messages at 1000/s",
+            "published": publisher.acked,
+            "committed": final[1],
+            "duplicates": final[0] - final[1],
+            "dead_lettered": 0,
+            "max_write_queue_during_outage": max(depths),
+            "rss_mb_before_and_max_during_outage": [round(rss_before, 1), round(max(rss), 1)],
+            "recovery_seconds": round(recovery, 2),
+        }
+    finally:
+        service.stop()
+        proxy.close()

@@ -1,0 +1,110 @@
+"""
+A hundred sites flapping for a minute, then a check for anything left
+behind: reactor readers and writers, timers, busy threads, database
+connections.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.task import deferLater
+
+from mqttsvc.transport import _SocketDescriptor
+from tests.conftest import PrivateBroker
+from tests.reliability.harness import sql
+from tests.service import RunningService
+from tests.waiting import eventually
+
+SITES = 100
+FLAPPING = 60.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_hundred_sites_flapping(
+    running: RunningService,
+    db_dsn: str,
+    private_broker: PrivateBroker,
+    tmp_path: Path,
+    report: dict[str, Any],
+) -> None:
+    from twisted.internet import reactor
+
+    def descriptors() -> int:
+        return sum(
+            isinstance(d, _SocketDescriptor) for d in (*reactor.getReaders(), *reactor.getWriters())
+        )
+
+    baseline_calls = len(reactor.getDelayedCalls())
+    baseline_threads = threading.active_count()
+    sites = [f"flap-{i:03d}" for i in range(SITES)]
+    for site_id in sites:
+        await running.call(
+            "site.create",
+            {"site_id": site_id, "host": "127.0.0.1", "port": private_broker.port},
+        )
+    await eventually(
+        lambda: all(
+            (s := running.supervisor.site(i)) is not None and s.state.state == "connected"
+            for i in sites
+        ),
+        within=30,
+        what="all sites connected",
+    )
+    rng = random.Random(6)
+    actions = {"stop": 0, "start": 0, "restart": 0, "broker down": 0, "broker up": 0}
+    started = reactor.seconds()
+    broker_up = True
+    while reactor.seconds() - started < FLAPPING:
+        roll = rng.random()
+        if roll < 0.05:
+            if broker_up:
+                private_broker.stop()
+                actions["broker down"] += 1
+            else:
+                private_broker.start()
+                actions["broker up"] += 1
+            broker_up = not broker_up
+        else:
+            action = rng.choice(["stop", "start", "restart"])
+            await running.call(f"site.{action}", [rng.choice(sites)])
+            actions[action] += 1
+        await deferLater(reactor, 0.05, lambda: None)
+    if not broker_up:
+        private_broker.start()
+    for site_id in sites:
+        await running.call("site.delete", [site_id])
+    await running.store.writer.whenIdle()
+
+    assert running.supervisor.sites() == []
+    await eventually(lambda: descriptors() == 0, what="no MQTT socket left in the reactor")
+    await eventually(
+        lambda: len(reactor.getDelayedCalls()) <= baseline_calls,
+        what="no timer left behind",
+    )
+    pool = reactor.getThreadPool()
+    await eventually(lambda: not pool.working, what="no connect thread still busy")
+    assert threading.active_count() <= baseline_threads + pool.max
+    assert running.store.pool.open_connections <= 3
+    [(db_connections,)] = sql(
+        db_dsn,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid()",
+    )
+    # The control plane's pool (3), the writer's (1), the listener (1), and
+    # the test's own assertion connection.
+    assert db_connections <= 6
+    report["100 sites flapping for a minute"] = {
+        "injected": ", ".join(f"{n} {a}" for a, n in actions.items()),
+        "load": f"{SITES} sites on one broker",
+        "left_behind": {
+            "mqtt_sockets_in_reactor": descriptors(),
+            "extra_delayed_calls": len(reactor.getDelayedCalls()) - baseline_calls,
+            "busy_threads": len(pool.working),
+            "database_connections": db_connections,
+        },
+    }
