@@ -337,6 +337,17 @@ class Device(TypedDict):
     last_seen_at: str | None
 
 
+class DeviceCounts(TypedDict):
+    """
+    How many devices of one site are online, offline and unknown.
+    """
+
+    site_id: str
+    online: int
+    offline: int
+    unknown: int
+
+
 class Reading(TypedDict):
     """
     One value a sensor reported.
@@ -695,6 +706,16 @@ class MqttSvcClient:
         """
         params = _present(site_id=site_id, kind=kind, status=status)
         return cast(list[Device], self.call("device.list", params, timeout=timeout))
+
+    def device_counts(
+        self, site_id: str | None = None, *, timeout: float | None = None
+    ) -> list[DeviceCounts]:
+        """
+        Per site that has devices (or only C{site_id}): how many are
+        online, offline and unknown.
+        """
+        params = _present(site_id=site_id)
+        return cast(list[DeviceCounts], self.call("device.counts", params, timeout=timeout))
 
     def reading_list(
         self,

@@ -56,6 +56,29 @@ async def devices(
     ]
 
 
+async def device_counts(pool: ConnectionPool, site_id: str | None) -> list[dict[str, Any]]:
+    """
+    Per site (every site that has devices, or the one asked for): how many
+    devices are online, offline and unknown.
+    """
+    rows = await pool.query(
+        "SELECT site_id,"
+        "  count(*) FILTER (WHERE status = 'online'),"
+        "  count(*) FILTER (WHERE status = 'offline'),"
+        "  count(*) FILTER (WHERE status = 'unknown')"
+        " FROM (SELECT site_id, status FROM gateway"
+        "       UNION ALL SELECT site_id, status FROM datalogger"
+        "       UNION ALL SELECT site_id, status FROM sensor) d"
+        " WHERE (%(s)s::text IS NULL OR site_id = %(s)s)"
+        " GROUP BY site_id ORDER BY site_id",
+        {"s": site_id},
+    )
+    return [
+        {"site_id": site, "online": online, "offline": offline, "unknown": unknown}
+        for site, online, offline, unknown in rows
+    ]
+
+
 async def readings(
     pool: ConnectionPool, site_id: str, sensor_id: str, since: datetime | None, limit: int
 ) -> list[dict[str, Any]]:

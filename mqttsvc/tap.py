@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.application import strports
 from twisted.application.service import IService
@@ -23,7 +24,10 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from mqttsvc import database, logs
+from mqttsvc.alerts import LIMIT, AlertDispatcher, AlertRules, describe_url, http_post
 from mqttsvc.config import DEFAULT_MAX_PAYLOAD, ConfigError
+from mqttsvc.events import EventHub
+from mqttsvc.eventstream import HEARTBEAT, EventStreams
 from mqttsvc.health import readiness
 from mqttsvc.manhole import (
     load_host_key,
@@ -40,7 +44,7 @@ from mqttsvc.site import PROBE_INTERVAL
 from mqttsvc.store import Store
 from mqttsvc.supervisor import MONITOR_INTERVAL, SiteSupervisor
 from mqttsvc.tokens import Tokens, load_tokens
-from mqttsvc.web import WebApp
+from mqttsvc.web import WebApp, access_log_line
 
 DEFAULT_RPC = "tcp:8780:interface=127.0.0.1"
 #: Relative to the working directory (twistd --rundir), beside twistd.pid.
@@ -66,6 +70,8 @@ _ENV = {
     "manhole": "MQTTSVC_MANHOLE",
     "manhole-keys": "MQTTSVC_MANHOLE_KEYS",
     "manhole-host-key": "MQTTSVC_MANHOLE_HOST_KEY",
+    "events-heartbeat": "MQTTSVC_EVENTS_HEARTBEAT",
+    "alert-limit": "MQTTSVC_ALERT_LIMIT",
 }
 
 #: Defaults of the numeric options, as their text would be given.
@@ -77,6 +83,8 @@ _NUMBERS = {
     "batch-delay-ms": "10",
     "log-max-bytes": str(10 * 1024 * 1024),
     "log-keep": "10",
+    "events-heartbeat": f"{HEARTBEAT:g}",
+    "alert-limit": str(LIMIT),
 }
 
 
@@ -196,19 +204,53 @@ class Options(usage.Options):
             "Rotate the log file at this size [env MQTTSVC_LOG_MAX_BYTES; default 10485760].",
         ],
         ["log-keep", None, None, "Rotated log files to keep [env MQTTSVC_LOG_KEEP; default 10]."],
+        [
+            "events-heartbeat",
+            None,
+            None,
+            f"Seconds between heartbeat comments on /events streams "
+            f"[env MQTTSVC_EVENTS_HEARTBEAT; default {HEARTBEAT:g}].",
+        ],
+        [
+            "alert-limit",
+            None,
+            None,
+            f"Alerts per site per 10 minutes; more are summarised "
+            f"[env MQTTSVC_ALERT_LIMIT; default {LIMIT}].",
+        ],
     ]
     optFlags = [
         ["migrate", None, "Apply pending schema migrations at start [env MQTTSVC_MIGRATE=1]."],
+        [
+            "alert-device-offline",
+            None,
+            "Also alert when a device goes offline [env MQTTSVC_ALERT_DEVICE_OFFLINE=1].",
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
+        self["alert-webhook"] = []
+
+    def opt_alert_webhook(self, url: str) -> None:
+        """POST alerts to this URL; repeatable [env MQTTSVC_ALERT_WEBHOOKS, comma-separated]."""
+        self["alert-webhook"].append(url)
 
     def postOptions(self) -> None:
         for option, variable in _ENV.items():
             if self[option] is None and self._environ.get(variable):
                 self[option] = self._environ[variable]
+        if not self["alert-webhook"] and self._environ.get("MQTTSVC_ALERT_WEBHOOKS"):
+            self["alert-webhook"] = [
+                url.strip()
+                for url in self._environ["MQTTSVC_ALERT_WEBHOOKS"].split(",")
+                if url.strip()
+            ]
+        if not self["alert-device-offline"]:
+            self["alert-device-offline"] = _truthy(
+                self._environ.get("MQTTSVC_ALERT_DEVICE_OFFLINE")
+            )
         if self["rpc"] is None:
             self["rpc"] = DEFAULT_RPC
         if self["manhole-host-key"] is None:
@@ -242,6 +284,10 @@ class Options(usage.Options):
         parent["logger"] = logs.configure(self["log-format"], path, max_bytes, keep)
         if not self["migrate"]:
             self["migrate"] = self._environ.get("MQTTSVC_MIGRATE", "") in ("1", "true", "yes")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
 
 
 def _is_loopback(endpoint: Any) -> bool:
@@ -336,8 +382,18 @@ def check_values(options: Options) -> None:
         )
     for name in _NUMBERS:
         options[name] = _positive_number(name, options[name])
-    for name in ("max-payload", "batch-size"):
+    for name in ("max-payload", "batch-size", "alert-limit"):
         options[name] = int(options[name])
+    if options["alert-limit"] < 1:
+        raise ConfigError("alert-limit", "must be a whole number of at least 1")
+    for url in options["alert-webhook"]:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                "alert-webhook",
+                f"{describe_url(url) if parts.hostname else 'a URL'} must be an http:// or "
+                "https:// URL with a host",
+            )
 
 
 def _positive_number(name: str, value: str | float) -> float:
@@ -376,14 +432,38 @@ def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootS
     ConfigListener(reactor, options["db"], supervisor.notified, supervisor.resync).setServiceParent(
         root
     )
+    hub = EventHub(reactor, options["db"], store.pool)
+    hub.setServiceParent(root)
+    if options["alert-webhook"]:
+        alerts = AlertDispatcher(
+            reactor,
+            options["alert-webhook"],
+            http_post(reactor),
+            AlertRules(device_offline=options["alert-device-offline"]),
+            limit=options["alert-limit"],
+        )
+        hub.subscribe(alerts.observe)
+        alerts.setServiceParent(root)
+        log.info(
+            "alerts go to {urls}",
+            urls=", ".join(describe_url(u) for u in options["alert-webhook"]),
+        )
+    streams = EventStreams(reactor, hub, heartbeat=options["events-heartbeat"])
+    streams.setServiceParent(root)
     dispatcher = control_plane(reactor, store, supervisor)
     metrics = Metrics()
     store.writer.observe = metrics.observe_batch
     metrics.watch(supervisor, store.writer)
-    web = WebApp(dispatcher, tokens, metrics.render, partial(readiness, reactor, store, supervisor))
+    web = WebApp(
+        dispatcher,
+        tokens,
+        metrics.render,
+        partial(readiness, reactor, store, supervisor),
+        events=streams,
+    )
     if tokens is None:
         log.warn("no --rpc-token-file: the JSON-RPC API accepts calls without a token")
-    site = Site(web.resource())
+    site = Site(web.resource(), logFormatter=access_log_line)
     site.displayTracebacks = False
     http = strports.service(options["rpc"], site, reactor=reactor)
     http.setName("web")

@@ -1,21 +1,29 @@
 """
-The HTTP face of mqttsvc: JSON-RPC at C{/rpc}, Prometheus metrics at
-C{/metrics}, readiness at C{/readyz} (all three need a token) and liveness
-at C{/healthz} (open).
+The HTTP face of mqttsvc: JSON-RPC at C{/rpc}, the live event stream at
+C{/events}, Prometheus metrics at C{/metrics}, readiness at C{/readyz} (all
+four need a token), and liveness at C{/healthz} and the status page at C{/}
+(both open: the page holds no data, it asks for a token).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.logger import Logger
+from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
+from mqttsvc.events import TYPES, EventFilter
+from mqttsvc.eventstream import EventStreams
 from mqttsvc.rpc.dispatcher import INVALID_REQUEST, Dispatcher, RPCError
 from mqttsvc.tokens import Tokens
 
@@ -23,6 +31,75 @@ from mqttsvc.tokens import Tokens
 MAX_BODY = 1024 * 1024
 
 _NOT_POST = ["GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"]
+
+#: The status page: one file, no build step, no external resources.
+STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
+
+_TOKEN_IN_QUERY = re.compile(rb"((?:^|[?&])access_token=)[^&]*")
+
+
+class _RedactedRequest:
+    """
+    A request as the access log sees it: without the token that an
+    EventSource has to pass in the query string.
+    """
+
+    def __init__(self, request: IRequest) -> None:
+        self._request = request
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
+
+    @property
+    def uri(self) -> bytes:
+        uri: bytes = self._request.uri
+        return _TOKEN_IN_QUERY.sub(rb"\1<redacted>", uri)
+
+
+def access_log_line(timestamp: str, request: IRequest) -> str:
+    """
+    twisted.web's combined log format, with C{access_token} redacted.
+    """
+    line: str = combinedLogFormatter(timestamp, _RedactedRequest(request))
+    return line
+
+
+def _csp_hash(page: bytes, tag: bytes) -> str:
+    """
+    The CSP source expression of the page's (single) inline C{tag} block.
+    """
+    match = re.search(b"<%s>(.*?)</%s>" % (tag, tag), page, re.DOTALL)
+    content = match.group(1) if match else b""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(content).digest()).decode() + "'"
+
+
+def _stream_params(request: IRequest) -> tuple[EventFilter, int | None]:
+    """
+    The filters and resume point of a C{GET /events}.
+
+    @raise ValueError: naming the bad parameter.
+    """
+
+    def values(name: str) -> frozenset[str] | None:
+        found: set[str] = set()
+        for raw in request.args.get(name.encode(), []):
+            found.update(v.strip() for v in raw.decode("utf-8").split(",") if v.strip())
+        return frozenset(found) or None
+
+    types = values("type")
+    if types is not None and not types <= set(TYPES):
+        raise ValueError(
+            f"type: {', '.join(sorted(types - set(TYPES)))} is not one of {', '.join(TYPES)}"
+        )
+    last = request.getHeader(b"Last-Event-ID")
+    if last is None:
+        last = (request.args.get(b"last_event_id") or [None])[0]
+    after = None
+    if last is not None and last.strip():
+        if not re.fullmatch(rb"\s*\d{1,18}\s*", last):
+            raise ValueError("Last-Event-ID must be an event id (a whole number)")
+        after = int(last)
+    return EventFilter(values("site_id"), types), after
 
 
 def _json(request: IRequest, status: int, value: Any) -> bytes:
@@ -48,26 +125,44 @@ class WebApp:
         tokens: Tokens | None,
         metrics: Callable[[], bytes] | None = None,
         readiness: Callable[[], Awaitable[list[str]]] | None = None,
+        events: EventStreams | None = None,
     ) -> None:
         """
         @param metrics: renders the Prometheus text exposition.
         @param readiness: the reasons the service is not ready (none when
             it is).
+        @param events: serves C{GET /events}.
         """
         self._dispatcher = dispatcher
         self._tokens = tokens
         self._metrics = metrics
         self._readiness = readiness
+        self._events = events
+        self._page = STATUS_PAGE.read_bytes()
+        self._page_policy = (
+            "default-src 'none'; connect-src 'self'; img-src 'self' data:; "
+            f"script-src {_csp_hash(self._page, b'script')}; "
+            f"style-src {_csp_hash(self._page, b'style')}; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        ).encode()
 
     def resource(self) -> IResource:
         resource: IResource = self.app.resource()
         return resource
 
-    def _caller(self, request: IRequest) -> str | None:
+    def _caller(self, request: IRequest, query_token: bool = False) -> str | None:
+        """
+        Who calls, by the bearer token; with C{query_token}, a request
+        without an C{Authorization} header may pass it as C{access_token}
+        (an EventSource cannot set headers).
+        """
         if self._tokens is None:
             return "anonymous"
-        header = request.getHeader(b"Authorization") or b""
-        scheme, _, presented = header.partition(b" ")
+        header = request.getHeader(b"Authorization")
+        if header is None and query_token:
+            presented = (request.args.get(b"access_token") or [b""])[0]
+            return self._tokens.caller(presented.strip()) if presented.strip() else None
+        scheme, _, presented = (header or b"").partition(b" ")
         if scheme.lower() != b"bearer" or not presented.strip():
             return None
         return self._tokens.caller(presented.strip())
@@ -103,6 +198,30 @@ class WebApp:
     def rpc_wrong_method(self, request: IRequest) -> bytes:
         request.setHeader(b"Allow", b"POST")
         return _json(request, 405, {"error": "use POST with a JSON-RPC 2.0 body"})
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def status_page(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Content-Security-Policy", self._page_policy)
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Referrer-Policy", b"no-referrer")
+        request.setHeader(b"X-Frame-Options", b"DENY")
+        return self._page
+
+    @app.route("/events", methods=["GET"])
+    async def events(self, request: IRequest) -> bytes | None:
+        caller = self._caller(request, query_token=True)
+        if caller is None:
+            return self._refuse(request)
+        if self._events is None:
+            return _json(request, 404, {"error": "the event stream is not enabled"})
+        try:
+            wanted, after = _stream_params(request)
+        except ValueError as e:
+            return _json(request, 400, {"error": str(e)})
+        self.log.debug("event stream for {caller} (after {after})", caller=caller, after=after)
+        await self._events.serve(request, wanted, after)
+        return None
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: IRequest) -> bytes:

@@ -231,6 +231,11 @@ def test_observations_and_dead_letters(client: MqttSvcClient, site_id: str) -> N
     assert [d["device_id"] for d in client.device_list(site_id, status="online")] == [
         d["device_id"] for d in client.device_list(site_id) if d["status"] == "online"
     ]
+    counts = {
+        status: sum(d["status"] == status for d in devices)
+        for status in ("online", "offline", "unknown")
+    }
+    assert client.device_counts(site_id) == [{"site_id": site_id, **counts}]
 
     readings = client.reading_list(site_id, "s1")
     assert [(r["name"], r["value"], r["unit"]) for r in readings] == [("value", 21.5, "C")]

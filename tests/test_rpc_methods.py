@@ -211,6 +211,7 @@ async def test_openrpc_document_matches_the_registry(running: RunningService) ->
         "site.restart",
         "site.test",
         "device.list",
+        "device.counts",
         "reading.list",
         "topic.list",
         "event.list",

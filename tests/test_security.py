@@ -335,7 +335,7 @@ def test_canary_password_appears_nowhere(
         process.wait(timeout=15)
     conn = psycopg2.connect(db_dsn)
     with conn, conn.cursor() as cur:
-        for table in ("mqtt_connection", "connection_event", "dead_letter"):
+        for table in ("mqtt_connection", "connection_event", "dead_letter", "event_log"):
             cur.execute(f"SELECT * FROM {table}")
             outputs.append(repr(cur.fetchall()))
     conn.close()

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from mqttsvc import observations
 from mqttsvc.batch import write_effects
+from mqttsvc.events import record_operator_action
 from mqttsvc.processing import DeadLetter, Reading, Router, process
 from mqttsvc.rpc.dispatcher import Call, Method, Param, invalid_params
 from mqttsvc.store import Store
@@ -98,6 +99,12 @@ class ObservationMethods:
                 summary="A site's devices and their status.",
             ),
             Method(
+                "device.counts",
+                self.device_counts,
+                (some_site,),
+                summary="How many devices of each site are online, offline and unknown.",
+            ),
+            Method(
                 "reading.list",
                 self.reading_list,
                 (site_id, Param("sensor_id", "string"), since, limit),
@@ -146,6 +153,27 @@ class ObservationMethods:
             _one_of(call, "status", DEVICE_STATUSES),
         )
 
+    async def device_counts(self, call: Call) -> list[dict[str, Any]]:
+        return await observations.device_counts(self._store.pool, call.params.get("site_id"))
+
+    async def _record(self, call: Call, ids_by_site: dict[str, dict[str, list[int]]]) -> None:
+        """
+        Publish the action as one C{operator} event per site it touched.
+        """
+        for site_id, ids in sorted(ids_by_site.items()):
+            try:
+                await record_operator_action(
+                    self._store.pool, call.caller, call.method, site_id, **ids
+                )
+            except Exception as e:
+                self.log.warn(
+                    "could not record {method} by {caller} as an event: {error}",
+                    method=call.method,
+                    caller=call.caller,
+                    error=str(e).strip(),
+                )
+                return
+
     async def reading_list(self, call: Call) -> list[dict[str, Any]]:
         return await observations.readings(
             self._store.pool,
@@ -170,11 +198,15 @@ class ObservationMethods:
 
     async def deadletter_purge(self, call: Call) -> dict[str, Any]:
         rows = await self._store.pool.query(
-            "DELETE FROM dead_letter WHERE id = ANY(%s) RETURNING id", (_ids(call),)
+            "DELETE FROM dead_letter WHERE id = ANY(%s) RETURNING id, site_id", (_ids(call),)
         )
         self.log.info(
             "{count} dead letters purged by {caller}", count=len(rows), caller=call.caller
         )
+        purged: dict[str, dict[str, list[int]]] = {}
+        for id_, site_id in sorted(rows):
+            purged.setdefault(site_id, {"ids": []})["ids"].append(id_)
+        await self._record(call, purged)
         return {"purged": len(rows)}
 
     async def deadletter_replay(self, call: Call) -> dict[str, Any]:
@@ -185,6 +217,7 @@ class ObservationMethods:
         """
         wanted = _ids(call)
         sites = {row.config.site_id: row.config for row in await self._store.list_sites()}
+        by_site: dict[str, dict[str, list[int]]] = {}
 
         async def replay(cursor: Any) -> dict[str, int]:
             await cursor.execute(
@@ -193,22 +226,27 @@ class ObservationMethods:
                 (wanted,),
             )
             replayed, dead_again = 0, 0
+            by_site.clear()
             effects: list[Reading] = []
             done: list[int] = []
             reasons: list[tuple[int, str]] = []
             for id_, site_id, topic, payload, received_at in cursor.fetchall():
+                outcomes = by_site.setdefault(site_id, {"replayed": [], "dead_again": []})
                 config = sites.get(site_id)
                 if config is None:
                     reasons.append((id_, f"site {site_id} no longer exists"))
+                    outcomes["dead_again"].append(id_)
                     dead_again += 1
                     continue
                 result = process(site_id, Router(config.topics), topic, bytes(payload), received_at)
                 dead = [e for e in result if isinstance(e, DeadLetter)]
                 if dead:
                     reasons.append((id_, dead[0].reason))
+                    outcomes["dead_again"].append(id_)
                     dead_again += 1
                     continue
                 effects.extend(e for e in result if isinstance(e, Reading))
+                outcomes["replayed"].append(id_)
                 done.append(id_)
                 replayed += 1
             await write_effects(cursor, effects)
@@ -226,4 +264,5 @@ class ObservationMethods:
             caller=call.caller,
             **outcome,
         )
+        await self._record(call, by_site)
         return outcome

@@ -19,6 +19,7 @@ from mqttsvc.config import (
     topics_from_params,
 )
 from mqttsvc.connection_check import check_connection
+from mqttsvc.events import record_operator_action
 from mqttsvc.observations import iso
 from mqttsvc.rpc.dispatcher import (
     CONFLICT,
@@ -155,6 +156,24 @@ class SiteMethods:
             ),
         ]
 
+    async def _record(self, call: Call, site_id: str, **details: Any) -> None:
+        """
+        Publish the action as an C{operator} event.  The action itself is
+        done: failing to record it fails nothing but the event.
+        """
+        try:
+            await record_operator_action(
+                self._store.pool, call.caller, call.method, site_id, **details
+            )
+        except Exception as e:
+            self.log.warn(
+                "could not record {method} of {site_id} by {caller} as an event: {error}",
+                method=call.method,
+                site_id=site_id,
+                caller=call.caller,
+                error=str(e).strip(),
+            )
+
     async def _row(self, site_id: str) -> SiteRow:
         row = await self._store.get_site(site_id)
         if row is None:
@@ -258,6 +277,7 @@ class SiteMethods:
             caller=call.caller,
             enabled=config.is_enabled,
         )
+        await self._record(call, config.site_id, enabled=config.is_enabled)
         await self._supervisor.reconcile(config.site_id)
         return {**self._config(row), "status": self._status(row)}
 
@@ -275,6 +295,7 @@ class SiteMethods:
             caller=call.caller,
             fields=", ".join(changed),
         )
+        await self._record(call, config.site_id, fields=changed)
         await self._supervisor.reconcile(config.site_id)
         return {**self._config(row), "status": await self._settled_status(config.site_id)}
 
@@ -283,6 +304,7 @@ class SiteMethods:
         if not await self._store.delete_site(site_id):
             raise _not_found(site_id)
         self.log.info("site {site_id} deleted by {caller}", site_id=site_id, caller=call.caller)
+        await self._record(call, site_id)
         await self._supervisor.reconcile(site_id)
         return {"site_id": site_id, "deleted": True}
 
@@ -321,6 +343,7 @@ class SiteMethods:
             site_id=site_id,
             caller=call.caller,
         )
+        await self._record(call, site_id)
         return site_id
 
     async def _settled_status(self, site_id: str) -> dict[str, Any]:

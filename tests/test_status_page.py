@@ -1,0 +1,164 @@
+"""
+The status page in a real headless Chromium against a real C{twistd
+mqttsvc}: it asks for the token, lists the sites, turns a badge within a
+second of a broker dying, and its restart button reconnects the site.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.browser import Browser, find_browser
+from tests.conftest import BROKER_HOST, BROKER_PORT, PrivateBroker
+from tests.twistd_process import TwistdService, wait_until
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    found = find_browser()
+    if found is None:
+        if os.environ.get("MQTTSVC_TEST_SKIP_BROWSER") == "1":
+            pytest.skip("chromium or chromedriver missing (MQTTSVC_TEST_SKIP_BROWSER=1)")
+        pytest.fail(
+            "the browser test needs Chromium and chromedriver: run scripts/browser.sh ensure "
+            "(or apt-get install chromium chromium-driver); set MQTTSVC_TEST_SKIP_BROWSER=1 "
+            "to skip it"
+        )
+    chromium, driver = found
+    started = Browser(chromium, driver, tmp_path)
+    yield started
+    started.quit()
+
+
+def rpc(service: TwistdService, method: str, params: Any = None) -> Any:
+    body: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": 1}
+    if params is not None:
+        body["params"] = params
+    request = urllib.request.Request(
+        service.url,
+        data=json.dumps(body).encode(),
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {service.TOKEN}",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        reply = json.loads(response.read())
+    assert "error" not in reply, reply
+    return reply["result"]
+
+
+def badge(browser: Browser, site: str) -> str | None:
+    text: str | None = browser.run(
+        "const b = document.querySelector(`article.site[data-site='${arguments[0]}'] .badge`);"
+        "return b ? b.textContent : null;",
+        site,
+    )
+    return text
+
+
+def poll(check: Callable[[], T], within: float, what: str, interval: float = 0.02) -> T:
+    return (
+        wait_until(check, within=within, what=what)
+        if interval >= 0.05
+        else _fast(check, within, what, interval)
+    )
+
+
+def _fast(check: Callable[[], T], within: float, what: str, interval: float) -> T:
+    deadline = time.monotonic() + within
+    while True:
+        last = check()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {within}s (last: {last!r})")
+        time.sleep(interval)
+
+
+def test_status_page_shows_sites_and_reacts_live(
+    mqttsvc_service: TwistdService,
+    private_broker: PrivateBroker,
+    browser: Browser,
+    site_id: str,
+    tmp_path: Path,
+) -> None:
+    """
+    The page (phone-sized) asks for the token and lists every site; killing
+    a site's broker changes its badge within a second, from the event
+    stream; the restart button reconnects the site before its next retry
+    was due.
+    """
+    fragile, steady = f"{site_id}-fragile", f"{site_id}-steady"
+    rpc(
+        mqttsvc_service,
+        "site.create",
+        {"site_id": fragile, "host": "127.0.0.1", "port": private_broker.port},
+    )
+    rpc(
+        mqttsvc_service,
+        "site.create",
+        {"site_id": steady, "host": BROKER_HOST, "port": BROKER_PORT},
+    )
+
+    browser.get(f"http://127.0.0.1:{mqttsvc_service.port}/")
+    poll(lambda: browser.run("return !document.getElementById('login').hidden"), 10, "token form")
+    browser.type("#token", mqttsvc_service.TOKEN)
+    browser.click("#login button[type=submit]")
+    poll(
+        lambda: badge(browser, fragile) == "connected" and badge(browser, steady) == "connected",
+        10,
+        "both sites shown connected",
+    )
+    poll(
+        lambda: browser.run("return document.getElementById('live').dataset.live") == "yes",
+        5,
+        "the stream live",
+    )
+    assert browser.run("return document.documentElement.scrollWidth <= window.innerWidth")
+
+    killed = time.monotonic()
+    private_broker.stop()
+    changed = poll(
+        lambda: badge(browser, fragile) not in ("connected", None) and badge(browser, fragile),
+        3,
+        "the badge changing",
+    )
+    elapsed = time.monotonic() - killed
+    assert elapsed < 1.0, f"the badge took {elapsed:.2f}s to change"
+    assert changed in ("waiting", "connecting")
+    assert badge(browser, steady) == "connected"
+    browser.screenshot(tmp_path / "broker-killed.png")
+
+    # Let the site fail once more, so that its next retry is ~10 s away.
+    status = poll(
+        lambda: (
+            (s := rpc(mqttsvc_service, "site.status", [fragile]))["mqtt_retry_count"] >= 2
+            and s["state"] == "waiting"
+            and s
+        ),
+        15,
+        "a second failed attempt",
+        interval=0.1,
+    )
+    next_retry = datetime.fromisoformat(status["mqtt_next_retry"]).timestamp()
+    retries = "return document.querySelector(`[data-site='${arguments[0]}'] .retries`).textContent"
+    poll(lambda: browser.run(retries, fragile) == "2", 3, "the page showing two retries")
+    private_broker.start()
+    browser.click(f"article.site[data-site='{fragile}'] button[data-action='site.restart']")
+    poll(lambda: badge(browser, fragile) == "connected", 5, "the restarted site connected")
+    assert time.time() < next_retry, "connected by the restart button, not the scheduled retry"
+    recent = browser.run("return document.getElementById('events').textContent")
+    assert f"{fragile} site.restart by ops" in recent
+    browser.screenshot(tmp_path / "restarted.png")
