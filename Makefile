@@ -5,25 +5,33 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test check lint typecheck services venv clean
+.PHONY: demo test check lint typecheck services browser venv clean bench
 
 demo: $(STAMP)
 	demo/run.sh
 
-test: services $(STAMP) lint typecheck
+test: services browser $(STAMP) lint typecheck
 	$(BIN)/pytest
 
 check: lint typecheck
 
 lint: $(STAMP)
-	$(BIN)/ruff check mqttsvc tests twisted demo
-	$(BIN)/ruff format --check mqttsvc tests twisted demo
+	$(BIN)/ruff check mqttsvc tests twisted demo bench
+	$(BIN)/ruff format --check mqttsvc tests twisted demo bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 services:
 	scripts/services.sh ensure
+
+# Headless Chromium and chromedriver for the status page's browser test.
+browser:
+	scripts/browser.sh ensure
+
+# The benchmark suite at full size (about 15 minutes): writes BENCHMARKS.md.
+bench: services $(STAMP)
+	$(BIN)/python -m bench
 
 venv: $(STAMP)
 

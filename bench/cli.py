@@ -1,0 +1,464 @@
+"""
+C{python -m bench [SCENARIO ...]}: run the scenarios, repeat each
+measurement, and write C{BENCHMARKS.md} (and the raw results as JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+
+from bench import environment, report, wire, workload
+from bench.child import parse_result
+from bench.environment import Broker, Database
+
+Params = dict[str, Any]
+
+SCENARIOS = ("ingest", "latency", "sites", "offline", "control", "profile", "micro")
+
+#: Scenario sizes: C{full} is what C{make bench} runs and the issue's
+#: targets refer to; C{quick} for a faster look; C{tiny} for the smoke test.
+SIZES: dict[str, Params] = {
+    "full": {
+        "ingest_sites": 10,
+        "ingest_messages": 100_000,
+        "old_messages": 5_000,
+        "variant_messages": 15_000,
+        "latency_sites": 10,
+        "latency_rate": 5000,
+        "latency_seconds": 30,
+        "many_sites": 1000,
+        "idle_seconds": 5,
+        "devices": 100_000,
+        "offline_delay": 5.0,
+        "offline_spread": 10.0,
+        "control_seconds": 5,
+        "control_concurrency": 16,
+        "profile_messages": 30_000,
+        "micro_batch": 1000,
+    },
+    "quick": {
+        "ingest_sites": 10,
+        "ingest_messages": 20_000,
+        "old_messages": 2_000,
+        "variant_messages": 10_000,
+        "latency_sites": 10,
+        "latency_rate": 5000,
+        "latency_seconds": 5,
+        "many_sites": 1000,
+        "idle_seconds": 3,
+        "devices": 100_000,
+        "offline_delay": 5.0,
+        "offline_spread": 3.0,
+        "control_seconds": 3,
+        "control_concurrency": 16,
+        "profile_messages": 10_000,
+        "micro_batch": 1000,
+    },
+    "tiny": {
+        "ingest_sites": 5,
+        "ingest_messages": 200,
+        "old_messages": 50,
+        "variant_messages": 100,
+        "latency_sites": 5,
+        "latency_rate": 200,
+        "latency_seconds": 1,
+        "many_sites": 5,
+        "idle_seconds": 0.5,
+        "devices": 1000,
+        "offline_delay": 1.0,
+        "offline_spread": 1.0,
+        "control_seconds": 1,
+        "control_concurrency": 2,
+        "profile_messages": 200,
+        "micro_batch": 50,
+    },
+}
+
+
+class Runner:
+    """
+    Runs children and keeps their logs in one working directory.
+    """
+
+    def __init__(self, workdir: Path, verbose: bool = True) -> None:
+        self.workdir = workdir
+        self.verbose = verbose
+        self._runs = 0
+
+    def say(self, text: str) -> None:
+        if self.verbose:
+            print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    def child(self, role: str, params: Params, timeout: float) -> Any:
+        """
+        Run one child to its end (killed after C{timeout} seconds) and
+        return its result.
+        """
+        self._runs += 1
+        load = os.getloadavg()[0]
+        log = self.workdir / f"{self._runs:03d}-{role}.log"
+        with log.open("w") as stderr:
+            try:
+                done = subprocess.run(
+                    [sys.executable, "-m", "bench.child", role, json.dumps(params)],
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    text=True,
+                    timeout=timeout,
+                )
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(
+                    f"{role} did not finish within {timeout:g}s; see {log}"
+                ) from None
+        if done.returncode != 0:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{role} failed with {done.returncode}:\n{tail}")
+        result = parse_result(done.stdout)
+        # Others' load on the machine while we measured, for the report.
+        result["load_average"] = max(load, os.getloadavg()[0])
+        return result
+
+
+def _count(dsn: str, sql: str) -> int:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            row = cur.fetchone()
+            return int(row[0] or 0) if row else 0
+    finally:
+        conn.close()
+
+
+def _prime(port: int, client_ids: list[str], sites: list[str]) -> None:
+    for client_id, site in zip(client_ids, sites, strict=True):
+        wire.prime_session(port, client_id, workload.filters(site))
+
+
+def _publish_backlog(port: int, sites: list[str], count: int) -> tuple[float, int]:
+    messages, readings = workload.backlog(sites, count, time.time() - 86400)
+    packets = [wire.publish_packet(t, p, i % 65535 + 1) for i, (t, p) in enumerate(messages)]
+    return wire.publish_all(port, packets, timeout=60 + count / 1000), readings
+
+
+def ingest_rep(run: Runner, size: Params, rep: int) -> Params:
+    """
+    One repetition of the ingest scenario: one backlog, queued for three
+    consumers (mqttsvc, the bare client, the old design), drained by each
+    in turn.
+    """
+    sites = workload.site_ids(size["ingest_sites"])
+    count = size["ingest_messages"]
+    old_count = min(count, size["old_messages"])
+    mqttsvc_ids = [workload.mqttsvc_client_id(s) for s in sites]
+    bare_ids = [f"bare_{s}" for s in sites]
+    old_ids = [f"old_{s}" for s in sites]
+    timeout = 120 + count / 500
+    with (
+        Broker(run.workdir / f"ingest-{rep}") as broker,
+        Database("ingest") as db,
+        Database("old") as old_db,
+    ):
+        workload.insert_sites(db.dsn, sites, broker.port)
+        for ids in (mqttsvc_ids, bare_ids, old_ids):
+            _prime(broker.port, ids, sites)
+        publish_seconds, readings = _publish_backlog(broker.port, sites, count)
+        run.say(f"ingest {rep}: {count} messages queued in {publish_seconds:.1f}s")
+
+        def bare() -> Params:
+            params = {"port": broker.port, "client_ids": bare_ids, "expected": count}
+            return run.child("drain-bare", {**params, "timeout": timeout}, timeout + 30)
+
+        def mqttsvc() -> Params:
+            params = {"dsn": db.dsn, "expected": count, "timeout": timeout}
+            return run.child("ingest-mqttsvc", params, timeout + 60)
+
+        # Alternate who goes first, so that neither always meets the
+        # broker with more queued for the others.
+        if rep % 2 == 0:
+            bare_result, mqttsvc_result = bare(), mqttsvc()
+        else:
+            mqttsvc_result, bare_result = mqttsvc(), bare()
+        old_params = {"port": broker.port, "dsn": old_db.dsn, "client_ids": old_ids}
+        old_result = run.child(
+            "drain-old", {**old_params, "expected": old_count, "timeout": timeout}, timeout + 30
+        )
+        old_result["rate"] = old_result["messages"] / old_result["seconds"]
+        bare_result["rate"] = bare_result["messages"] / bare_result["seconds"]
+        left = sum(wire.count_queued(broker.port, c, wait=0.3) for c in mqttsvc_ids)
+        counted = _count(db.dsn, "SELECT sum(message_count) FROM discovered_topic")
+        stored = _count(db.dsn, "SELECT count(*) FROM sensor_reading")
+        dead = _count(db.dsn, "SELECT count(*) FROM dead_letter")
+    result = {
+        "messages": count,
+        "publish_seconds": publish_seconds,
+        "bare": bare_result,
+        "mqttsvc": mqttsvc_result,
+        "old": old_result,
+        "check": {
+            "topics_counted": counted,
+            "readings_expected": readings,
+            "readings_stored": stored,
+            "dead_letters": dead,
+            "left_on_broker": left,
+            "ok": counted == count and stored == readings and dead == 0 and left == 0,
+        },
+        "ratio_vs_bare": mqttsvc_result["rate"] / bare_result["rate"],
+        "speedup_vs_old": mqttsvc_result["rate"] / old_result["rate"],
+    }
+    run.say(
+        f"ingest {rep}: mqttsvc {mqttsvc_result['rate']:.0f}/s, bare {bare_result['rate']:.0f}/s, "
+        f"old {old_result['rate']:.0f}/s, checks {'ok' if result['check']['ok'] else 'FAILED'}"
+    )
+    return result
+
+
+#: Ingest variants: (label, broker overrides, site protocol, Receive
+#: Maximum mqttsvc asks for, whether batches are written the proposed way).
+VARIANTS: list[tuple[str, dict[str, str], str, int | None, bool]] = [
+    ("3.1.1, broker window 1000 (as the headline)", {}, "3.1.1", None, False),
+    (
+        "3.1.1, broker window 20 (Mosquitto's default)",
+        {"max_inflight_messages": "20"},
+        "3.1.1",
+        None,
+        False,
+    ),
+    (
+        "MQTT 5, broker window 20, Receive Maximum 1000 (proposed)",
+        {"max_inflight_messages": "20"},
+        "5",
+        1000,
+        False,
+    ),
+    (
+        "3.1.1, broker window 1000, batch in one round trip with array literals (proposed)",
+        {},
+        "3.1.1",
+        None,
+        True,
+    ),
+]
+
+
+def variant_rep(run: Runner, size: Params, rep: int, variant: int) -> Params:
+    label, overrides, protocol, receive_maximum, batch_write = VARIANTS[variant]
+    sites = workload.site_ids(size["ingest_sites"])
+    count = size["variant_messages"]
+    ids = [workload.mqttsvc_client_id(s) for s in sites]
+    timeout = 120 + count / 200
+    with (
+        Broker(run.workdir / f"variant-{variant}-{rep}", overrides) as broker,
+        Database("variant") as db,
+    ):
+        workload.insert_sites(db.dsn, sites, broker.port, protocol)
+        _prime(broker.port, ids, sites)
+        _publish_backlog(broker.port, sites, count)
+        params = {"dsn": db.dsn, "expected": count, "timeout": timeout}
+        if receive_maximum:
+            params["receive_maximum"] = receive_maximum
+        if batch_write:
+            params["batch_write"] = True
+        result = run.child("ingest-mqttsvc", params, timeout + 60)
+        left = sum(wire.count_queued(broker.port, c, wait=0.3) for c in ids)
+    result["label"] = label
+    result["left_on_broker"] = left
+    run.say(f"ingest variant {label} {rep}: {result['rate']:.0f}/s")
+    return result
+
+
+def latency_rep(run: Runner, size: Params, rep: int) -> Params:
+    sites = workload.site_ids(size["latency_sites"])
+    rate, seconds = size["latency_rate"], size["latency_seconds"]
+    with Broker(run.workdir / f"latency-{rep}") as broker, Database("latency") as db:
+        workload.insert_sites(db.dsn, sites, broker.port)
+        common = {"port": broker.port, "sites": sites, "rate": rate, "seconds": seconds}
+        mqttsvc = run.child("latency-mqttsvc", {**common, "dsn": db.dsn}, seconds + 120)
+        # The bare client's sessions are made only now, so that they hold
+        # nothing from mqttsvc's run.
+        bare_ids = [f"bare_{s}" for s in sites]
+        _prime(broker.port, bare_ids, sites)
+        bare = run.child("latency-bare", {**common, "client_ids": bare_ids}, seconds + 120)
+    run.say(
+        f"latency {rep}: mqttsvc p50 {mqttsvc['p50_ms']:.1f} p99 {mqttsvc['p99_ms']:.1f} ms; "
+        f"bare p99 {bare['p99_ms']:.1f} ms"
+    )
+    return {"mqttsvc": mqttsvc, "bare": bare}
+
+
+def many_sites_rep(run: Runner, size: Params, rep: int, control: bool, bare: bool) -> Params:
+    sites = workload.site_ids(size["many_sites"])
+    with Broker(run.workdir / f"sites-{rep}") as broker, Database("sites") as db:
+        workload.insert_sites(db.dsn, sites, broker.port)
+        params: Params = {
+            "dsn": db.dsn,
+            "sites": sites,
+            "timeout": 120,
+            "idle_seconds": size["idle_seconds"],
+        }
+        if control:
+            params["control_seconds"] = size["control_seconds"]
+            params["concurrency"] = size["control_concurrency"]
+        budget = 300 + 4 * size["control_seconds"] + size["idle_seconds"]
+        mqttsvc = run.child("many-sites", params, budget)
+        result: Params = {"mqttsvc": mqttsvc}
+        if bare:
+            bare_params = {
+                "port": broker.port,
+                "sites": sites,
+                "idle_seconds": size["idle_seconds"],
+                "timeout": 120,
+            }
+            result["bare"] = run.child("sites-bare", bare_params, 240)
+    run.say(
+        f"sites {rep}: {len(sites)} connected in {mqttsvc['connect_seconds']:.2f}s, "
+        f"RSS {mqttsvc['rss_mb']:.0f} MB, idle CPU {mqttsvc['idle_cpu_percent']:.1f}%"
+    )
+    return result
+
+
+def offline_rep(run: Runner, size: Params, rep: int) -> Params:
+    with Database("offline") as db:
+        params = {
+            "dsn": db.dsn,
+            "devices": size["devices"],
+            "delay": size["offline_delay"],
+            "spread": size["offline_spread"],
+        }
+        result: Params = run.child(
+            "offline", params, 180 + size["offline_delay"] + size["offline_spread"]
+        )
+    run.say(
+        f"offline {rep}: marked p99 {result['marked']['p99_ms']:.1f} ms, "
+        f"committed p99 {result['committed']['p99_ms']:.1f} ms"
+    )
+    return result
+
+
+def profile_run(run: Runner, size: Params) -> Params:
+    sites = workload.site_ids(size["ingest_sites"])
+    count = size["profile_messages"]
+    ids = [workload.mqttsvc_client_id(s) for s in sites]
+    with Broker(run.workdir / "profile") as broker, Database("profile") as db:
+        workload.insert_sites(db.dsn, sites, broker.port)
+        _prime(broker.port, ids, sites)
+        _publish_backlog(broker.port, sites, count)
+        params = {"dsn": db.dsn, "expected": count, "timeout": 300, "profile": True}
+        result: Params = run.child("ingest-mqttsvc", params, 400)
+    run.say(f"profile: {count} messages at {result['rate']:.0f}/s under cProfile")
+    return result
+
+
+def micro_rep(run: Runner, size: Params) -> Params:
+    with Database("micro") as db:
+        result: Params = run.child("micro", {"dsn": db.dsn, "batch": size["micro_batch"]}, 300)
+    run.say(f"micro: adaptation {result['adapt_ms']:.0f} ms, server {result['server_ms']:.0f} ms")
+    return result
+
+
+def run_scenarios(names: list[str], size: Params, reps: int, run: Runner) -> dict[str, Any]:
+    """
+    Run the named scenarios, each C{reps} times; the results by scenario.
+    """
+    results: dict[str, Any] = {}
+    if "ingest" in names:
+        results["ingest"] = [ingest_rep(run, size, r) for r in range(reps)]
+        results["ingest_variants"] = [
+            [variant_rep(run, size, r, v) for r in range(reps)] for v in range(len(VARIANTS))
+        ]
+    if "latency" in names:
+        results["latency"] = [latency_rep(run, size, r) for r in range(reps)]
+    if "sites" in names or "control" in names:
+        reps_results = [
+            many_sites_rep(run, size, r, "control" in names, "sites" in names) for r in range(reps)
+        ]
+        if "sites" in names:
+            results["sites"] = reps_results
+        if "control" in names:
+            results["control"] = [r["mqttsvc"]["control"] for r in reps_results]
+    if "offline" in names:
+        results["offline"] = [offline_rep(run, size, r) for r in range(reps)]
+    if "profile" in names:
+        results["profile"] = profile_run(run, size)
+    if "micro" in names:
+        results["micro"] = [micro_rep(run, size) for _ in range(reps)]
+    return results
+
+
+def _parse_set(values: list[str]) -> Params:
+    overrides: Params = {}
+    for item in values:
+        key, _, value = item.partition("=")
+        overrides[key] = float(value) if "." in value else int(value)
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="Benchmark mqttsvc against its baselines."
+    )
+    parser.add_argument(
+        "scenarios", nargs="*", metavar="SCENARIO", help=f"any of {', '.join(SCENARIOS)} (all)"
+    )
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--quick", action="store_const", const="quick", dest="size")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions (3)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one size"
+    )
+    parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw results")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only rewrite the report from the raw results of an earlier run",
+    )
+    args = parser.parse_args(argv)
+    if args.render is not None:
+        args.output.write_text(report.render(json.loads(args.render.read_text()), args.output))
+        return 0
+    names = args.scenarios or list(SCENARIOS)
+    unknown = set(names) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
+    size = {**SIZES[args.size], **_parse_set(args.set)}
+    environment.raise_file_limit()
+    workdir = Path(tempfile.mkdtemp(prefix="mqttsvc-bench-"))
+    run = Runner(workdir)
+    started = time.time()
+    try:
+        results = run_scenarios(names, size, args.reps, run)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    document = {
+        "size": args.size,
+        "sizes": size,
+        "reps": args.reps,
+        "scenarios": names,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "duration_s": time.time() - started,
+        "machine": environment.machine(),
+        "versions": environment.versions(),
+        "broker": environment.BROKER_SETTINGS,
+        "results": results,
+    }
+    if args.json is not None:
+        args.json.write_text(json.dumps(document, indent=1))
+    args.output.write_text(report.render(document, args.output))
+    run.say(f"wrote {args.output} after {document['duration_s']:.0f}s")
+    return 0

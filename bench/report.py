@@ -1,0 +1,614 @@
+"""
+C{BENCHMARKS.md} from the results of a run.
+
+Everything but the analysis is generated.  The analysis (why a target is
+missed, what to change) is written by hand between the markers
+L{ANALYSIS_START} and L{ANALYSIS_END}; a new run keeps it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.stats import summary
+
+ANALYSIS_START = "<!-- analysis: written by hand, kept by `make bench` -->"
+ANALYSIS_END = "<!-- /analysis -->"
+
+Row = tuple[str, str, Sequence[float], str, Callable[[float], bool] | None]
+
+
+def _fmt(value: float, unit: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if unit in ("x",):
+        return f"{value:.2f}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _table(rows: list[Row]) -> list[str]:
+    out = [
+        "| figure | unit | median | min | max | target | met |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for name, unit, values, target, check in rows:
+        s = summary(values)
+        met = "" if check is None else ("yes" if check(s["median"]) else "**no**")
+        out.append(
+            f"| {name} | {unit} | {_fmt(s['median'], unit)} | {_fmt(s['min'], unit)} | "
+            f"{_fmt(s['max'], unit)} | {target} | {met} |"
+        )
+    return out
+
+
+def _get(items: Sequence[Any], *path: str) -> list[float]:
+    values = []
+    for item in items:
+        for key in path:
+            item = item[key]
+        values.append(item)
+    return values
+
+
+def _ingest(results: dict[str, Any]) -> list[Row]:
+    reps = results["ingest"]
+    rows: list[Row] = [
+        ("mqttsvc: ingest rate", "msg/s", _get(reps, "mqttsvc", "rate"), "", None),
+        ("bare paho client: drain rate", "msg/s", _get(reps, "bare", "rate"), "", None),
+        (
+            "**mqttsvc / bare client**",
+            "x",
+            _get(reps, "ratio_vs_bare"),
+            "≥ 0.6",
+            lambda v: v >= 0.6,
+        ),
+        ("old design: per-message transaction", "msg/s", _get(reps, "old", "rate"), "", None),
+        ("**mqttsvc speed-up over the old design**", "x", _get(reps, "speedup_vs_old"), "", None),
+        ("mqttsvc: CPU per message", "µs", _get(reps, "mqttsvc", "cpu_us_per_message"), "", None),
+        (
+            "bare client: CPU per message",
+            "µs",
+            [1e6 * r["bare"]["cpu_seconds"] / r["bare"]["messages"] for r in reps],
+            "",
+            None,
+        ),
+        ("mqttsvc: mean batch", "messages", _get(reps, "mqttsvc", "mean_batch"), "", None),
+        ("mqttsvc: median batch write", "ms", _get(reps, "mqttsvc", "batch_write_ms"), "", None),
+        (
+            "mqttsvc: writer busy (writing / wall)",
+            "%",
+            _get(reps, "mqttsvc", "writer_busy_percent"),
+            "",
+            None,
+        ),
+        ("mqttsvc: peak RSS while ingesting", "MB", _get(reps, "mqttsvc", "rss_peak_mb"), "", None),
+        (
+            "every message committed and acked (checks passed)",
+            "reps",
+            [sum(1 for r in reps if r["check"]["ok"])],
+            f"{len(reps)} of {len(reps)}",
+            lambda v: v == len(reps),
+        ),
+    ]
+    for variant in results.get("ingest_variants", []):
+        label = variant[0]["label"]
+        rows.append((f"variant {label}: rate", "msg/s", _get(variant, "rate"), "", None))
+        ratios = [v["rate"] / r["bare"]["rate"] for v, r in zip(variant, reps, strict=False)]
+        rows.append((f"variant {label}: / bare client", "x", ratios, "", None))
+    return rows
+
+
+def _latency(results: dict[str, Any]) -> list[Row]:
+    reps = results["latency"]
+    return [
+        ("achieved publish rate", "msg/s", _get(reps, "mqttsvc", "publisher", "rate"), "", None),
+        ("mqttsvc: publish-to-commit p50", "ms", _get(reps, "mqttsvc", "p50_ms"), "", None),
+        (
+            "**mqttsvc: publish-to-commit p99**",
+            "ms",
+            _get(reps, "mqttsvc", "p99_ms"),
+            "≤ 50",
+            lambda v: v <= 50,
+        ),
+        ("mqttsvc: max", "ms", _get(reps, "mqttsvc", "max_ms"), "", None),
+        ("bare client: publish-to-receive p50", "ms", _get(reps, "bare", "p50_ms"), "", None),
+        ("bare client: publish-to-receive p99", "ms", _get(reps, "bare", "p99_ms"), "", None),
+        (
+            "mqttsvc p99 / bare client p99",
+            "x",
+            [r["mqttsvc"]["p99_ms"] / r["bare"]["p99_ms"] for r in reps],
+            "",
+            None,
+        ),
+        ("mqttsvc: CPU while loaded", "%", _get(reps, "mqttsvc", "cpu_percent"), "", None),
+        ("mqttsvc: mean batch", "messages", _get(reps, "mqttsvc", "mean_batch"), "", None),
+        ("mqttsvc: median batch write", "ms", _get(reps, "mqttsvc", "batch_write_ms"), "", None),
+    ]
+
+
+def _sites(results: dict[str, Any]) -> list[Row]:
+    reps = results["sites"]
+    count = reps[0]["mqttsvc"]["sites"]
+    rows: list[Row] = [
+        (
+            f"**mqttsvc: start to all {count} connected**",
+            "s",
+            _get(reps, "mqttsvc", "connect_seconds"),
+            "≤ 10",
+            lambda v: v <= 10,
+        ),
+        (
+            "**mqttsvc: resident memory, all connected**",
+            "MB",
+            _get(reps, "mqttsvc", "rss_mb"),
+            "≤ 150",
+            lambda v: v <= 150,
+        ),
+        (
+            "mqttsvc: of which the service tree and sites",
+            "MB",
+            _get(reps, "mqttsvc", "rss_increase_mb"),
+            "",
+            None,
+        ),
+        (
+            "mqttsvc: peak RSS (incl. control-plane load)",
+            "MB",
+            _get(reps, "mqttsvc", "rss_peak_mb"),
+            "",
+            None,
+        ),
+        ("mqttsvc: CPU while idle", "%", _get(reps, "mqttsvc", "idle_cpu_percent"), "", None),
+    ]
+    if "bare" in reps[0]:
+        rows += [
+            (
+                "bare paho clients: all connected",
+                "s",
+                _get(reps, "bare", "connect_seconds"),
+                "",
+                None,
+            ),
+            ("bare paho clients: RSS", "MB", _get(reps, "bare", "rss_mb"), "", None),
+            (
+                "bare paho clients: of which the clients",
+                "MB",
+                _get(reps, "bare", "rss_increase_mb"),
+                "",
+                None,
+            ),
+            (
+                "bare paho clients: CPU while idle",
+                "%",
+                _get(reps, "bare", "idle_cpu_percent"),
+                "",
+                None,
+            ),
+            (
+                "mqttsvc / bare: memory for the sites",
+                "x",
+                [r["mqttsvc"]["rss_increase_mb"] / r["bare"]["rss_increase_mb"] for r in reps],
+                "",
+                None,
+            ),
+        ]
+    return rows
+
+
+def _offline(results: dict[str, Any]) -> list[Row]:
+    reps = results["offline"]
+    return [
+        ("devices", "", _get(reps, "devices"), "", None),
+        ("deadlines spread over", "s", _get(reps, "deadline_span_s"), "", None),
+        ("marked offline after deadline: p50", "ms", _get(reps, "marked", "p50_ms"), "", None),
+        (
+            "**marked offline after deadline: p99**",
+            "ms",
+            _get(reps, "marked", "p99_ms"),
+            "≤ 1000",
+            lambda v: v <= 1000,
+        ),
+        ("marked offline: max", "ms", _get(reps, "marked", "max_ms"), "", None),
+        (
+            "offline committed after deadline: p99",
+            "ms",
+            _get(reps, "committed", "p99_ms"),
+            "",
+            None,
+        ),
+        ("CPU to register a device (seen)", "µs", _get(reps, "register_us_per_device"), "", None),
+        (
+            "CPU per device expiring (mark + write)",
+            "µs",
+            _get(reps, "expiry_us_per_device"),
+            "",
+            None,
+        ),
+        ("CPU while deadlines expire", "%", _get(reps, "expiry_cpu_percent"), "", None),
+        ("CPU while idle, before", "%", _get(reps, "idle_cpu_percent"), "", None),
+    ]
+
+
+def _control(results: dict[str, Any]) -> list[Row]:
+    reps = results["control"]
+    rows: list[Row] = [
+        ("baseline GET /healthz", "req/s", _get(reps, "healthz", "rate"), "", None),
+        ("baseline GET /healthz p99", "ms", _get(reps, "healthz", "p99_ms"), "", None),
+    ]
+    for method in ("site.status", "service.status"):
+        rows += [
+            (
+                f"**{method}**",
+                "req/s",
+                _get(reps, method, "rate"),
+                "≥ 1,500",
+                lambda v: v >= 1500,
+            ),
+            (f"**{method} p99**", "ms", _get(reps, method, "p99_ms"), "≤ 20", lambda v: v <= 20),
+            (f"{method} p50", "ms", _get(reps, method, "p50_ms"), "", None),
+            (
+                f"{method} / healthz rate",
+                "x",
+                [r[method]["rate"] / r["healthz"]["rate"] for r in reps],
+                "",
+                None,
+            ),
+            (f"{method}: server CPU", "%", _get(reps, method, "server_cpu_percent"), "", None),
+            (f"{method}: errors", "", _get(reps, method, "errors"), "0", lambda v: v == 0),
+        ]
+    rows += [
+        (
+            "`store.list_sites()` (what service.status runs)",
+            "ms",
+            _get(reps, "queries", "list_sites_ms"),
+            "",
+            None,
+        ),
+        (
+            "`SELECT site_id, status` (all it needs)",
+            "ms",
+            _get(reps, "queries", "status_columns_ms"),
+            "",
+            None,
+        ),
+        (
+            "`store.get_site()` (what site.status runs per call)",
+            "ms",
+            _get(reps, "queries", "get_site_ms"),
+            "",
+            None,
+        ),
+    ]
+    return rows
+
+
+def _micro(reps: list[dict[str, Any]]) -> list[str]:
+    batch = reps[0]["batch"]
+    rows: list[Row] = [
+        ("`process()`: route, parse, effects", "µs/msg", _get(reps, "process_us"), "", None),
+        (
+            "  of which canonical `json.dumps` of the payload",
+            "µs/msg",
+            _get(reps, "canonical_json_us"),
+            "",
+            None,
+        ),
+        (
+            "`ReceivedMessage` (frozen attrs) per message",
+            "µs/msg",
+            _get(reps, "received_message_us"),
+            "",
+            None,
+        ),
+        (
+            "a Deferred + `addCallbacks` + `callback` per message",
+            "µs/msg",
+            _get(reps, "deferred_us"),
+            "",
+            None,
+        ),
+        ("`write_effects` fold into rows (Python)", "ms/batch", _get(reps, "fold_ms"), "", None),
+        (
+            "psycopg2 adapting the row lists (`mogrify`), today",
+            "ms/batch",
+            _get(reps, "adapt_ms"),
+            "",
+            None,
+        ),
+        ("  same, timestamps as epoch floats", "ms/batch", _get(reps, "adapt_epoch_ms"), "", None),
+        (
+            "  same, each column one array-literal string",
+            "ms/batch",
+            _get(reps, "adapt_literal_ms"),
+            "",
+            None,
+        ),
+        (
+            "server: the statements, today (one round trip each)",
+            "ms/batch",
+            _get(reps, "server_ms"),
+            "",
+            None,
+        ),
+        (
+            "server: same, columns as array literals",
+            "ms/batch",
+            _get(reps, "server_literal_ms"),
+            "",
+            None,
+        ),
+        (
+            "server: all statements in one round trip",
+            "ms/batch",
+            _get(reps, "server_one_round_trip_ms"),
+            "",
+            None,
+        ),
+    ]
+    return [
+        f"mqttsvc's own functions on one batch of {batch:,} benchmark messages "
+        f"({reps[0]['statements']} statements), median of 7 runs each (`bench/micro.py`); "
+        "the server figures execute the batch's statements on a fresh database (once "
+        "committed first, so that the timed runs update existing rows, then rolled back).",
+        "",
+        *_table(rows),
+    ]
+
+
+def _loads(items: Any) -> list[float]:
+    found: list[float] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            if "load_average" in value:
+                found.append(value["load_average"])
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(items)
+    return found
+
+
+#: What the profile's usual top entries are.
+MEANINGS = {
+    "epoll": "idle: the reactor waiting for sockets (broker, database)",
+    "psycopg2.extensions.cursor' objects>": (
+        "psycopg2 adapting the batch's Python lists (datetimes, strings) element by element "
+        "into SQL, and sending"
+    ),
+    "iterencode": "json.dumps: re-encoding each payload to canonical text for last_payload",
+    "addCallbacks": "a Deferred and two closures per message (commit → PUBACK)",
+    "_packet_read": "paho: reading a packet (byte-wise recv of header and length)",
+    "ReceivedMessage": "attrs frozen ReceivedMessage built per message",
+    "site.py": (
+        "SiteService._message: per-message glue (process, offline detector, submit, ack callbacks)"
+    ),
+    "batch.py": "folding effects into rows for one statement per table",
+    "decode_publish": "paho: decoding PUBLISH",
+    "_handle_publish": "paho: PUBLISH handling, MQTTMessage object",
+    "_handle_on_message": "paho: dispatching to on_message (after matching per-topic callbacks)",
+    "iter_match": "paho: matching the topic against per-topic callbacks (none are registered)",
+    "_packet_handle": "paho: dispatch by packet type",
+    "processing.py:305(process)": "process(): route, parse, build effects",
+    "processing.py": "message processing (routing, parsing, effects)",
+    "recv": "socket reads (paho reads 1 byte, then length bytes, then the body)",
+    "_easy_log": "paho: debug log call per packet (no logger, but still a call)",
+    "_runCallbacks": "Deferred machinery",
+    "astuple": "attrs.astuple per Reading/dead letter row",
+    "fromtimestamp": "datetime per message (receive time) and per status change",
+    "isinstance": "type dispatch in fold and processing",
+    "offline.py": "offline detector: new deadline per device message",
+    "writer.py": "BatchWriter.submit: queue entry and Deferred per message",
+    "callLater": "timers (writer flush, offline detector re-arm)",
+    "json/decoder": "json.loads of the payload",
+    "send": "socket sends (PUBACKs, queries)",
+    "txpostgres": "txpostgres: query dispatch and polling",
+    "_paho_message": "transport: paho message to ReceivedMessage",
+    "_readable": "transport: reading packets within the read budget",
+    "doRead": "reactor: socket readable",
+    "_inlineCallbacks": "coroutine/Deferred trampolining",
+    "write_effects": "the batch: fold + one statement per table",
+    "_write_rows": "rows → column arrays, then execute",
+    "mainLoop": "the whole reactor run",
+    "run": "",
+}
+
+
+def _meaning(function: str) -> str:
+    for key, text in MEANINGS.items():
+        if key in function:
+            return text
+    return ""
+
+
+def _short(function: str) -> str:
+    """
+    A profiled function's name without the directory mqttsvc was run from.
+    """
+    for package in ("/mqttsvc/", "/bench/"):
+        if package in function and not function.startswith(package[1:]):
+            return package[1:] + function.split(package, 1)[1]
+    return function
+
+
+def _profile(profile: dict[str, Any]) -> list[str]:
+    top = profile["profile"]
+    out = [
+        f"{profile['messages']:,} messages through the whole path (10 sites, backlog drained, "
+        f"committed and acknowledged) under cProfile, {profile['rate']:,.0f} msg/s with the "
+        f"profiler on; {top['total_s']:.2f} s profiled on the reactor thread.",
+        "",
+        "Top by own time:",
+        "",
+        "| own s | share | calls | function | what it is |",
+        "| ---: | ---: | ---: | --- | --- |",
+    ]
+    for row in top["by_own"][:12]:
+        out.append(
+            f"| {row['own_s']:.3f} | {row['own_percent']:.1f}% | {row['calls']:,} | "
+            f"`{_short(row['function'])}` | {_meaning(row['function'])} |"
+        )
+    out += [
+        "",
+        "Top by cumulative time (below the reactor's own frames):",
+        "",
+        "| cumulative s | calls | function | what it is |",
+        "| ---: | ---: | --- | --- |",
+    ]
+    skip = ("base.py", "log.py", "context.py", "posixbase.py", "epollreactor.py", "_contextvars")
+    shown = [r for r in top["by_cumulative"] if not any(s in r["function"] for s in skip)]
+    for row in shown[:12]:
+        out.append(
+            f"| {row['cumulative_s']:.3f} | {row['calls']:,} | `{_short(row['function'])}` | "
+            f"{_meaning(row['function'])} |"
+        )
+    return out
+
+
+METHOD = """\
+## Method
+
+Every measurement runs in a child process of its own (`python -m bench.child ROLE`), with
+a fresh reactor, against a **private Mosquitto** (its own port and configuration, started
+per repetition) and a **fresh PostgreSQL database** (created, migrated with
+`mqttsvc.database.migrate`, dropped). Only 127.0.0.1 is used. mqttsvc runs **in-process**,
+built exactly as `twistd mqttsvc` builds it (`tap.Options`, `tap.check_values`,
+`tap.buildService`): the benchmark reads the sites' and the writer's own counters, hooks
+the commit of each message to time it, and profiles the reactor thread — none of which a
+`twistd` subprocess would show — while the child process keeps memory and CPU figures
+mqttsvc's own. Sites are written into `mqtt_connection`/`mqtt_topic` by SQL, as the
+backend does, with the default topics. Every wait has a deadline; a child that overruns is
+killed.
+
+Broker settings (every private broker): {broker}. `max_queued_messages 0` keeps the whole
+backlog (the default, 1000, drops the rest). `max_inflight_messages` is the per-client window
+of unacknowledged QoS 1 messages for MQTT 3.1.1 subscribers; mqttsvc acknowledges only after
+its commit, so with Mosquitto's default of 20 each site can have only 20 messages in hand. It
+is raised to 1000 (one batch) for the headline runs; the variants below measure the default,
+and MQTT 5 sites asking for a Receive Maximum of 1000 (Mosquitto honours a v5 client's
+Receive Maximum over `max_inflight_messages`, and falls back to 20 when the client sends
+none, which is what mqttsvc does today: the bench adds the property by patching paho's
+`connect_async` in its own process). `max_connections -1` lets 1,000 sites connect; the real
+bound is the broker's file-descriptor limit, which it inherits from the benchmark (raised
+with `resource.setrlimit` to 16,384 where the hard limit allows).
+
+The message mix: per site 20 gateways, 100 dataloggers, 1,000 sensors; of every 20
+messages one gateway heartbeat, three datalogger heartbeats and sixteen sensor messages (a
+quarter with two values). Every payload starts with its `ts`, so receivers read the send
+time without parsing. The backlog and the steady load are published by a raw MQTT 3.1.1
+socket that pipelines QoS 1 publishes (`bench/wire.py`), so producing load never limits a
+measurement.
+
+- **Ingest.** A backlog of {ingest_messages:,} messages over {ingest_sites} sites is
+  queued (QoS 1, persistent sessions primed beforehand) for three consumers at once; each
+  drains it in turn (mqttsvc and the bare client alternate who goes first). *mqttsvc*: from
+  `startService()` until every site's `messages_committed` covers the backlog (the PUBACK is
+  queued in the same callback). *Bare client*: one paho client per site, all sockets on one
+  thread, each read until empty (as mqttsvc's transport does), acknowledged at once, no
+  processing: from the first connect to the last message. *Old design*: the same bare loop
+  with the old processor's write path (regex routing, `json.loads`, per row a `SELECT`
+  then `UPDATE` or `INSERT`, each reading inserted, `COMMIT` per message, paho acking after
+  the callback), timed over the first {old_messages:,} messages of its own copy of the backlog
+  and its own fresh database. Checks after each repetition: `sum(discovered_topic.message_count)`
+  equals the backlog, every reading is stored, no dead letters, and the broker holds nothing
+  for mqttsvc's sessions (each is resumed and what arrives in 0.3 s is counted).
+  Variants: {variant_messages:,} messages.
+- **Latency.** {latency_rate:,} msg/s for {latency_seconds} s over {latency_sites} sites,
+  published at a steady pace from another process, each payload stamped with its send time
+  (`time.time()`). *mqttsvc*: publish-to-commit, timed when the writer's Deferred for the
+  message fires (right before its PUBACK is queued). *Bare client*: publish-to-receive at
+  the same rate, same broker, sessions primed only after mqttsvc's run.
+- **Many sites.** {many_sites:,} sites, each its own connection to one private broker:
+  from `startService()` to every site's CONNACK, then (after every SUBACK, the writer idle
+  and 1 s) `VmRSS` from `/proc/self/status`, then CPU (`time.process_time`) over
+  {idle_seconds} s idle. Baseline: the same number of bare paho clients connected (and
+  subscribed) from one thread, in a process of their own.
+- **Offline detection.** {devices:,} devices get deadlines spread uniformly over
+  {offline_spread:g} s (plus the time registering them takes) starting {offline_delay:g} s
+  out, through the service's own
+  `OfflineDetector.seen()`. *Marked*: the time the detector reports each device offline,
+  minus its deadline. *Committed*: when the write of that change committed. CPU over the
+  expiry window, per device.
+- **Control plane.** With the many-sites service still running: `site.status` (cycling
+  over all sites) and `service.status`, each for {control_seconds} s from a separate
+  process with {control_concurrency} concurrent keep-alive connections, each sending its
+  next request when the last answer is in (closed loop). Baseline: `GET /healthz` the same
+  way — the HTTP stack with no method behind it.
+- **Profile.** cProfile of a separate ingest run of {profile_messages:,} messages.
+
+Each figure below is the median of the repetitions with min and max; ratios are computed
+within each repetition, against the baseline measured in the same repetition.
+"""
+
+
+def render(document: dict[str, Any], previous: Path | None = None) -> str:
+    """
+    The whole C{BENCHMARKS.md}; the analysis section of C{previous} (the
+    file it replaces) is kept.
+    """
+    results = document["results"]
+    machine = document["machine"]
+    versions = document["versions"]
+    size = document["sizes"]
+    loads = _loads(results)
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `python -m bench --size {document['size']}` (`make bench` runs "
+        "`--size full`) on "
+        f"{document['started']}, {document['reps']} repetitions, "
+        f"{document['duration_s'] / 60:.1f} minutes. Scenarios: "
+        f"{', '.join(document['scenarios'])}.",
+        "",
+        "## Machine and versions",
+        "",
+        f"- {machine['cores']} cores, {machine['cpu']}, {machine['memory_gib']} GiB RAM, "
+        f"Linux {machine['kernel']}",
+        "- " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    ]
+    if loads:
+        lines.append(
+            "- 1-minute load average around the measurements: median "
+            f"{summary(loads)['median']:.1f}, "
+            f"max {max(loads):.1f} on {machine['cores']} cores (mqttsvc, the broker, PostgreSQL "
+            "and the load generators all share them; anything else running shows here)"
+        )
+    broker = ", ".join(f"`{k} {v}`" for k, v in document["broker"].items())
+    lines += ["", METHOD.format(broker=broker, **size)]
+    sections: list[tuple[str, str, Callable[[dict[str, Any]], list[Row]]]] = [
+        ("ingest", "Ingest throughput (scenarios 1 and 2)", _ingest),
+        ("latency", "Latency (scenario 3)", _latency),
+        ("sites", "Many sites (scenario 4)", _sites),
+        ("offline", "Offline detection (scenario 5)", _offline),
+        ("control", "Control plane (scenario 6)", _control),
+    ]
+    lines += ["## Results", ""]
+    for key, title, rows in sections:
+        if key in results:
+            lines += [f"### {title}", "", *_table(rows(results)), ""]
+    if "profile" in results:
+        lines += ["## Profile of the ingest path", "", *_profile(results["profile"]), ""]
+    if "micro" in results:
+        lines += ["## Where a batch's time goes", "", *_micro(results["micro"]), ""]
+    analysis = _kept_analysis(previous)
+    lines += [ANALYSIS_START, analysis, ANALYSIS_END, ""]
+    return "\n".join(lines)
+
+
+def _kept_analysis(previous: Path | None) -> str:
+    if previous is None or not previous.exists():
+        return "## Analysis\n\n(Not written yet.)"
+    text = previous.read_text()
+    if ANALYSIS_START not in text or ANALYSIS_END not in text:
+        return "## Analysis\n\n(Not written yet.)"
+    return text.split(ANALYSIS_START, 1)[1].split(ANALYSIS_END, 1)[0].strip()
