@@ -287,6 +287,13 @@ class Store(Service):
                 site_id=site_id,
             )
 
+    async def site_statuses(self) -> list[tuple[str, str]]:
+        """
+        Every site's id and stored status, and nothing else (cheap).
+        """
+        rows = await self.pool.query("SELECT site_id, status FROM mqtt_connection ORDER BY 1")
+        return [(site_id, status) for site_id, status in rows]
+
     async def create_site(self, config: SiteConfig) -> SiteRow:
         """
         Insert a site and its subscriptions in one transaction.
