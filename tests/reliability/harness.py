@@ -243,6 +243,13 @@ class Service:
 
         wait_until(up, within=30, what="mqttsvc answering")
 
+    def add_site(self, site_id: str, broker_port: int) -> None:
+        """
+        Create a site on a local broker and wait until it has subscribed.
+        """
+        self.call("site.create", {"site_id": site_id, "host": "127.0.0.1", "port": broker_port})
+        wait_until(lambda: self.call("site.status", [site_id])["subscriptions"], what="subscribed")
+
     def call(self, method: str, params: Any = None) -> Any:
         import urllib.request
 

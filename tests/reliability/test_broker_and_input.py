@@ -34,12 +34,7 @@ def test_broker_killed_and_restarted(
     service = Service(db_dsn, tmp_path, instance="reliability")
     service.start()
     try:
-        service.call(
-            "site.create", {"site_id": site_id, "host": "127.0.0.1", "port": private_broker.port}
-        )
-        wait_until(
-            lambda: service.call("site.status", [site_id])["subscriptions"], what="subscribed"
-        )
+        service.add_site(site_id, private_broker.port)
         count = 30_000
         publisher = LoadPublisher(private_broker.port, site_id, count, 1000.0)
         publisher.start()
@@ -121,12 +116,7 @@ def test_malformed_flood(
     service = Service(db_dsn, tmp_path, instance="reliability")
     service.start()
     try:
-        service.call(
-            "site.create", {"site_id": site_id, "host": "127.0.0.1", "port": private_broker.port}
-        )
-        wait_until(
-            lambda: service.call("site.status", [site_id])["subscriptions"], what="subscribed"
-        )
+        service.add_site(site_id, private_broker.port)
         rng = random.Random(8)
         messages = []
         for i in range(10_000):

@@ -44,12 +44,7 @@ def test_database_terminated_then_unreachable(
     service = Service(proxied, tmp_path, instance="reliability")
     service.start()
     try:
-        service.call(
-            "site.create", {"site_id": site_id, "host": "127.0.0.1", "port": private_broker.port}
-        )
-        wait_until(
-            lambda: service.call("site.status", [site_id])["subscriptions"], what="subscribed"
-        )
+        service.add_site(site_id, private_broker.port)
         count = 40_000
         publisher = LoadPublisher(private_broker.port, site_id, count, 1000.0)
         publisher.start()

@@ -37,13 +37,7 @@ def test_stopped_under_load_then_started(
     service = Service(db_dsn, tmp_path, instance="reliability")
     service.start()
     try:
-        service.call(
-            "site.create", {"site_id": site_id, "host": "127.0.0.1", "port": private_broker.port}
-        )
-        wait_until(
-            lambda: service.call("site.status", [site_id])["subscriptions"],
-            what="the site subscribed",
-        )
+        service.add_site(site_id, private_broker.port)
         publisher = LoadPublisher(private_broker.port, site_id, COUNT, RATE)
         publisher.start()
         wait_until(
