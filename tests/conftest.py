@@ -52,12 +52,9 @@ def db_dsn() -> Iterator[str]:
         yield dsn
     finally:
         with admin.cursor() as cur:
-            cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()",
-                (name,),
-            )
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            # FORCE terminates what is still connected and drops in one step
+            # (a separate pg_terminate_backend races with backends exiting).
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
 
 
