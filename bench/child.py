@@ -293,27 +293,6 @@ def _profile_top(profiler: cProfile.Profile, limit: int = 30) -> Params:
     return {"total_s": total, "by_own": rows(2), "by_cumulative": rows(3)}
 
 
-def _patch_receive_maximum(receive_maximum: int) -> None:
-    """
-    Make every MQTT 5 connection of this process ask for a Receive Maximum
-    (what mqttsvc does not do yet), to measure what it would change.
-    """
-    import paho.mqtt.client as paho
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    original = paho.Client.connect_async
-
-    def connect_async(self: paho.Client, *args: Any, **kwargs: Any) -> None:
-        if self._protocol == paho.MQTTv5:
-            properties = kwargs.get("properties") or Properties(PacketTypes.CONNECT)
-            properties.ReceiveMaximum = receive_maximum
-            kwargs["properties"] = properties
-        original(self, *args, **kwargs)
-
-    paho.Client.connect_async = connect_async  # type: ignore[method-assign]
-
-
 def _observe_commits(writer: Any) -> array[float]:
     """
     Collect how long each batch took to write (from the writer's own
@@ -331,32 +310,6 @@ def _observe_commits(writer: Any) -> array[float]:
     return seconds
 
 
-def _patch_batch_write() -> None:
-    """
-    Write each batch the proposed way, to measure what it would change:
-    the same statements, but each column passed as one array-literal
-    string, and all of them sent in one round trip.
-    """
-    import mqttsvc.batch
-    import mqttsvc.writer
-    from bench.micro import Recorder, array_literals
-
-    write_effects = mqttsvc.batch.write_effects
-
-    async def one_round_trip(cursor: Any, *args: Any, **kwargs: Any) -> None:
-        recorder = Recorder()
-        await write_effects(recorder, *args, **kwargs)
-        if recorder.calls:
-            await cursor.execute(
-                b";\n".join(
-                    cursor.mogrify(statement, array_literals(params))
-                    for statement, params in recorder.calls
-                )
-            )
-
-    mqttsvc.writer.write_effects = one_round_trip
-
-
 async def ingest_mqttsvc(reactor: Any, p: Params) -> Params:
     """
     Start mqttsvc on sites whose sessions hold a backlog and time it until
@@ -364,10 +317,6 @@ async def ingest_mqttsvc(reactor: Any, p: Params) -> Params:
     """
     from bench.service import Tree, until
 
-    if p.get("receive_maximum"):
-        _patch_receive_maximum(p["receive_maximum"])
-    if p.get("batch_write"):
-        _patch_batch_write()
     tree = Tree(reactor, p["dsn"])
     writer = tree.store.writer
     commits = _observe_commits(writer)
@@ -398,6 +347,8 @@ async def ingest_mqttsvc(reactor: Any, p: Params) -> Params:
     result["batch_write_ms"] = 1000 * stats.percentile(commits, 0.5)
     if profiler is not None:
         result["profile"] = _profile_top(profiler)
+        if p.get("profile_file"):
+            profiler.dump_stats(p["profile_file"])
     await tree.stop()
     return result
 
@@ -405,11 +356,10 @@ async def ingest_mqttsvc(reactor: Any, p: Params) -> Params:
 async def latency_mqttsvc(reactor: Any, p: Params) -> Params:
     """
     Publish-to-commit latency at a steady rate: the send time rides in
-    each payload, and the commit is the firing of the writer's Deferred for
-    the message (just before its PUBACK is queued).
+    each payload, and the commit is when the writer tells the message's
+    site (which then queues its PUBACK).
     """
     from bench.service import Tree, until
-    from mqttsvc.processing import TopicSeen
 
     tree = Tree(reactor, p["dsn"])
     await tree.start()
@@ -417,23 +367,34 @@ async def latency_mqttsvc(reactor: Any, p: Params) -> Params:
     await until(reactor, lambda: tree.subscribed() >= sites, 30, "every site subscribed")
     writer = tree.store.writer
     commits = _observe_commits(writer)
-    submit = writer.submit
+    queue = writer.queue
     samples = array("d")
 
-    def timed_submit(effects: list[Any]) -> Any:
-        committed = submit(effects)
-        first = effects[0] if effects else None
-        if isinstance(first, TopicSeen) and first.payload.startswith(b'{"ts":'):
-            sent = workload.sent_at(first.payload)
+    class Timed:
+        """
+        Stands between the writer and a site: notes each message's
+        publish-to-commit time, then tells the site.
+        """
 
-            def record(result: object) -> object:
-                samples.append(time.time() - sent)
-                return result
+        def __init__(self, site: Any) -> None:
+            self.site = site
 
-            committed.addCallback(record)
-        return committed
+        def committed(self, messages: list[Any]) -> None:
+            now = time.time()
+            for m in messages:
+                if m.payload.startswith(b'{"ts":'):
+                    samples.append(now - workload.sent_at(m.payload))
+            self.site.committed(messages)
 
-    writer.submit = timed_submit  # type: ignore[method-assign]
+    timed: dict[int, Timed] = {}
+
+    def timed_queue(effects: list[Any], listener: Any, message: Any) -> None:
+        stand_in = timed.get(id(listener))
+        if stand_in is None:
+            stand_in = timed[id(listener)] = Timed(listener)
+        queue(effects, stand_in, message)
+
+    writer.queue = timed_queue  # type: ignore[method-assign]
     total = int(p["rate"] * p["seconds"])
     cpu = time.process_time()
     started = time.perf_counter()

@@ -294,68 +294,20 @@ def _micro(reps: list[dict[str, Any]]) -> list[str]:
     rows: list[Row] = [
         ("`process()`: route, parse, effects", "µs/msg", _get(reps, "process_us"), "", None),
         (
-            "  of which canonical `json.dumps` of the payload",
-            "µs/msg",
-            _get(reps, "canonical_json_us"),
-            "",
-            None,
-        ),
-        (
-            "`ReceivedMessage` (frozen attrs) per message",
-            "µs/msg",
-            _get(reps, "received_message_us"),
-            "",
-            None,
-        ),
-        (
-            "a Deferred + `addCallbacks` + `callback` per message",
-            "µs/msg",
-            _get(reps, "deferred_us"),
-            "",
-            None,
-        ),
-        ("`write_effects` fold into rows (Python)", "ms/batch", _get(reps, "fold_ms"), "", None),
-        (
-            "psycopg2 adapting the row lists (`mogrify`), today",
+            "`batch_statements`: fold, array literals (Python)",
             "ms/batch",
-            _get(reps, "adapt_ms"),
+            _get(reps, "build_ms"),
             "",
             None,
         ),
-        ("  same, timestamps as epoch floats", "ms/batch", _get(reps, "adapt_epoch_ms"), "", None),
-        (
-            "  same, each column one array-literal string",
-            "ms/batch",
-            _get(reps, "adapt_literal_ms"),
-            "",
-            None,
-        ),
-        (
-            "server: the statements, today (one round trip each)",
-            "ms/batch",
-            _get(reps, "server_ms"),
-            "",
-            None,
-        ),
-        (
-            "server: same, columns as array literals",
-            "ms/batch",
-            _get(reps, "server_literal_ms"),
-            "",
-            None,
-        ),
-        (
-            "server: all statements in one round trip",
-            "ms/batch",
-            _get(reps, "server_one_round_trip_ms"),
-            "",
-            None,
-        ),
+        ("psycopg2 quoting the query (`mogrify`)", "ms/batch", _get(reps, "quote_ms"), "", None),
+        ("the query's size", "KiB", _get(reps, "query_kb"), "", None),
+        ("server: the batch in one round trip", "ms/batch", _get(reps, "server_ms"), "", None),
     ]
     return [
         f"mqttsvc's own functions on one batch of {batch:,} benchmark messages "
         f"({reps[0]['statements']} statements), median of 7 runs each (`bench/micro.py`); "
-        "the server figures execute the batch's statements on a fresh database (once "
+        "the server figure executes the batch's query on a fresh database (once "
         "committed first, so that the timed runs update existing rows, then rolled back).",
         "",
         *_table(rows),
@@ -383,17 +335,17 @@ def _loads(items: Any) -> list[float]:
 MEANINGS = {
     "epoll": "idle: the reactor waiting for sockets (broker, database)",
     "psycopg2.extensions.cursor' objects>": (
-        "psycopg2 adapting the batch's Python lists (datetimes, strings) element by element "
-        "into SQL, and sending"
+        "psycopg2 quoting the batch's query (one string per column) and sending it"
     ),
-    "iterencode": "json.dumps: re-encoding each payload to canonical text for last_payload",
-    "addCallbacks": "a Deferred and two closures per message (commit → PUBACK)",
+    "iterencode": "json.dumps (JSON encoding)",
+    "addCallbacks": "Deferred callbacks",
     "_packet_read": "paho: reading a packet (byte-wise recv of header and length)",
-    "ReceivedMessage": "attrs frozen ReceivedMessage built per message",
+    "ReceivedMessage": "ReceivedMessage built per message",
     "site.py": (
-        "SiteService._message: per-message glue (process, offline detector, submit, ack callbacks)"
+        "SiteService._message / committed: per-message glue (process, offline detector, "
+        "queue, acks)"
     ),
-    "batch.py": "folding effects into rows for one statement per table",
+    "batch.py": "folding effects into columns and array literals, one statement per table",
     "decode_publish": "paho: decoding PUBLISH",
     "_handle_publish": "paho: PUBLISH handling, MQTTMessage object",
     "_handle_on_message": "paho: dispatching to on_message (after matching per-topic callbacks)",
@@ -404,17 +356,18 @@ MEANINGS = {
     "recv": "socket reads (paho reads 1 byte, then length bytes, then the body)",
     "_easy_log": "paho: debug log call per packet (no logger, but still a call)",
     "_runCallbacks": "Deferred machinery",
-    "astuple": "attrs.astuple per Reading/dead letter row",
+    "astuple": "attrs.astuple",
     "fromtimestamp": "datetime per message (receive time) and per status change",
     "isinstance": "type dispatch in fold and processing",
     "offline.py": "offline detector: new deadline per device message",
-    "writer.py": "BatchWriter.submit: queue entry and Deferred per message",
+    "writer.py": "BatchWriter.queue: a queue entry per message",
     "callLater": "timers (writer flush, offline detector re-arm)",
     "json/decoder": "json.loads of the payload",
     "send": "socket sends (PUBACKs, queries)",
     "txpostgres": "txpostgres: query dispatch and polling",
     "_paho_message": "transport: paho message to ReceivedMessage",
-    "_readable": "transport: reading packets within the read budget",
+    "_readable": "transport: one block read from a site's socket",
+    "_frame": "transport: framing the packets in the block, decoding PUBLISH",
     "doRead": "reactor: socket readable",
     "_inlineCallbacks": "coroutine/Deferred trampolining",
     "write_effects": "the batch: fold + one statement per table",

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from mqttsvc.processing import (
+    DeadLetter,
     DeviceKey,
     DeviceSeen,
     DeviceStatus,
@@ -155,24 +156,74 @@ WHERE c.site_id = u.site_id
 """
 
 
-async def _write_rows(cursor: Any, statement: str, rows: Iterable[tuple[Any, ...]]) -> None:
-    """
-    Run one statement over many rows: the rows are passed column by column,
-    as the arrays that the statement's C{unnest} turns back into rows.
-    """
-    rows = list(rows)
-    if rows:
-        await cursor.execute(statement, [list(column) for column in zip(*rows, strict=True)])
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _as_row(value: Any) -> tuple[Any, ...]:
-    row: tuple[Any, ...] = attrs.astuple(value, recurse=False)
-    return row
+def text_array(values: Iterable[str | None]) -> str:
+    """
+    A PostgreSQL array literal of text values, for a C{%s::text[]}
+    parameter: the server's C{array_in} parses one string instead of
+    psycopg2 adapting every element (which costs far more).
+
+    Every element is double-quoted, with C{\\} and C{"} escaped by a
+    backslash; C{NULL} stands for None.
+    """
+    items = values if isinstance(values, list) else list(values)
+    if not items:
+        return "{}"
+    if None in items:
+        return "{" + ",".join(["NULL" if v is None else _quoted(v) for v in items]) + "}"
+    joined = '","'.join(items)  # type: ignore[arg-type]
+    if '"' in joined or "\\" in joined:
+        joined = '","'.join(
+            [v.replace("\\", "\\\\").replace('"', '\\"') for v in items]  # type: ignore[union-attr]
+        )
+    return '{"' + joined + '"}'
+
+
+class TimeFormat:
+    """
+    Aware datetimes as ISO 8601 (which needs no quoting in an array
+    literal), each distinct one formatted once per batch: a message's
+    receive time shows in several tables.
+    """
+
+    def __init__(self) -> None:
+        self._text: dict[datetime, str] = {}
+
+    def array(self, values: Iterable[datetime | None]) -> str:
+        text = self._text
+        parts = []
+        for v in values:
+            if v is None:
+                parts.append("NULL")
+                continue
+            iso = text.get(v)
+            if iso is None:
+                iso = text[v] = v.isoformat()
+            parts.append(iso)
+        return "{" + ",".join(parts) + "}"
+
+
+def time_array(values: Iterable[datetime | None]) -> str:
+    """
+    An array literal of aware datetimes.
+    """
+    return TimeFormat().array(values)
+
+
+def number_array(values: Iterable[float | int | None]) -> str:
+    """
+    An array literal of finite numbers.
+    """
+    return "{" + ",".join("NULL" if v is None else repr(v) for v in values) + "}"
 
 
 class _Fold:
     """
-    The rows of one batch, with repeated rows folded into one.
+    The rows of one batch, kept column by column, with repeated rows (a
+    topic, a device) folded into one.
     """
 
     def __init__(self) -> None:
@@ -180,23 +231,49 @@ class _Fold:
         self.devices: dict[str, dict[tuple[str, ...], list[Any]]] = {k: {} for k in DEVICE_TABLES}
         self.statuses: dict[str, dict[tuple[str, ...], str]] = {k: {} for k in DEVICE_TABLES}
         self.device_events: list[tuple[Any, ...]] = []
-        self.readings: list[tuple[Any, ...]] = []
-        self.dead: list[tuple[Any, ...]] = []
+        # sensor_reading's columns.
+        self.r_site: list[str] = []
+        self.r_sensor: list[str] = []
+        self.r_ts: list[datetime] = []
+        self.r_name: list[str] = []
+        self.r_value: list[float] = []
+        self.r_unit: list[str | None] = []
+        self.r_received: list[datetime] = []
+        self.dead: list[DeadLetter] = []
 
     def add(self, effect: Effect) -> None:
-        if isinstance(effect, TopicSeen):
+        kind = type(effect)
+        if kind is Reading:
+            assert isinstance(effect, Reading)
+            self.r_site.append(effect.site_id)
+            self.r_sensor.append(effect.sensor_id)
+            self.r_ts.append(effect.ts)
+            self.r_name.append(effect.name)
+            self.r_value.append(effect.value)
+            self.r_unit.append(effect.unit)
+            self.r_received.append(effect.received_at)
+        elif kind is TopicSeen:
+            assert isinstance(effect, TopicSeen)
+            at = effect.at
             seen = self.topics.get((effect.site_id, effect.topic))
             if seen is None:
-                self.topics[(effect.site_id, effect.topic)] = [effect.at, effect.at, 1]
+                self.topics[(effect.site_id, effect.topic)] = [at, at, 1]
             else:
-                seen[0] = min(seen[0], effect.at)
-                seen[1] = max(seen[1], effect.at)
+                if at < seen[0]:
+                    seen[0] = at
+                if at > seen[1]:
+                    seen[1] = at
                 seen[2] += 1
-        elif isinstance(effect, DeviceSeen):
-            key = (effect.site_id, *device_ids(effect.key))
-            row = self.devices[effect.kind].get(key)
+        elif kind is DeviceSeen:
+            assert isinstance(effect, DeviceSeen)
+            if effect.gateway_id is not None and effect.kind == "datalogger":
+                key: tuple[str, ...] = (effect.site_id, effect.gateway_id, effect.device_id)
+            else:
+                key = (effect.site_id, effect.device_id)
+            rows = self.devices[effect.kind]
+            row = rows.get(key)
             if row is None:
-                self.devices[effect.kind][key] = [
+                rows[key] = [
                     effect.at,
                     effect.at,
                     effect.payload,
@@ -204,7 +281,8 @@ class _Fold:
                     effect.interval,
                 ]
             else:
-                row[0] = min(row[0], effect.at)
+                if effect.at < row[0]:
+                    row[0] = effect.at
                 if effect.at >= row[1]:
                     # A heartbeat that does not repeat its status or interval
                     # leaves the last known ones, as the upsert does.
@@ -214,9 +292,8 @@ class _Fold:
                         effect.reported_status or row[3],
                         effect.interval or row[4],
                     ]
-        elif isinstance(effect, Reading):
-            self.readings.append(_as_row(effect))
-        elif isinstance(effect, DeviceStatus):
+        elif kind is DeviceStatus:
+            assert isinstance(effect, DeviceStatus)
             device = effect.key
             # Effects arrive in the order they happened: the last one wins.
             self.statuses[device.kind][(device.site_id, *device_ids(device))] = effect.status
@@ -233,7 +310,132 @@ class _Fold:
                 )
             )
         else:
-            self.dead.append(_as_row(effect))
+            assert isinstance(effect, DeadLetter)
+            self.dead.append(effect)
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def batch_statements(
+    effects: Iterable[Effect],
+    statuses: Iterable[StatusUpdate] = (),
+    events: Iterable[ConnectionEvent] = (),
+) -> tuple[str, list[Any]] | None:
+    """
+    Everything a batch writes, as one SQL text of several statements (one
+    per table, in an order that lets later ones see earlier rows) and its
+    parameters; None when there is nothing to write.
+
+    Sent as one query, the statements are one round trip and, without an
+    explicit C{BEGIN}, one implicit transaction: all of them are committed,
+    or none.
+    """
+    fold = _Fold()
+    add = fold.add
+    for effect in effects:
+        add(effect)
+    times = TimeFormat().array
+    sql: list[str] = []
+    params: list[Any] = []
+
+    def statement(text: str, *columns: Any) -> None:
+        sql.append(text)
+        params.extend(columns)
+
+    if fold.topics:
+        topics = fold.topics.keys()
+        seen = fold.topics.values()
+        statement(
+            _UPSERT_TOPICS,
+            text_array(k[0] for k in topics),
+            text_array(k[1] for k in topics),
+            times(v[0] for v in seen),
+            times(v[1] for v in seen),
+            number_array(v[2] for v in seen),
+        )
+    for kind, devices in fold.devices.items():
+        if devices:
+            keys = devices.keys()
+            rows = devices.values()
+            statement(
+                _UPSERT_DEVICES[kind],
+                *(text_array(k[i] for k in keys) for i in range(len(next(iter(keys))))),
+                times(r[0] for r in rows),
+                times(r[1] for r in rows),
+                text_array(r[2] for r in rows),
+                text_array(r[3] for r in rows),
+                number_array(r[4] for r in rows),
+            )
+    # After the upserts, so that a device first seen in this batch exists.
+    for kind, changes in fold.statuses.items():
+        if changes:
+            changed = changes.keys()
+            statement(
+                _UPDATE_DEVICE_STATUS[kind],
+                *(text_array(k[i] for k in changed) for i in range(len(next(iter(changed))))),
+                text_array(changes.values()),
+            )
+    if fold.device_events:
+        s, k, d, g, at, fr, to, why = _columns(fold.device_events)
+        statement(
+            _INSERT_DEVICE_EVENTS,
+            text_array(s),
+            text_array(k),
+            text_array(d),
+            text_array(g),
+            times(at),
+            text_array(fr),
+            text_array(to),
+            text_array(why),
+        )
+    if fold.r_site:
+        statement(
+            _INSERT_READINGS,
+            text_array(fold.r_site),
+            text_array(fold.r_sensor),
+            times(fold.r_ts),
+            text_array(fold.r_name),
+            number_array(fold.r_value),
+            text_array(fold.r_unit),
+            times(fold.r_received),
+        )
+    if fold.dead:
+        dead = fold.dead
+        statement(
+            _INSERT_DEAD_LETTERS,
+            text_array(d.site_id for d in dead),
+            text_array(d.topic for d in dead),
+            # bytea[] stays a list: rare, and binary.
+            [bytes(d.payload) for d in dead],
+            text_array(d.reason for d in dead),
+            times(d.at for d in dead),
+        )
+    events = list(events)
+    if events:
+        statement(
+            _INSERT_EVENTS,
+            text_array(e.site_id for e in events),
+            times(e.at for e in events),
+            text_array(e.from_state for e in events),
+            text_array(e.to_state for e in events),
+            text_array(e.reason for e in events),
+        )
+    latest = list({s.site_id: s for s in statuses}.values())
+    if latest:
+        statement(
+            _UPDATE_STATUS,
+            text_array(s.site_id for s in latest),
+            text_array(s.status for s in latest),
+            times(s.last_connected_at for s in latest),
+            number_array(s.retry_count for s in latest),
+            times(s.next_retry for s in latest),
+            text_array(s.last_error for s in latest),
+        )
+    if not sql:
+        return None
+    return ";\n".join(sql), params
 
 
 async def write_effects(
@@ -244,22 +446,8 @@ async def write_effects(
 ) -> None:
     """
     Write effects, site statuses and connection events with one statement
-    per table.
+    per table, sent in one round trip on C{cursor}.
     """
-    fold = _Fold()
-    for effect in effects:
-        fold.add(effect)
-    await _write_rows(cursor, _UPSERT_TOPICS, ((*k, *v) for k, v in fold.topics.items()))
-    for kind, rows in fold.devices.items():
-        await _write_rows(cursor, _UPSERT_DEVICES[kind], ((*k, *v) for k, v in rows.items()))
-    # After the upserts, so that a device first seen in this batch exists.
-    for kind, changes in fold.statuses.items():
-        await _write_rows(
-            cursor, _UPDATE_DEVICE_STATUS[kind], ((*k, status) for k, status in changes.items())
-        )
-    await _write_rows(cursor, _INSERT_DEVICE_EVENTS, fold.device_events)
-    await _write_rows(cursor, _INSERT_READINGS, fold.readings)
-    await _write_rows(cursor, _INSERT_DEAD_LETTERS, fold.dead)
-    await _write_rows(cursor, _INSERT_EVENTS, (_as_row(e) for e in events or ()))
-    latest = {s.site_id: s for s in statuses}
-    await _write_rows(cursor, _UPDATE_STATUS, (_as_row(s) for s in latest.values()))
+    script = batch_statements(effects, statuses, events or ())
+    if script is not None:
+        await cursor.execute(*script)

@@ -56,6 +56,7 @@ class OfflineDetector:
         self._heap: list[tuple[float, int, DeviceKey]] = []
         self._sequence = 0
         self._timer: IDelayedCall | None = None
+        self._timer_for = 0.0
         self._grace: dict[str, float] = {}
 
     def __len__(self) -> int:
@@ -112,9 +113,13 @@ class OfflineDetector:
             return
         earliest = self._heap[0][0]
         if self._timer is not None and self._timer.active():
-            if self._timer.getTime() <= earliest:
+            # Compare with the deadline the timer was set for, not with its
+            # getTime(): that is computed from a later clock reading, so it
+            # is a little late and would move the timer on every message.
+            if self._timer_for <= earliest:
                 return
             self._timer.cancel()
+        self._timer_for = earliest
         self._timer = self._clock.callLater(
             max(0.0, earliest - self._clock.seconds()), self._expire
         )

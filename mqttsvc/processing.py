@@ -52,7 +52,7 @@ class DeviceSeen:
     A device spoke (a heartbeat, or a sensor's data); it is alive.
 
     @ivar gateway_id: a datalogger's gateway; None for other kinds.
-    @ivar payload: the message's JSON object, canonical text.
+    @ivar payload: the message's JSON object, as the text it came in.
     @ivar reported_status: the heartbeat's own C{status} field.
     @ivar interval: seconds until the next heartbeat is due, if it said.
     """
@@ -162,6 +162,10 @@ class _Compiled:
         return {name: parts[i] for i, name in self.ids}
 
 
+#: Routes remembered per site (then forgotten all at once, and learned again).
+ROUTE_CACHE = 100_000
+
+
 class Router:
     """
     Matches topics against one site's subscriptions, compiled once.
@@ -172,18 +176,30 @@ class Router:
 
     def __init__(self, subscriptions: tuple[TopicSubscription, ...]) -> None:
         self._compiled = [_Compiled(s) for s in subscriptions]
+        # A device keeps sending on the same topics: remember each topic's
+        # route (a bounded number of them).
+        self._routes: dict[str, tuple[TopicSubscription, dict[str, str]] | None] = {}
 
     def route(self, topic: str) -> tuple[TopicSubscription, dict[str, str]] | None:
         """
-        The subscription a topic belongs to, with the ids its levels carry;
-        None when no subscription matches.
+        The subscription a topic belongs to, with the ids its levels carry
+        (do not change them: routes are shared); None when no subscription
+        matches.
         """
+        routes = self._routes
+        if topic in routes:
+            return routes[topic]
+        route = None
         parts = topic.split("/")
         for compiled in self._compiled:
             ids = compiled.match(parts)
             if ids is not None:
-                return compiled.subscription, ids
-        return None
+                route = compiled.subscription, ids
+                break
+        if len(routes) >= ROUTE_CACHE:
+            routes.clear()
+        routes[topic] = route
+        return route
 
 
 class Rejected(Exception):
@@ -192,27 +208,34 @@ class Rejected(Exception):
     """
 
 
+def _refuse_constant(name: str) -> Any:
+    raise Rejected("payload holds NaN or Infinity, which JSON does not allow")
+
+
+_decode_json = json.JSONDecoder(parse_constant=_refuse_constant).decode
+
+
 def _decode_object(payload: bytes) -> tuple[dict[str, Any], str]:
     """
-    Parse a JSON object payload into the object and its canonical text.
+    Parse a JSON object payload into the object and its text.
+
+    The text is kept as it came (C{jsonb} normalizes it in the database),
+    so a payload is decoded once and never encoded again.
     """
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:
         raise Rejected(f"payload is not UTF-8: {e.reason} at byte {e.start}") from None
     try:
-        value = json.loads(text)
+        value = _decode_json(text)
     except ValueError as e:
         raise Rejected(f"payload is not JSON: {e}") from None
     if not isinstance(value, dict):
         raise Rejected(f"payload is a JSON {_json_type(value)}, not an object")
-    try:
-        canonical = json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except ValueError:
-        raise Rejected("payload holds NaN or Infinity, which JSON does not allow") from None
-    if "\\u0000" in canonical:
+    # JSON can write NUL only as this escape (a raw one is not valid JSON).
+    if "\\u0000" in text:
         raise Rejected("payload contains a NUL character, which PostgreSQL cannot store")
-    return value, canonical
+    return value, text
 
 
 def _json_type(value: Any) -> str:
@@ -333,14 +356,14 @@ def process(
     try:
         if len(payload) > max_payload:
             raise Rejected(f"payload of {len(payload)} bytes is over the limit of {max_payload}")
-        fields, canonical = _decode_object(payload)
+        fields, text = _decode_object(payload)
         if device_kind == "sensor":
             sensor_id = ids["sensor_id"]
             readings = _readings(site_id, sensor_id, fields, at)
             if retained and "ts" not in fields:
                 readings = []
             if not retained:
-                effects.append(DeviceSeen(site_id, "sensor", None, sensor_id, at, canonical))
+                effects.append(DeviceSeen(site_id, "sensor", None, sensor_id, at, text))
             effects.extend(readings)
         else:
             status, interval = _heartbeat(fields)
@@ -353,7 +376,7 @@ def process(
                         ids.get("gateway_id") if device_kind == "datalogger" else None,
                         ids["datalogger_id"] if device_kind == "datalogger" else ids["gateway_id"],
                         at,
-                        canonical,
+                        text,
                         status,
                         interval,
                     )

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import attrs
 from automat import TypeMachineBuilder, pep614
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -108,7 +108,12 @@ _STATUS_OF_STATE = {
 
 
 class MessageSink(Protocol):
-    def submit(self, effects: list[Any]) -> Deferred[None]: ...
+    """
+    Where a site's messages go (the L{mqttsvc.writer.BatchWriter}).
+    """
+
+    def queue(self, effects: list[Any], listener: Any, message: Any) -> None:
+        "Write C{effects}; then call C{listener.committed([message, ...])}."
 
 
 class _SiteInputs(Protocol):
@@ -503,7 +508,9 @@ class SiteService(Service):
         self._writer = writer
         self._router = Router(config.topics)
         self._resume = resume
-        self._uncommitted: set[Deferred[None]] = set()
+        #: Messages handed to the writer and not committed yet.
+        self.uncommitted = 0
+        self._drained: Deferred[None] | None = None
         self._pressed = False
         self.messages_received = 0
         self.messages_rejected = 0
@@ -572,8 +579,9 @@ class SiteService(Service):
         # Take no new messages, let the ones in hand be committed (their
         # PUBACKs then go out ahead of our DISCONNECT), then disconnect.
         self._core.client.pause()
-        if self._uncommitted:
-            drained: Deferred[Any] = DeferredList(list(self._uncommitted))
+        if self.uncommitted:
+            drained: Deferred[None] = Deferred()
+            self._drained = drained
             drained.addTimeout(DRAIN_TIMEOUT, self._clock)
             try:
                 await drained
@@ -582,8 +590,10 @@ class SiteService(Service):
                     "site {site_id}: {count} messages still uncommitted at shutdown; "
                     "the broker will redeliver them",
                     site_id=self.name,
-                    count=len(self._uncommitted),
+                    count=self.uncommitted,
                 )
+            finally:
+                self._drained = None
         self._core.reason = "stopped"
         await self._machine.stop()
 
@@ -656,23 +666,17 @@ class SiteService(Service):
                     change = self._devices.seen(effect.key, interval, policy.grace)
                     if change is not None:
                         effects.append(change)
-        committed = self._writer.submit(effects)
-        self._uncommitted.add(committed)
-        client = self._core.client
+        self.uncommitted += 1
+        self._writer.queue(effects, self, message)
 
-        def acknowledge(_: object) -> None:
-            self._uncommitted.discard(committed)
-            self.messages_committed += 1
-            client.ack(message)
-
-        def unacknowledged(f: Failure) -> None:
-            self._uncommitted.discard(committed)
-            self.log.warn(
-                "site {site_id}: message on {topic} not committed, the broker will "
-                "redeliver it: {error}",
-                site_id=self.config.site_id,
-                topic=message.topic,
-                error=f.getErrorMessage(),
-            )
-
-        committed.addCallbacks(acknowledge, unacknowledged)
+    def committed(self, messages: list[ReceivedMessage]) -> None:
+        """
+        The writer committed these messages' effects: acknowledge them (one
+        write for all their PUBACKs).
+        """
+        self.uncommitted -= len(messages)
+        self.messages_committed += len(messages)
+        self._core.client.ack(messages)
+        drained = self._drained
+        if drained is not None and self.uncommitted <= 0 and not drained.called:
+            drained.callback(None)

@@ -4,8 +4,10 @@ The batched writer: many messages' effects per statement and transaction.
 Messages are queued with their effects.  A batch is written when
 C{batch_size} messages are waiting or the oldest has waited C{batch_delay}
 seconds, whichever comes first (group commit), in one transaction with one
-statement per table; then each message's Deferred fires, so that its MQTT
-acknowledgement goes out only after the commit.  One batch is written at a
+statement per table, sent as one query: one round trip per batch.  After the
+commit each message's owner (its site) hears once per batch which of its
+messages are committed, so that their MQTT acknowledgements go out only
+then.  One batch is written at a
 time, which keeps each site's writes in order; the next one gathers
 meanwhile.
 
@@ -23,24 +25,46 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from mqttsvc.batch import ConnectionEvent, StatusUpdate, write_effects
+from mqttsvc.batch import ConnectionEvent, StatusUpdate, batch_statements
 from mqttsvc.pool import ConnectionPool, is_rejection
 from mqttsvc.processing import DeadLetter, Effect, TopicSeen
 
 
-@attrs.define
-class _Pending:
-    effects: list[Effect]
-    done: Deferred[None]
-    queued_at: float
+class CommitListener(Protocol):
+    """
+    Who hears that queued messages are committed (a site, which then
+    acknowledges them to its broker).
+    """
+
+    def committed(self, messages: list[Any]) -> None:
+        """
+        These messages' effects are committed, in the order they were
+        queued.
+        """
+
+
+class _FireDeferreds:
+    """
+    The listener behind L{BatchWriter.submit}: its messages are Deferreds.
+    """
+
+    def committed(self, messages: list[Any]) -> None:
+        for d in messages:
+            d.callback(None)
+
+
+_FIRE = _FireDeferreds()
+
+#: A queued message: its effects, its listener, what the listener is told
+#: of, and when it was queued.
+_Pending = tuple[list[Effect], CommitListener, Any, float]
 
 
 @attrs.define
@@ -61,8 +85,10 @@ class _SiteRecords:
             self.statuses.setdefault(site_id, update)
         self.events[:0] = older.events
 
-    async def write(self, cursor: Any) -> None:
-        await write_effects(cursor, (), self.statuses.values(), self.events)
+    async def write(self, pool: ConnectionPool) -> None:
+        script = batch_statements((), self.statuses.values(), self.events)
+        if script is not None:
+            await pool.operation(*script)
 
 
 class BatchWriter:
@@ -129,11 +155,22 @@ class BatchWriter:
         @return: fires once they are committed.
         """
         done: Deferred[None] = Deferred()
-        self._queue.append(_Pending(effects, done, self._clock.seconds()))
-        if not self.pressing and len(self._queue) >= self._high_water:
-            self._press(True)
-        self._kick()
+        self.queue(effects, _FIRE, done)
         return done
+
+    def queue(self, effects: list[Effect], listener: CommitListener, message: Any) -> None:
+        """
+        Queue one message's effects; once they are committed,
+        C{listener.committed} hears of C{message} (with the batch's other
+        messages of the same listener).  Nothing is dropped: a batch is
+        retried until it is committed.
+        """
+        queue = self._queue
+        queue.append((effects, listener, message, self._clock.seconds()))
+        if len(queue) >= self._high_water and not self.pressing:
+            self._press(True)
+        if not self._flushing and (self._scheduled is None or len(queue) >= self._batch_size):
+            self._kick()
 
     def _press(self, pressing: bool) -> None:
         self.pressing = pressing
@@ -194,7 +231,7 @@ class BatchWriter:
         elif len(self._queue) >= self._batch_size:
             self._schedule(0)
         elif self._scheduled is None:
-            oldest = self._queue[0].queued_at if self._queue else self._clock.seconds()
+            oldest = self._queue[0][3] if self._queue else self._clock.seconds()
             self._schedule(max(0.0, oldest + self._batch_delay - self._clock.seconds()))
 
     def _schedule(self, delay: float) -> None:
@@ -217,14 +254,11 @@ class BatchWriter:
         delay: float | None = None
         started = self._clock.seconds()
         try:
-            await self._pool.transaction(
-                lambda cursor: write_effects(
-                    cursor,
-                    (e for p in batch for e in p.effects),
-                    records.statuses.values(),
-                    records.events,
-                )
+            script = batch_statements(
+                (e for p in batch for e in p[0]), records.statuses.values(), records.events
             )
+            if script is not None:
+                await self._pool.operation(*script)
         except Exception as e:
             if is_rejection(e):
                 self.log.warn(
@@ -242,13 +276,29 @@ class BatchWriter:
             self.messages_written += len(batch)
             if self.observe is not None and batch:
                 self.observe(len(batch), self._clock.seconds() - started)
-            for p in batch:
-                p.done.callback(None)
+            self._tell(batch)
         finally:
             self._flushing = False
             if self.pressing and len(self._queue) <= self._low_water:
                 self._press(False)
             self._kick(delay)
+
+    def _tell(self, batch: list[_Pending]) -> None:
+        """
+        Tell each listener, once, which of its messages are committed.
+        """
+        by_listener: dict[CommitListener, list[Any]] = {}
+        for _, listener, message, _ in batch:
+            messages = by_listener.get(listener)
+            if messages is None:
+                by_listener[listener] = [message]
+            else:
+                messages.append(message)
+        for listener, messages in by_listener.items():
+            try:
+                listener.committed(messages)
+            except Exception:
+                self.log.failure("a commit listener failed", listener=listener)
 
     def _retry_later(self, batch: list[_Pending], records: _SiteRecords, error: Exception) -> float:
         """
@@ -277,22 +327,20 @@ class BatchWriter:
         """
         for i, p in enumerate(batch):
             try:
-                await self._pool.transaction(partial(write_effects, effects=p.effects))
+                await self._write_alone(p[0])
             except Exception as e:
                 if not is_rejection(e):
                     return self._retry_later(batch[i:], records, e)
                 reason = f"database rejected the message: {str(e).strip().splitlines()[0]}"
                 try:
-                    await self._pool.transaction(
-                        partial(write_effects, effects=_rejected(p.effects, reason))
-                    )
+                    await self._write_alone(_rejected(p[0], reason))
                 except Exception as e2:
                     return self._retry_later(batch[i:], records, e2)
             self.messages_written += 1
-            p.done.callback(None)
+            self._tell([p])
         if records:
             try:
-                await self._pool.transaction(records.write)
+                await records.write(self._pool)
             except Exception as e:
                 if not is_rejection(e):
                     return self._retry_later([], records, e)
@@ -302,6 +350,11 @@ class BatchWriter:
                 )
         self._failures = 0
         return None
+
+    async def _write_alone(self, effects: list[Effect]) -> None:
+        script = batch_statements(effects)
+        if script is not None:
+            await self._pool.operation(*script)
 
 
 def _rejected(effects: list[Effect], reason: str) -> list[Effect]:

@@ -5,6 +5,7 @@ service tree, and calls over HTTP.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -127,6 +128,47 @@ async def test_burst_is_batched(running: RunningService, sql: Any, site_id: str)
     await eventually(done, what="1000 messages committed")
     assert query(sql, "SELECT count(*) FROM gateway WHERE site_id = %s", site_id) == [(50,)]
     assert running.store.writer.batches_written - before < 500
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+@pytest_twisted.ensureDeferred
+async def test_payloads_of_every_size_arrive_intact(
+    running: RunningService, sql: Any, site_id: str, protocol: str
+) -> None:
+    """
+    Payloads from a few bytes to well over a socket read (one remaining
+    length byte to three) arrive whole, in order, between small ones.
+    """
+    await create(running, site_id, protocol=protocol)
+    await connected(running, site_id)
+    sizes = [0, 1, 100, 127, 128, 5_000, 16_383, 16_384, 40_000, 200_000]
+    messages = []
+    for n, size in enumerate(sizes):
+        body = {"status": "ok", "n": n, "pad": "x" * size}
+        messages.append((f"{site_id}/gateway/big-{n}/heartbeat", json.dumps(body).encode()))
+        messages.append((f"{site_id}/gateway/small/heartbeat", b'{"n": %d}' % n))
+    await publish(messages)
+
+    def done() -> Any:
+        rows = query(
+            sql, "SELECT sum(message_count) FROM discovered_topic WHERE site_id = %s", site_id
+        )
+        return rows[0][0] == len(messages)
+
+    await eventually(done, what="every message committed")
+    stored = query(
+        sql,
+        "SELECT gateway_id, last_payload FROM gateway WHERE site_id = %s AND gateway_id <> 'small'",
+        site_id,
+    )
+    assert sorted((g, p["n"], len(p["pad"])) for g, p in stored) == [
+        (f"big-{n}", n, size) for n, size in enumerate(sizes)
+    ]
+    [(last,)] = query(
+        sql, "SELECT last_payload FROM gateway WHERE site_id = %s AND gateway_id = 'small'", site_id
+    )
+    assert last == {"n": len(sizes) - 1}
+    assert query(sql, "SELECT count(*) FROM dead_letter WHERE site_id = %s", site_id) == [(0,)]
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])

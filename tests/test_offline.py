@@ -122,3 +122,29 @@ def test_hundred_thousand_devices_on_one_timer() -> None:
     clock.advance(120)
     assert len(changes) == 100_000
     assert clock.getDelayedCalls() == []
+
+
+class _TickingClock(Clock):
+    """A clock that moves on a little with every reading, as real ones do."""
+
+    def seconds(self) -> float:
+        self.rightNow += 1e-6
+        return self.rightNow
+
+
+def test_later_deadlines_leave_the_timer_alone() -> None:
+    """Devices that speak do not reschedule the one timer when a real clock drifts on."""
+    clock = _TickingClock()
+    scheduled = []
+    call_later = clock.callLater
+
+    def counting(delay: float, f: object, *args: object) -> object:
+        scheduled.append(delay)
+        return call_later(delay, f, *args)  # type: ignore[arg-type]
+
+    clock.callLater = counting  # type: ignore[method-assign]
+    d = OfflineDetector(clock, lambda changes: None)
+    for i in range(1000):
+        d.seen(DeviceKey("s", "sensor", None, f"s{i % 10}"), 60, 2)
+    assert len(scheduled) == 1
+    assert len(clock.getDelayedCalls()) == 1

@@ -86,7 +86,14 @@ def test_gateway_heartbeat() -> None:
     assert effects == [
         TopicSeen("s", "s/gateway/gw-1/heartbeat", AT),
         DeviceSeen(
-            "s", "gateway", None, "gw-1", AT, '{"status":"ok","interval":30,"fw":"1.2"}', "ok", 30.0
+            "s",
+            "gateway",
+            None,
+            "gw-1",
+            AT,
+            '{"status": "ok", "interval": 30, "fw": "1.2"}',  # the text as it came
+            "ok",
+            30.0,
         ),
     ]
     assert effects[1].key == DeviceKey("s", "gateway", None, "gw-1")
@@ -140,6 +147,7 @@ def test_bad_timestamps(raw: Any) -> None:
         ("s/gateway/g/heartbeat", b"[1, 2]", "payload is a JSON array, not an object"),
         ("s/gateway/g/heartbeat", b'{"a": "\\u0000"}', "NUL character"),
         ("s/gateway/g/heartbeat", b'{"a": NaN}', "NaN or Infinity"),
+        ("s/gateway/g/heartbeat", b'{"a": [1, -Infinity]}', "NaN or Infinity"),
         ("s/gateway/g/heartbeat", {"status": 5}, "status must be a string"),
         ("s/gateway/g/heartbeat", {"interval": "soon"}, "interval must be a number"),
         ("s/gateway/g/heartbeat", {"interval": 0}, "interval must be a number"),

@@ -79,19 +79,21 @@ class FakeClient:
         if self.disconnects and not self.disconnects[-1].called:
             self.disconnects[-1].callback(None)
 
-    def ack(self, message: ReceivedMessage) -> bool:
-        self.acked.append(message.mid)
-        return True
+    def ack(self, messages: list[ReceivedMessage]) -> int:
+        self.acked.extend(m.mid for m in messages)
+        return len(messages)
 
 
 class FakeWriter:
     def __init__(self) -> None:
-        self.submitted: list[tuple[list[Any], Deferred[None]]] = []
+        self.submitted: list[tuple[list[Any], Any, Any]] = []
 
-    def submit(self, effects: list[Any]) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self.submitted.append((effects, d))
-        return d
+    def queue(self, effects: list[Any], listener: Any, message: Any) -> None:
+        self.submitted.append((effects, listener, message))
+
+    def commit(self, index: int) -> None:
+        _, listener, message = self.submitted[index]
+        listener.committed([message])
 
 
 class Harness:
@@ -374,7 +376,7 @@ def test_stop_drains_then_disconnects() -> None:
     stopped = h.site.stopService()
     assert h.client.paused == 1
     assert h.client.disconnects == []
-    h.writer.submitted[0][1].callback(None)
+    h.writer.commit(0)
     assert h.client.acked == [7]
     assert len(h.client.disconnects) == 1
     h.client.disconnects[-1].callback(None)
@@ -423,7 +425,7 @@ def test_stop_while_connecting_ignores_the_late_result() -> None:
 
 
 def test_messages_are_acknowledged_after_commit() -> None:
-    """A message's PUBACK waits for its batch's commit; a failed write is not acked."""
+    """A message's PUBACK waits for its batch's commit; an uncommitted one is not acked."""
     h = Harness()
     h.site.startService()
     h.connect()
@@ -431,9 +433,11 @@ def test_messages_are_acknowledged_after_commit() -> None:
     h.client.on_message(ReceivedMessage("north/gateway/g/heartbeat", b"x", 1, False, 8, 1))
     assert (h.site.messages_received, h.site.messages_rejected) == (2, 1)
     assert h.client.acked == []
-    h.writer.submitted[0][1].callback(None)
+    assert h.site.uncommitted == 2
+    h.writer.commit(0)
     assert h.client.acked == [7]
-    h.writer.submitted[1][1].errback(RuntimeError("database gone"))
+    assert (h.site.uncommitted, h.site.messages_committed) == (1, 1)
+    h.clock.advance(60)
     assert h.client.acked == [7]
 
 

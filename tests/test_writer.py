@@ -5,6 +5,7 @@ repeated rows, and dead letters for what the database rejects.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -224,3 +225,52 @@ def test_back_pressure_between_the_water_marks() -> None:
     assert pressure == [True]
     writer.submit([TopicSeen("s", "x", T0)])
     assert pressure == [True]
+
+
+AWKWARD = [
+    'quote " and backslash \\ and \\"',
+    "NULL",
+    "",
+    "{braces}, commas, and spaces",
+    "new\nline\ttab",
+    "ünïcödé 🚀",
+    "'single' quotes; DROP TABLE sensor; --",
+    "%s %(x)s %%",
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_any_text_survives_the_array_literals(db_dsn: str, sql: Any, site_id: str) -> None:
+    """Ids, names, units and payloads reach the database as they were, whatever they hold."""
+    from twisted.internet import reactor
+
+    pool = ConnectionPool(reactor, db_dsn, size=1)
+    writer = BatchWriter(reactor, pool)
+    done = []
+    for i, text in enumerate(AWKWARD):
+        at = T0 + timedelta(seconds=i)
+        payload = json.dumps({"note": text, "n": i})
+        done.append(
+            writer.submit(
+                [
+                    TopicSeen(site_id, f"{site_id}/{text}", at),
+                    DeviceSeen(site_id, "sensor", None, f"s-{text}", at, payload),
+                    Reading(site_id, f"s-{text}", at, text or "value", 0.1 * i, text, at),
+                ]
+            )
+        )
+    await gatherResults(done)
+    pool.close()
+    assert writer.batches_written == 1
+    topics = rows(sql, "SELECT topic_path FROM discovered_topic WHERE site_id = %s", site_id)
+    assert sorted(t for (t,) in topics) == sorted(f"{site_id}/{text}" for text in AWKWARD)
+    sensors = rows(sql, "SELECT sensor_id, last_payload FROM sensor WHERE site_id = %s", site_id)
+    assert sorted(sensors) == sorted(
+        (f"s-{text}", {"note": text, "n": i}) for i, text in enumerate(AWKWARD)
+    )
+    readings = rows(
+        sql, "SELECT sensor_id, name, value, unit FROM sensor_reading WHERE site_id = %s", site_id
+    )
+    assert sorted(readings) == sorted(
+        (f"s-{text}", text or "value", 0.1 * i, text) for i, text in enumerate(AWKWARD)
+    )

@@ -1,0 +1,140 @@
+"""
+The transport's own framing of what a broker sends: packets split across
+reads at any byte, several per read, PUBLISH decoded here and everything
+else handed to paho, and a pause that leaves the rest of a read for later.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock
+
+from mqttsvc.config import SiteConfig
+from mqttsvc.transport import MQTTClient, ReceivedMessage
+
+
+def remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def publish(topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> bytes:
+    name = topic.encode()
+    body = struct.pack("!H", len(name)) + name
+    if qos:
+        body += struct.pack("!H", mid)
+    body += payload
+    return bytes([0x30 | qos << 1 | int(retain)]) + remaining_length(len(body)) + body
+
+
+PINGRESP = b"\xd0\x00"
+
+
+def client(received: list[ReceivedMessage]) -> MQTTClient:
+    config = SiteConfig(site_id="frame", host="127.0.0.1")
+    c = MQTTClient(MemoryReactorClock(), config, received.append, lambda e: None, "frame-test")
+    # paho's packet handlers need to believe there is a socket.
+    c._client.socket = lambda: object()  # type: ignore[method-assign,assignment,return-value]
+    return c
+
+
+def feed(c: MQTTClient, data: bytes) -> None:
+    c._buffer += data
+    c._frame()
+
+
+MESSAGES = [
+    ("a/b", b"", 0, False, 0),
+    ("site/gateway/gw-1/heartbeat", b'{"status":"ok"}', 1, False, 1),
+    ("retained/one", b"r" * 127, 1, True, 2),
+    ("longer/payload", b"x" * 128, 1, False, 3),
+    ("ünïcode/tøpic", b"y" * 20_000, 0, False, 0),
+    ("big", b"z" * 2_100_000, 1, False, 65535),
+]
+
+
+def expected(generation: int = 0) -> list[ReceivedMessage]:
+    return [ReceivedMessage(t, p, q, r, m, generation) for t, p, q, r, m in MESSAGES]
+
+
+def stream() -> bytes:
+    return b"".join(publish(*m) for m in MESSAGES)
+
+
+def test_one_byte_at_a_time() -> None:
+    """Every header, length and body split at every possible byte."""
+    received: list[ReceivedMessage] = []
+    c = client(received)
+    for byte in stream()[:-2_100_010]:
+        feed(c, bytes([byte]))
+    feed(c, stream()[-2_100_010:])
+    assert received == expected()
+    assert c._buffer == b""
+
+
+def test_random_reads() -> None:
+    """Reads of any size, many packets each or a part of one."""
+    rng = random.Random(7)
+    data = stream() * 3
+    for _ in range(20):
+        received: list[ReceivedMessage] = []
+        c = client(received)
+        pos = 0
+        while pos < len(data):
+            size = rng.choice([1, 2, 3, 50, 1000, 8192, 100_000])
+            feed(c, data[pos : pos + size])
+            pos += size
+        assert received == expected() * 3
+        assert c._buffer == b""
+
+
+def test_other_packets_go_to_paho() -> None:
+    """A PINGRESP among the PUBLISH packets is paho's: it clears the ping timer."""
+    received: list[ReceivedMessage] = []
+    c = client(received)
+    c._client._ping_t = 123.0
+    feed(c, publish("t", b"1", 1, False, 9) + PINGRESP + publish("t", b"2", 1, False, 10))
+    assert [m.payload for m in received] == [b"1", b"2"]
+    assert c._client._ping_t == 0
+    assert c._client._in_packet["command"] == 0
+
+
+def test_pause_keeps_the_rest_of_a_read() -> None:
+    """Back-pressure stops mid-read; resuming handles what was already read."""
+    received: list[ReceivedMessage] = []
+    c = client(received)
+    c._descriptor = object()  # type: ignore[assignment]
+
+    def on_message(message: ReceivedMessage) -> None:
+        received.append(message)
+        if len(received) == 2:
+            c.pause()
+
+    c._on_message = on_message
+    feed(c, stream())
+    assert received == expected()[:2]
+    assert c._buffer != b""
+    c.resume()
+    reactor: Any = c._reactor
+    reactor.advance(0)
+    assert received == expected()
+    assert c._buffer == b""
+
+
+def test_broken_remaining_length_closes_the_link() -> None:
+    """A length of more than four bytes is a protocol error, not a hang."""
+    received: list[ReceivedMessage] = []
+    c = client(received)
+    handled: list[Any] = []
+    c._client._loop_rc_handle = handled.append  # type: ignore[method-assign]
+    feed(c, b"\x30\xff\xff\xff\xff\x01")
+    assert received == []
+    assert len(handled) == 1
+    assert c._buffer == b""
