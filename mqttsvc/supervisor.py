@@ -10,6 +10,10 @@ row with the running service: a new enabled site starts, a removed or
 disabled one stops with a clean DISCONNECT, a changed connection setting
 reconnects, and a changed subscription list resubscribes without
 reconnecting.
+
+It also keeps what the status calls need without reading the database:
+each site's stored status and configuration error, and the number of sites
+in each connection status, updated on every reconcile and state change.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.task import LoopingCall
@@ -31,6 +36,36 @@ from mqttsvc.store import SiteRow, Store
 
 #: Seconds between two full reconciliations (the old service's health check).
 MONITOR_INTERVAL = 30.0
+
+#: The connection statuses a site can be in, as C{service.status} counts them.
+STATUSES = ("connected", "connecting", "disconnected", "error")
+
+
+def idle_status(stored: str) -> str:
+    """
+    The status of a site without a running service: what the row says if
+    it gave up (error), else disconnected (the row may still say connected
+    for a moment after its service stopped).
+    """
+    return stored if stored == "error" else "disconnected"
+
+
+@attrs.define
+class _Known:
+    """
+    What the supervisor remembers of a site's row, so that the status calls
+    need not read it.
+
+    @ivar status: the row's status column as read, until a service of this
+        process reports; then as last reported (the batch writer writes each
+        report to the row, so a report is newer than any row read since).
+    @ivar config_error: what in the stored configuration is being ignored.
+    @ivar reported: whether a service of this process has reported.
+    """
+
+    status: str
+    config_error: str | None
+    reported: bool = False
 
 
 class SiteSupervisor(MultiService):
@@ -69,6 +104,11 @@ class SiteSupervisor(MultiService):
         self._monitor.clock = reactor
         self._monitor_interval = monitor_interval
         self._loaded: Deferred[None] = Deferred()
+        self._known: dict[str, _Known] = {}
+        # Each known site's status as counted, and the counts: kept up to
+        # date on every change so that service.status costs nothing.
+        self._counted: dict[str, str] = {}
+        self._counts = dict.fromkeys(STATUSES, 0)
 
     def startService(self) -> None:
         super().startService()
@@ -121,7 +161,7 @@ class SiteSupervisor(MultiService):
         rows = {row.config.site_id: row for row in await self._store.list_sites()}
         if not self._devices_loaded:
             await self._load_devices(rows)
-        for site_id in sorted(set(rows) | set(self.namedServices)):
+        for site_id in sorted(set(rows) | set(self.namedServices) | set(self._known)):
             await self._apply(site_id, rows.get(site_id))
 
     async def _load_devices(self, rows: dict[str, SiteRow]) -> None:
@@ -199,6 +239,8 @@ class SiteSupervisor(MultiService):
         try:
             if not self.running:
                 return
+            if row is not None:
+                self._remember(row)
             current = self.site(site_id)
             if row is None or not row.config.is_enabled:
                 if current is not None:
@@ -206,6 +248,7 @@ class SiteSupervisor(MultiService):
                     self.log.info("site {site_id} {why}: stopping it", site_id=site_id, why=why)
                     await current.disownServiceParent()
                 if row is None:
+                    self._known.pop(site_id, None)
                     self.devices.forget_site(site_id)
                 return
             if current is None:
@@ -218,7 +261,54 @@ class SiteSupervisor(MultiService):
                 self.log.info("site {site_id} subscriptions changed", site_id=site_id)
                 current.update_topics(row.config.topics)
         finally:
+            self._recount(site_id)
             lock.release()
+
+    def _remember(self, row: SiteRow) -> None:
+        known = self._known.get(row.config.site_id)
+        if known is None:
+            self._known[row.config.site_id] = _Known(row.status, row.config_error)
+            return
+        known.config_error = row.config_error
+        if not known.reported:
+            known.status = row.status
+
+    def _recount(self, site_id: str) -> None:
+        """
+        Count a site under its current status (or no more, once it is gone).
+        """
+        known = self._known.get(site_id)
+        new: str | None = None
+        if known is not None:
+            site = self.site(site_id)
+            new = site.state.status if site is not None else idle_status(known.status)
+        old = self._counted.get(site_id)
+        if old == new:
+            return
+        if old is not None:
+            self._counts[old] -= 1
+        if new is None:
+            del self._counted[site_id]
+        else:
+            self._counted[site_id] = new
+            self._counts[new] += 1
+
+    def status_counts(self) -> dict[str, int]:
+        """
+        How many sites there are (C{total}) and how many are in each of
+        L{STATUSES}: a running site's live status, else the stored one (see
+        L{idle_status}).  Exact once L{loaded}.
+        """
+        return {"total": len(self._counted), **self._counts}
+
+    def config_error(self, site_id: str) -> str | None:
+        """
+        What in a site's stored configuration is being ignored, as of the
+        last reconcile of the site.
+
+        @raise KeyError: for a site the supervisor does not know.
+        """
+        return self._known[site_id].config_error
 
     def _attach(self, row: SiteRow, resume: bool = True) -> SiteService:
         site = self._site_factory(
@@ -239,6 +329,11 @@ class SiteSupervisor(MultiService):
 
     def _report(self, state: SiteState, event: ConnectionEvent) -> None:
         self._store.writer.set_status(state.as_update(), event)
+        known = self._known.get(event.site_id)
+        if known is not None:
+            known.status = state.status
+            known.reported = True
+            self._recount(event.site_id)
         if event.to_state == event.from_state:
             return
         if event.to_state == "connected":

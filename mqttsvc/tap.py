@@ -463,7 +463,9 @@ def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootS
     )
     if tokens is None:
         log.warn("no --rpc-token-file: the JSON-RPC API accepts calls without a token")
-    site = Site(web.resource(), logFormatter=access_log_line)
+    # Every POST is JSON-RPC: parsing bodies as HTML forms would only cost
+    # time (twisted.web parses each Content-Type with the email package).
+    site = Site(web.resource(), logFormatter=access_log_line, parsePOSTFormSubmission=False)
     site.displayTracebacks = False
     http = strports.service(options["rpc"], site, reactor=reactor)
     http.setName("web")

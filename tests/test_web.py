@@ -111,3 +111,37 @@ async def test_healthz_is_open(treq: StubTreq) -> None:
     response = await treq.get("http://x/healthz")
     assert response.code == 200
     assert await response.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    "uri, agent",
+    [
+        (b"/rpc", None),
+        (b'/rpc?a="quoted"&b=it\'s', b'curl/8.0 "x"'),
+        (b"/rpc?back\\slash", b"it's \\ both \" kinds '"),
+        (b"/rpc?nl=%0a&raw=\n\r\t", b"\x00\x1b[31mred\x7f"),
+        (b"/caf\xc3\xa9", b"\xff\xfe agent"),
+    ],
+)
+def test_access_log_line_is_twisted_webs_combined_format(uri: bytes, agent: bytes | None) -> None:
+    """
+    The access log line is exactly what twisted.web's combined formatter
+    writes, escapes included (nothing a client sends can forge a log line).
+    """
+    from twisted.internet.address import IPv4Address
+    from twisted.web.http import combinedLogFormatter
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from mqttsvc.web import access_log_line
+
+    request = DummyRequest([])
+    request.method = b"POST"
+    request.uri = uri
+    request.client = IPv4Address("TCP", "10.0.0.7", 40000)
+    request.code = 200
+    request.sentLength = 123
+    if agent is not None:
+        request.requestHeaders.setRawHeaders(b"user-agent", [agent])
+    line = access_log_line("[26/Nov/2026:22:00:00 +0000]", request)
+    assert line == combinedLogFormatter("[26/Nov/2026:22:00:00 +0000]", request)
+    assert "\n" not in line and "\r" not in line

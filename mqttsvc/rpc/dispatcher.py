@@ -106,13 +106,18 @@ class Method:
     handler: Callable[[Call], Awaitable[Any]]
     params: tuple[Param, ...] = ()
     summary: str = ""
+    _names: frozenset[str] = attrs.field(
+        init=False,
+        repr=False,
+        eq=False,
+        default=attrs.Factory(lambda self: frozenset(p.name for p in self.params), takes_self=True),
+    )
 
     def bind(self, raw: Any, caller: str) -> Call:
         """
         Check raw params (an object, an array or absent) against the
         declaration.
         """
-        declared = {p.name: p for p in self.params}
         if raw is None:
             named: dict[str, Any] = {}
         elif isinstance(raw, list):
@@ -127,7 +132,7 @@ class Method:
         elif isinstance(raw, dict):
             named = dict(raw)
             for name in named:
-                if name not in declared:
+                if name not in self._names:
                     raise invalid_params(name, "is not a parameter of " + self.name)
         else:
             raise RPCError(INVALID_REQUEST, "Invalid Request: params must be an object or array")
@@ -236,5 +241,8 @@ class Dispatcher:
         return {"jsonrpc": "2.0", "result": result, "id": id_}
 
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _dump(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+    return _encode(value).encode("utf-8")

@@ -30,10 +30,9 @@ from mqttsvc.rpc.dispatcher import (
     RPCError,
     invalid_params,
 )
+from mqttsvc.site import SiteService
 from mqttsvc.store import CONFIG_COLUMNS, SiteExists, SiteRow, Store
-from mqttsvc.supervisor import SiteSupervisor
-
-STATUSES = ("connected", "connecting", "disconnected", "error")
+from mqttsvc.supervisor import STATUSES, SiteSupervisor, idle_status
 
 
 class SiteMethods:
@@ -182,9 +181,14 @@ class SiteMethods:
 
     def _status(self, row: SiteRow) -> dict[str, Any]:
         config = row.config
-        result: dict[str, Any] = {
+        site = self._supervisor.site(config.site_id)
+        if site is not None:
+            # The running service knows more recent truth than the row,
+            # which the batch writer may not have updated yet.
+            return _live_status(site, config, row.config_error)
+        return {
             "site_id": config.site_id,
-            "status": row.status,
+            "status": idle_status(row.status),
             "is_enabled": config.is_enabled,
             "last_connected_at": iso(row.last_connected_at),
             "mqtt_retry_count": row.retry_count,
@@ -199,30 +203,6 @@ class SiteMethods:
             "messages_rejected": 0,
             "last_message_at": None,
         }
-        site = self._supervisor.site(config.site_id)
-        if site is not None:
-            # The running service knows more recent truth than the row,
-            # which the batch writer may not have updated yet.
-            live = site.state
-            result.update(
-                status=live.status,
-                last_connected_at=iso(live.last_connected_at),
-                mqtt_retry_count=live.retry_count,
-                mqtt_next_retry=iso(live.next_retry),
-                last_error=live.last_error,
-                state=live.state,
-                state_since=iso(live.since),
-                subscriptions=[
-                    {"topic": r.topic, "granted": r.granted, "reason": r.reason}
-                    for r in live.subscriptions
-                ],
-                messages_received=site.messages_received,
-                messages_rejected=site.messages_rejected,
-                last_message_at=iso(site.last_message_at),
-            )
-        else:
-            result["status"] = _idle_status(row.status)
-        return result
 
     @staticmethod
     def _config(row: SiteRow) -> dict[str, Any]:
@@ -250,13 +230,16 @@ class SiteMethods:
         }
 
     async def service_status(self, call: Call) -> dict[str, Any]:
-        # Only ids and stored statuses: with a thousand sites, loading every
-        # configuration made this call a hundred times slower.
+        if self._supervisor.loaded:
+            # The supervisor keeps the counts as statuses change: at a
+            # thousand sites even reading two columns of every row was too
+            # slow for a call that monitoring makes often.
+            return {"state": "RUNNING", **self._supervisor.status_counts()}
         stored = await self._store.site_statuses()
         counts = dict.fromkeys(STATUSES, 0)
         for site_id, status in stored:
             site = self._supervisor.site(site_id)
-            counts[site.state.status if site is not None else _idle_status(status)] += 1
+            counts[site.state.status if site is not None else idle_status(status)] += 1
         return {"state": "RUNNING", "total": len(stored), **counts}
 
     def _can_store(self, config: SiteConfig) -> None:
@@ -333,7 +316,18 @@ class SiteMethods:
         return [{**self._config(row), "status": self._status(row)} for row in rows]
 
     async def site_status(self, call: Call) -> dict[str, Any]:
-        return self._status(await self._row(call.params["site_id"]))
+        site_id: str = call.params["site_id"]
+        site = self._supervisor.site(site_id)
+        if site is not None:
+            # A running site's answer is all in memory but for config_error,
+            # which the supervisor keeps from the row it started the site with.
+            try:
+                config_error = self._supervisor.config_error(site_id)
+            except KeyError:
+                pass
+            else:
+                return _live_status(site, site.config, config_error)
+        return self._status(await self._row(site_id))
 
     async def _set_enabled(self, call: Call, enabled: bool) -> str:
         site_id: str = call.params["site_id"]
@@ -425,10 +419,27 @@ def _site_config(params: dict[str, Any], base: SiteConfig | None) -> SiteConfig:
         raise invalid_params(e.field, e.message) from None
 
 
-def _idle_status(stored: str) -> str:
+def _live_status(site: SiteService, config: SiteConfig, config_error: str | None) -> dict[str, Any]:
     """
-    The status of a site without a running service: what the row says if
-    it gave up (error), else disconnected (the row may still say connected
-    for a moment after its service stopped).
+    The C{site.status} of a running site, from its service.
     """
-    return stored if stored == "error" else "disconnected"
+    live = site.state
+    return {
+        "site_id": config.site_id,
+        "status": live.status,
+        "is_enabled": config.is_enabled,
+        "last_connected_at": iso(live.last_connected_at),
+        "mqtt_retry_count": live.retry_count,
+        "mqtt_next_retry": iso(live.next_retry),
+        "topics_list": [t.topic for t in config.topics],
+        "last_error": live.last_error,
+        "config_error": config_error,
+        "state": live.state,
+        "state_since": iso(live.since),
+        "subscriptions": [
+            {"topic": r.topic, "granted": r.granted, "reason": r.reason} for r in live.subscriptions
+        ],
+        "messages_received": site.messages_received,
+        "messages_rejected": site.messages_rejected,
+        "last_message_at": iso(site.last_message_at),
+    }
