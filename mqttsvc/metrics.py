@@ -18,13 +18,13 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from mqttsvc.supervisor import SiteSupervisor
-    from mqttsvc.writer import BatchWriter
+    from mqttsvc.writer import WriterLanes
 
 STATES = ("stopped", "connecting", "connected", "waiting", "error", "stopping", "restarting")
 
 
 class _LiveCollector(Collector):
-    def __init__(self, supervisor: SiteSupervisor, writer: BatchWriter) -> None:
+    def __init__(self, supervisor: SiteSupervisor, writer: WriterLanes) -> None:
         self._supervisor = supervisor
         self._writer = writer
 
@@ -102,7 +102,7 @@ class Metrics:
         self.batch_size.observe(messages)
         self.commit_seconds.observe(seconds)
 
-    def watch(self, supervisor: SiteSupervisor, writer: BatchWriter) -> None:
+    def watch(self, supervisor: SiteSupervisor, writer: WriterLanes) -> None:
         """
         Report the live state of these at every scrape.
         """

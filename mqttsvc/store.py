@@ -30,7 +30,7 @@ from mqttsvc.pool import ConnectionPool
 from mqttsvc.processing import DeviceKey
 from mqttsvc.secrets import SecretError, Secrets, is_encrypted
 from mqttsvc.site import ResumeState
-from mqttsvc.writer import BatchWriter
+from mqttsvc.writer import WriterLanes
 
 
 class SiteExists(Exception):
@@ -222,13 +222,18 @@ class Store(Service):
         batch_size: int = 1000,
         batch_delay: float = 0.01,
         secrets: Secrets | None = None,
+        write_connections: int = 2,
     ) -> None:
         self._reactor = reactor
         self.secrets = secrets
         self.pool = ConnectionPool(reactor, dsn, size=rpc_connections)
-        self._writer_pool = ConnectionPool(reactor, dsn, size=1)
-        self.writer = BatchWriter(
-            reactor, self._writer_pool, batch_size=batch_size, batch_delay=batch_delay
+        self._writer_pool = ConnectionPool(reactor, dsn, size=write_connections)
+        self.writer = WriterLanes(
+            reactor,
+            self._writer_pool,
+            lanes=write_connections,
+            batch_size=batch_size,
+            batch_delay=batch_delay,
         )
 
     def stopService(self) -> Deferred[None]:

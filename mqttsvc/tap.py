@@ -62,6 +62,7 @@ _ENV = {
     "max-payload": "MQTTSVC_MAX_PAYLOAD",
     "batch-size": "MQTTSVC_BATCH_SIZE",
     "batch-delay-ms": "MQTTSVC_BATCH_DELAY_MS",
+    "write-connections": "MQTTSVC_WRITE_CONNECTIONS",
     "log-format": "MQTTSVC_LOG_FORMAT",
     "log-file": "MQTTSVC_LOG_FILE",
     "log-max-bytes": "MQTTSVC_LOG_MAX_BYTES",
@@ -81,6 +82,7 @@ _NUMBERS = {
     "max-payload": str(DEFAULT_MAX_PAYLOAD),
     "batch-size": "1000",
     "batch-delay-ms": "10",
+    "write-connections": "2",
     "log-max-bytes": str(10 * 1024 * 1024),
     "log-keep": "10",
     "events-heartbeat": f"{HEARTBEAT:g}",
@@ -152,6 +154,13 @@ class Options(usage.Options):
             None,
             "...or once the oldest has waited this many milliseconds "
             "[env MQTTSVC_BATCH_DELAY_MS; default 10].",
+        ],
+        [
+            "write-connections",
+            None,
+            None,
+            "Database connections writing batches side by side, each for its share of the "
+            "sites [env MQTTSVC_WRITE_CONNECTIONS; default 2].",
         ],
         [
             "manhole",
@@ -382,10 +391,14 @@ def check_values(options: Options) -> None:
         )
     for name in _NUMBERS:
         options[name] = _positive_number(name, options[name])
-    for name in ("max-payload", "batch-size", "alert-limit"):
+    for name in ("max-payload", "batch-size", "alert-limit", "write-connections"):
+        if options[name] != int(options[name]):
+            raise ConfigError(name, "must be a whole number")
         options[name] = int(options[name])
     if options["alert-limit"] < 1:
         raise ConfigError("alert-limit", "must be a whole number of at least 1")
+    if not 1 <= options["write-connections"] <= 16:
+        raise ConfigError("write-connections", "must be a whole number from 1 to 16")
     for url in options["alert-webhook"]:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -418,6 +431,7 @@ def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootS
         batch_size=options["batch-size"],
         batch_delay=options["batch-delay-ms"] / 1000.0,
         secrets=options.get("secrets"),
+        write_connections=options["write-connections"],
     )
     store.setServiceParent(root)
     supervisor = SiteSupervisor(

@@ -10,9 +10,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
+import pytest
 import pytest_twisted
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import Clock
 
+from mqttsvc.config import ConfigError
 from mqttsvc.pool import ConnectionPool
 from mqttsvc.processing import (
     DeadLetter,
@@ -22,7 +25,8 @@ from mqttsvc.processing import (
     Reading,
     TopicSeen,
 )
-from mqttsvc.writer import BatchWriter
+from mqttsvc.tap import Options, check_values
+from mqttsvc.writer import BatchWriter, WriterLanes
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -274,3 +278,97 @@ async def test_any_text_survives_the_array_literals(db_dsn: str, sql: Any, site_
     assert sorted(readings) == sorted(
         (f"s-{text}", text or "value", 0.1 * i, text) for i, text in enumerate(AWKWARD)
     )
+
+
+def two_lanes_sites(lanes: WriterLanes, prefix: str) -> tuple[str, str]:
+    """Two site ids that go to different lanes."""
+    first = f"{prefix}-0"
+    for i in range(1, 100):
+        other = f"{prefix}-{i}"
+        if lanes.lane(other) is not lanes.lane(first):
+            return first, other
+    raise AssertionError("no two sites in different lanes")
+
+
+@pytest_twisted.ensureDeferred
+async def test_lanes_write_sites_side_by_side(db_dsn: str, sql: Any, site_id: str) -> None:
+    """Each site stays in one lane; different lanes' batches are on the server at once."""
+    from twisted.internet import reactor
+
+    pool = ConnectionPool(reactor, db_dsn, size=2)
+    lanes = WriterLanes(reactor, pool, lanes=2)
+    a, b = two_lanes_sites(lanes, site_id)
+    done = []
+    for i in range(200):
+        at = T0 + timedelta(seconds=i)
+        for site in (a, b):
+            done.append(lanes.submit([TopicSeen(site, f"{site}/t", at)]))
+    await gatherResults(done)
+    await lanes.whenIdle()
+    assert pool.open_connections == 2
+    assert [lane.messages_written for lane in lanes.lanes] == [200, 200]
+    assert lanes.messages_written == 400
+    pool.close()
+    counts = rows(
+        sql,
+        "SELECT site_id, message_count FROM discovered_topic WHERE site_id IN (%s, %s) ORDER BY 1",
+        a,
+        b,
+    )
+    assert counts == sorted([(a, 200), (b, 200)])
+
+
+class _StalledPool:
+    """A database that takes every write and answers only when told to."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[None]] = []
+
+    def operation(self, sql: str, params: Any = None) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.pending.append(d)
+        return d
+
+    def answer_all(self) -> None:
+        pending, self.pending = self.pending, []
+        for d in pending:
+            d.callback(None)
+
+
+def test_lanes_press_once_and_release_when_all_are_clear() -> None:
+    """Back-pressure starts when any lane is over its high water and ends when none is."""
+    clock = Clock()
+    pool = _StalledPool()
+    lanes = WriterLanes(clock, pool, lanes=2, batch_size=2, high_water=4, low_water=1)  # type: ignore[arg-type]
+    pressure: list[bool] = []
+    lanes.on_pressure = pressure.append
+    a, b = two_lanes_sites(lanes, "press")
+    for _ in range(6):
+        lanes.submit([TopicSeen(a, "t", T0)])
+        lanes.submit([TopicSeen(b, "t", T0)])
+        clock.advance(0.02)
+    assert pressure == [True]
+    assert lanes.pressing
+    while pool.pending:
+        pool.answer_all()
+        clock.advance(0.02)
+    assert pressure == [True, False]
+    assert lanes.queued == 0
+
+
+def test_write_connections_option() -> None:
+    """--write-connections (or its variable) sets the lanes: 2 by default, 1 to 16."""
+    options = Options(environ={})
+    options.parseOptions([])
+    check_values(options)
+    assert options["write-connections"] == 2
+    options = Options(environ={"MQTTSVC_WRITE_CONNECTIONS": "4"})
+    options.parseOptions([])
+    check_values(options)
+    assert options["write-connections"] == 4
+    for bad in ("0", "17", "1.5"):
+        options = Options(environ={})
+        options.parseOptions(["--write-connections", bad])
+        with pytest.raises(ConfigError) as refused:
+            check_values(options)
+        assert refused.value.field == "write-connections"
