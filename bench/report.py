@@ -478,9 +478,12 @@ measurement.
   Variants: {variant_messages:,} messages.
 - **Latency.** {latency_rate:,} msg/s for {latency_seconds} s over {latency_sites} sites,
   published at a steady pace from another process, each payload stamped with its send time
-  (`time.time()`). *mqttsvc*: publish-to-commit, timed when the writer's Deferred for the
-  message fires (right before its PUBACK is queued). *Bare client*: publish-to-receive at
-  the same rate, same broker, sessions primed only after mqttsvc's run.
+  (`time.time()`). *mqttsvc*: publish-to-commit, timed when the writer tells the message's
+  site that its batch is committed (right before its PUBACK is queued), after a warm-up in
+  which the same messages are published as fast as they go and committed (so every device
+  is known, as in a running service, rather than the measured seconds being thousands of
+  first sightings). *Bare client*: publish-to-receive at the same rate, same broker,
+  sessions primed only after mqttsvc's run.
 - **Many sites.** {many_sites:,} sites, each its own connection to one private broker:
   from `startService()` to every site's CONNACK, then (after every SUBACK, the writer idle
   and 1 s) `VmRSS` from `/proc/self/status`, then CPU (`time.process_time`) over

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from mqttsvc.batch import ConnectionEvent, StatusUpdate
 from mqttsvc.config import DEFAULT_MAX_PAYLOAD, SiteConfig, TopicSubscription
 from mqttsvc.offline import OfflineDetector
-from mqttsvc.processing import DeadLetter, DeviceSeen, Router, process
+from mqttsvc.processing import DeadLetter, DeviceSeen, Router, TopicSeen, process
 from mqttsvc.transport import (
     BrokerClient,
     ConnectFailed,
@@ -109,7 +109,7 @@ _STATUS_OF_STATE = {
 
 class MessageSink(Protocol):
     """
-    Where a site's messages go (the L{mqttsvc.writer.BatchWriter}).
+    Where a site's messages go (the L{mqttsvc.writer.WriterLanes}).
     """
 
     def queue(self, effects: list[Any], listener: Any, message: Any) -> None:
@@ -472,7 +472,7 @@ class SiteService(Service):
 
     @param reactor: the reactor (time, threads and file descriptors).
     @param config: the site.
-    @param writer: where message effects go (the L{BatchWriter}).
+    @param writer: where message effects go (the L{mqttsvc.writer.WriterLanes}).
     @param report: called with a L{SiteState} and the L{ConnectionEvent} on
         every state change.
     @param instance: this mqttsvc instance's name, part of the client id.
@@ -647,15 +647,29 @@ class SiteService(Service):
         now = self._core.now()
         self.messages_received += 1
         self.last_message_at = now
-        effects = process(
-            self.config.site_id,
-            self._router,
-            message.topic,
-            message.payload,
-            now,
-            retained=message.retain,
-            max_payload=self._max_payload,
-        )
+        try:
+            effects = process(
+                self.config.site_id,
+                self._router,
+                message.topic,
+                message.payload,
+                now,
+                retained=message.retain,
+                max_payload=self._max_payload,
+            )
+        except Exception as e:
+            # A bug, not bad input (that is a dead letter already): keep the
+            # message as a dead letter rather than lose it or stall the site.
+            self.log.failure(
+                "site {site_id}: processing a message on {topic} failed",
+                site_id=self.name,
+                topic=message.topic,
+            )
+            reason = f"processing failed: {type(e).__name__}: {e}"
+            effects = [
+                TopicSeen(self.config.site_id, message.topic, now, message.payload),
+                DeadLetter(self.config.site_id, message.topic, message.payload, reason, now),
+            ]
         if isinstance(effects[-1], DeadLetter):
             self.messages_rejected += 1
         elif self._devices is not None:

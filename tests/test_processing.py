@@ -155,6 +155,8 @@ def test_bad_timestamps(raw: Any) -> None:
         ("s/sensor/t/data", {}, "needs a value"),
         ("s/sensor/t/data", {"value": "1"}, "value must be a finite number, not a JSON string"),
         ("s/sensor/t/data", {"value": True}, "value must be a finite number"),
+        ("s/sensor/t/data", {"value": 10**400}, "value must be a finite number"),
+        ("s/gateway/g/heartbeat", {"interval": 10**400}, "interval must be a number"),
         ("s/sensor/t/data", {"values": {"a": None}}, "values.a must be a finite number"),
         ("s/sensor/t/data", {"values": []}, "values must be a non-empty object"),
         ("s/sensor/t/data", {"value": 1, "values": {"value": 2}}, "given both"),

@@ -451,3 +451,25 @@ def test_illegal_input_raises() -> None:
     h = Harness()
     with pytest.raises(Exception, match="no transition"):
         h.site._machine._retryDue()
+
+
+def test_a_processing_bug_becomes_a_dead_letter(monkeypatch: Any) -> None:
+    """If processing itself fails, the message is kept as a dead letter and the site goes on."""
+    import mqttsvc.site
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OverflowError("int too large to convert to float")
+
+    h = Harness()
+    h.site.startService()
+    h.connect()
+    monkeypatch.setattr(mqttsvc.site, "process", broken)
+    h.client.on_message(ReceivedMessage("north/sensor/s/data", b'{"value": 1}', 1, False, 7, 1))
+    [(effects, _, _)] = h.writer.submitted
+    assert [type(e).__name__ for e in effects] == ["TopicSeen", "DeadLetter"]
+    assert (
+        effects[1].reason == "processing failed: OverflowError: int too large to convert to float"
+    )
+    assert h.site.messages_rejected == 1
+    h.writer.commit(0)
+    assert h.client.acked == [7]
