@@ -448,10 +448,9 @@ backlog (the default, 1000, drops the rest). `max_inflight_messages` is the per-
 of unacknowledged QoS 1 messages for MQTT 3.1.1 subscribers; mqttsvc acknowledges only after
 its commit, so with Mosquitto's default of 20 each site can have only 20 messages in hand. It
 is raised to 1000 (one batch) for the headline runs; the variants below measure the default,
-and MQTT 5 sites asking for a Receive Maximum of 1000 (Mosquitto honours a v5 client's
-Receive Maximum over `max_inflight_messages`, and falls back to 20 when the client sends
-none, which is what mqttsvc does today: the bench adds the property by patching paho's
-`connect_async` in its own process). `max_connections -1` lets 1,000 sites connect; the real
+and MQTT 5 sites, for which mqttsvc asks for a Receive Maximum of 1000 in its CONNECT
+(Mosquitto honours a v5 client's Receive Maximum over `max_inflight_messages`, and falls
+back to 20 when the client sends none). `max_connections -1` lets 1,000 sites connect; the real
 bound is the broker's file-descriptor limit, which it inherits from the benchmark (raised
 with `resource.setrlimit` to 16,384 where the hard limit allows).
 

@@ -29,6 +29,7 @@ from mqttsvc.config import DEFAULT_MAX_PAYLOAD, ConfigError
 from mqttsvc.events import EventHub
 from mqttsvc.eventstream import HEARTBEAT, EventStreams
 from mqttsvc.health import readiness
+from mqttsvc.heap import freeze_startup_heap
 from mqttsvc.manhole import (
     load_host_key,
     makeManholeService,
@@ -235,6 +236,12 @@ class Options(usage.Options):
             None,
             "Also alert when a device goes offline [env MQTTSVC_ALERT_DEVICE_OFFLINE=1].",
         ],
+        [
+            "no-gc-freeze",
+            None,
+            "Do not move the objects alive once the sites are loaded out of the garbage "
+            "collector's full collections [env MQTTSVC_GC_FREEZE=0].",
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -271,6 +278,9 @@ class Options(usage.Options):
                 self[name] = default
         if self["log-format"] is None:
             self["log-format"] = "text"
+        if not self["no-gc-freeze"]:
+            freeze = self._environ.get("MQTTSVC_GC_FREEZE", "1").strip().lower()
+            self["no-gc-freeze"] = freeze in ("0", "false", "no")
         self._install_logger()
 
     def _install_logger(self) -> None:
@@ -484,6 +494,8 @@ def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootS
     http = strports.service(options["rpc"], site, reactor=reactor)
     http.setName("web")
     http.setServiceParent(root)
+    if not options["no-gc-freeze"]:
+        supervisor.whenLoaded().addCallback(lambda _: freeze_startup_heap())
     if options["manhole"]:
         makeManholeService(
             reactor,

@@ -443,9 +443,9 @@ class MQTTClient:
 
         paho's own C{_packet_read} makes a system call per header byte and
         per packet; reading in blocks and framing here is several times
-        cheaper.  PUBLISH packets of MQTT 3.1.1 at QoS 0 and 1 (all a site
-        receives, in practice) are decoded here; every other packet is
-        handed to paho as if paho had read it.
+        cheaper.  PUBLISH packets at QoS 0 and 1 (all a site receives, in
+        practice) are decoded here; every other packet is handed to paho as
+        if paho had read it.
         """
         if self._paused:
             return
@@ -485,7 +485,7 @@ class MQTTClient:
         buffer = self._buffer
         size = len(buffer)
         pos = 0
-        fast = self._config.protocol != "5"
+        v5 = self._config.protocol == "5"
         client = self._client
         on_message = self._on_message
         generation = self.generation
@@ -512,8 +512,12 @@ class MQTTClient:
                 if end > size:
                     return
                 pos = end
-                if fast and command & 0xF0 == 0x30 and not command & 0x04:
-                    # PUBLISH, QoS 0 or 1: topic length, topic, [packet id], payload.
+                if command & 0xF0 == 0x30 and not command & 0x04:
+                    # PUBLISH, QoS 0 or 1: topic length, topic, [packet id],
+                    # [MQTT 5 properties], payload.
+                    if length < 2:
+                        self._protocol_error("PUBLISH without a topic")
+                        return
                     topic_end = i + 2 + ((buffer[i] << 8) | buffer[i + 1])
                     qos = (command >> 1) & 0x03
                     start = topic_end + 2 if qos else topic_end
@@ -521,6 +525,26 @@ class MQTTClient:
                         self._protocol_error("PUBLISH shorter than its topic")
                         return
                     mid = (buffer[topic_end] << 8) | buffer[topic_end + 1] if qos else 0
+                    if v5:
+                        # Skip the properties: none of them matter to us (we
+                        # allow no topic aliases, so the topic is always
+                        # there).
+                        properties = 0
+                        shift = 0
+                        while True:
+                            if start >= end or shift > 21:
+                                self._protocol_error("PUBLISH with broken properties")
+                                return
+                            byte = buffer[start]
+                            properties |= (byte & 0x7F) << shift
+                            start += 1
+                            if not byte & 0x80:
+                                break
+                            shift += 7
+                        start += properties
+                        if start > end:
+                            self._protocol_error("PUBLISH shorter than its properties")
+                            return
                     on_message(
                         ReceivedMessage(
                             buffer[i + 2 : topic_end].decode("utf-8", "replace"),

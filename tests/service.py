@@ -31,7 +31,18 @@ class RunningService:
         self.reactor = reactor
         options = Options(environ={})
         options.parseOptions(
-            ["--db", dsn, "--rpc", "tcp:0:interface=127.0.0.1", "--instance", "test", *extra_args]
+            [
+                "--db",
+                dsn,
+                "--rpc",
+                "tcp:0:interface=127.0.0.1",
+                "--instance",
+                "test",
+                # Many services come and go in one test process: freezing
+                # each one's heap would keep their garbage.
+                "--no-gc-freeze",
+                *extra_args,
+            ]
         )
         check_values(options)
         options["secrets"] = TEST_SECRETS

@@ -25,11 +25,15 @@ def remaining_length(n: int) -> bytes:
             return bytes(out)
 
 
-def publish(topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> bytes:
+def publish(
+    topic: str, payload: bytes, qos: int, retain: bool, mid: int, properties: bytes | None = None
+) -> bytes:
     name = topic.encode()
     body = struct.pack("!H", len(name)) + name
     if qos:
         body += struct.pack("!H", mid)
+    if properties is not None:  # MQTT 5
+        body += remaining_length(len(properties)) + properties
     body += payload
     return bytes([0x30 | qos << 1 | int(retain)]) + remaining_length(len(body)) + body
 
@@ -37,8 +41,8 @@ def publish(topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> byt
 PINGRESP = b"\xd0\x00"
 
 
-def client(received: list[ReceivedMessage]) -> MQTTClient:
-    config = SiteConfig(site_id="frame", host="127.0.0.1")
+def client(received: list[ReceivedMessage], protocol: str = "3.1.1") -> MQTTClient:
+    config = SiteConfig(site_id="frame", host="127.0.0.1", protocol=protocol)
     c = MQTTClient(MemoryReactorClock(), config, received.append, lambda e: None, "frame-test")
     # paho's packet handlers need to believe there is a socket.
     c._client.socket = lambda: object()  # type: ignore[method-assign,assignment,return-value]
@@ -138,3 +142,44 @@ def test_broken_remaining_length_closes_the_link() -> None:
     assert received == []
     assert len(handled) == 1
     assert c._buffer == b""
+
+
+def test_mqtt5_properties_are_skipped() -> None:
+    """MQTT 5 PUBLISH packets carry properties between the packet id and the payload."""
+    received: list[ReceivedMessage] = []
+    c = client(received, protocol="5")
+    expiry = b"\x02\x00\x00\x00\x3c"  # Message Expiry Interval 60
+    user = b"\x26\x00\x01k\x00\x01v"  # User Property k=v
+    long_user = b"\x26\x00\x01k" + struct.pack("!H", 300) + b"v" * 300  # a 2-byte length
+    data = (
+        publish("a", b"no properties", 1, False, 1, b"")
+        + publish("b", b"expiry", 1, True, 2, expiry)
+        + publish("c", b"two", 0, False, 0, expiry + user)
+        + publish("d", b"long", 1, False, 4, long_user)
+    )
+    for byte in data:
+        feed(c, bytes([byte]))
+    assert received == [
+        ReceivedMessage("a", b"no properties", 1, False, 1, 0),
+        ReceivedMessage("b", b"expiry", 1, True, 2, 0),
+        ReceivedMessage("c", b"two", 0, False, 0, 0),
+        ReceivedMessage("d", b"long", 1, False, 4, 0),
+    ]
+
+
+def test_broken_publish_packets_close_the_link() -> None:
+    """A PUBLISH too short for its topic or its properties is a protocol error, not a crash."""
+    for protocol, data in [
+        ("3.1.1", b"\x30\x00"),
+        ("3.1.1", b"\x30\x01\x00"),
+        ("3.1.1", b"\x32\x04\x00\x05ab"),
+        ("5", b"\x32\x06\x00\x01a\x00\x01\x09"),
+    ]:
+        received: list[ReceivedMessage] = []
+        c = client(received, protocol=protocol)
+        handled: list[Any] = []
+        c._client._loop_rc_handle = handled.append  # type: ignore[method-assign]
+        feed(c, data + publish("ok", b"after", 1, False, 1, b"" if protocol == "5" else None))
+        assert received == []
+        assert len(handled) == 1, data
+        assert c._buffer == b""
