@@ -265,21 +265,21 @@ def _control(results: dict[str, Any]) -> list[Row]:
         ]
     rows += [
         (
-            "`store.list_sites()` (what service.status runs)",
+            "`store.list_sites()` (what service.status ran per call before it kept counts)",
             "ms",
             _get(reps, "queries", "list_sites_ms"),
             "",
             None,
         ),
         (
-            "`SELECT site_id, status` (all it needs)",
+            "`SELECT site_id, status` (what it would need from the database)",
             "ms",
             _get(reps, "queries", "status_columns_ms"),
             "",
             None,
         ),
         (
-            "`store.get_site()` (what site.status runs per call)",
+            "`store.get_site()` (what site.status runs only for a site that is not running)",
             "ms",
             _get(reps, "queries", "get_site_ms"),
             "",

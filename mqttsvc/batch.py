@@ -156,10 +156,6 @@ WHERE c.site_id = u.site_id
 """
 
 
-def _quoted(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def text_array(values: Iterable[str | None]) -> str:
     """
     A PostgreSQL array literal of text values, for a C{%s::text[]}
@@ -169,17 +165,18 @@ def text_array(values: Iterable[str | None]) -> str:
     Every element is double-quoted, with C{\\} and C{"} escaped by a
     backslash; C{NULL} stands for None.
     """
-    items = values if isinstance(values, list) else list(values)
+    items = ["\x00" if v is None else v for v in values]
     if not items:
         return "{}"
-    if None in items:
-        return "{" + ",".join(["NULL" if v is None else _quoted(v) for v in items]) + "}"
-    joined = '","'.join(items)  # type: ignore[arg-type]
-    if '"' in joined or "\\" in joined:
-        joined = '","'.join(
-            [v.replace("\\", "\\\\").replace('"', '\\"') for v in items]  # type: ignore[union-attr]
-        )
-    return '{"' + joined + '"}'
+    # NUL cannot be in a text value (PostgreSQL refuses it), so it marks None.
+    joined = '","'.join(items)
+    # Only the separators' quotes, and no backslash: nothing to escape.
+    if "\\" in joined or joined.count('"') != 2 * (len(items) - 1):
+        joined = '","'.join([v.replace("\\", "\\\\").replace('"', '\\"') for v in items])
+    literal = '{"' + joined + '"}'
+    if "\x00" in joined:
+        literal = literal.replace('"\x00"', "NULL")
+    return literal
 
 
 class TimeFormat:
