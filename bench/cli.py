@@ -107,6 +107,7 @@ class Runner:
         """
         self._runs += 1
         load = os.getloadavg()[0]
+        cpu_before = _cpu_times()
         log = self.workdir / f"{self._runs:03d}-{role}.log"
         with log.open("w") as stderr:
             try:
@@ -127,7 +128,23 @@ class Runner:
         result = parse_result(done.stdout)
         # Others' load on the machine while we measured, for the report.
         result["load_average"] = max(load, os.getloadavg()[0])
+        cpu_after = _cpu_times()
+        if cpu_before and cpu_after:
+            total = sum(cpu_after) - sum(cpu_before)
+            result["steal_percent"] = 100 * (cpu_after[7] - cpu_before[7]) / max(1, total)
         return result
+
+
+def _cpu_times() -> list[int]:
+    """
+    The machine's CPU time counters (the first line of C{/proc/stat}; the
+    eighth is steal); empty where there is no such file.
+    """
+    try:
+        with open("/proc/stat") as stat:
+            return [int(v) for v in stat.readline().split()[1:]]
+    except OSError:
+        return []
 
 
 def _count(dsn: str, sql: str) -> int:

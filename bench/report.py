@@ -314,13 +314,13 @@ def _micro(reps: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def _loads(items: Any) -> list[float]:
+def _loads(items: Any, key: str = "load_average") -> list[float]:
     found: list[float] = []
 
     def walk(value: Any) -> None:
         if isinstance(value, dict):
-            if "load_average" in value:
-                found.append(value["load_average"])
+            if key in value:
+                found.append(value[key])
             for v in value.values():
                 walk(v)
         elif isinstance(value, list):
@@ -537,6 +537,13 @@ def render(document: dict[str, Any], previous: Path | None = None) -> str:
             f"{summary(loads)['median']:.1f}, "
             f"max {max(loads):.1f} on {machine['cores']} cores (mqttsvc, the broker, PostgreSQL "
             "and the load generators all share them; anything else running shows here)"
+        )
+    steals = _loads(results, "steal_percent")
+    if steals:
+        lines.append(
+            "- CPU steal (time the host gave to other guests) during each measurement: median "
+            f"{summary(steals)['median']:.1f}%, max {max(steals):.1f}%: this is a shared virtual "
+            "machine, and a measurement with high steal is slowed by others"
         )
     broker = ", ".join(f"`{k} {v}`" for k, v in document["broker"].items())
     lines += ["", METHOD.format(broker=broker, **size)]
