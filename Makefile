@@ -29,7 +29,7 @@ services:
 browser:
 	scripts/browser.sh ensure
 
-# The benchmark suite at full size (about 15 minutes): writes BENCHMARKS.md.
+# The benchmark suite at full size (about 10 minutes): writes BENCHMARKS.md.
 bench: services $(STAMP)
 	$(BIN)/python -m bench
 
