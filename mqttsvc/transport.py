@@ -243,7 +243,12 @@ class _SocketDescriptor:
         return self._fd
 
     def doRead(self) -> None:
-        self._connection._readable()
+        try:
+            self._connection._readable()
+        except Exception:
+            # Raised on, the reactor would drop this reader and the site
+            # would hear nothing until the silence watchdog fired.
+            self._connection._read_failed(Failure())
 
     def doWrite(self) -> None:
         self._connection._writable()
@@ -585,6 +590,23 @@ class MQTTClient:
         finally:
             if self._buffer is buffer:
                 del buffer[:pos]
+
+    def _read_failed(self, failure: Failure) -> None:
+        """
+        Handling what was read raised (a bug): say so and drop the
+        connection, so that the site reconnects on its schedule and the
+        broker redelivers what was not acknowledged.
+        """
+        self.log.failure(
+            "site {site_id}: handling data from the broker failed", failure, site_id=self.site_id
+        )
+        self._buffer = bytearray()
+        kind = failure.type.__name__ if failure.type is not None else "error"
+        self.abort(
+            ConnectFailed(
+                "protocol", f"internal error while reading: {kind}: {failure.getErrorMessage()}"
+            )
+        )
 
     def _protocol_error(self, why: str) -> None:
         self.log.warn(

@@ -7,13 +7,14 @@ else handed to paho, and a pause that leaves the rest of a read for later.
 from __future__ import annotations
 
 import random
+import socket
 import struct
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
 
 from mqttsvc.config import SiteConfig
-from mqttsvc.transport import MQTTClient, ReceivedMessage
+from mqttsvc.transport import MQTTClient, ReceivedMessage, _SocketDescriptor
 
 
 def remaining_length(n: int) -> bytes:
@@ -183,3 +184,20 @@ def test_broken_publish_packets_close_the_link() -> None:
         assert received == []
         assert len(handled) == 1, data
         assert c._buffer == b""
+
+
+def test_a_failure_while_reading_drops_the_connection_not_the_reader() -> None:
+    """If handling what was read raises, the link is aborted (to reconnect), nothing escapes."""
+    c = client([])
+    aborted: list[Any] = []
+    c.abort = aborted.append  # type: ignore[method-assign,assignment]
+
+    def broken() -> None:
+        raise ValueError("a bug")
+
+    c._readable = broken  # type: ignore[method-assign]
+    with socket.socket() as sock:
+        _SocketDescriptor(c, sock).doRead()
+    [reason] = aborted
+    assert reason.category == "protocol"
+    assert reason.detail == "internal error while reading: ValueError: a bug"
