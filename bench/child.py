@@ -403,12 +403,12 @@ async def latency_mqttsvc(reactor: Any, p: Params) -> Params:
                     samples.append(now - workload.sent_at(m.payload))
             self.site.committed(messages)
 
-    timed: dict[int, Timed] = {}
+    timed: dict[Any, Timed] = {}
 
     def timed_queue(effects: list[Any], listener: Any, message: Any) -> None:
-        stand_in = timed.get(id(listener))
+        stand_in = timed.get(listener)
         if stand_in is None:
-            stand_in = timed[id(listener)] = Timed(listener)
+            stand_in = timed[listener] = Timed(listener)
         queue(effects, stand_in, message)
 
     writer.queue = timed_queue  # type: ignore[method-assign]

@@ -14,7 +14,10 @@ import time
 from collections.abc import Iterable
 
 
-def _length(n: int) -> bytes:
+def remaining_length(n: int) -> bytes:
+    """
+    MQTT's remaining length: 7 bits a byte, low first, high bit for "more".
+    """
     out = bytearray()
     while True:
         byte, n = n % 128, n // 128
@@ -31,7 +34,7 @@ def _string(text: str | bytes) -> bytes:
 def connect_packet(client_id: str, clean: bool, keepalive: int = 60) -> bytes:
     body = _string("MQTT") + bytes([4, 0x02 if clean else 0]) + struct.pack("!H", keepalive)
     body += _string(client_id)
-    return b"\x10" + _length(len(body)) + body
+    return b"\x10" + remaining_length(len(body)) + body
 
 
 def publish_packet(topic: bytes, payload: bytes, mid: int) -> bytes:
@@ -39,12 +42,12 @@ def publish_packet(topic: bytes, payload: bytes, mid: int) -> bytes:
     A QoS 1 PUBLISH.
     """
     body = struct.pack("!H", len(topic)) + topic + struct.pack("!H", mid) + payload
-    return b"\x32" + _length(len(body)) + body
+    return b"\x32" + remaining_length(len(body)) + body
 
 
 def subscribe_packet(filters: Iterable[str], mid: int = 1) -> bytes:
     body = struct.pack("!H", mid) + b"".join(_string(f) + b"\x01" for f in filters)
-    return b"\x82" + _length(len(body)) + body
+    return b"\x82" + remaining_length(len(body)) + body
 
 
 DISCONNECT = b"\xe0\x00"

@@ -203,11 +203,11 @@ class TimeFormat:
         return "{" + ",".join(parts) + "}"
 
 
-def time_array(values: Iterable[datetime | None]) -> str:
+def _key_columns(keys: Iterable[tuple[str, ...]]) -> list[str]:
     """
-    An array literal of aware datetimes.
+    Rows' keys (site and ids) as one text array literal per key column.
     """
-    return TimeFormat().array(values)
+    return [text_array(column) for column in zip(*keys, strict=True)]
 
 
 def number_array(values: Iterable[float | int | None]) -> str:
@@ -342,23 +342,20 @@ def batch_statements(
         params.extend(columns)
 
     if fold.topics:
-        topics = fold.topics.keys()
         seen = fold.topics.values()
         statement(
             _UPSERT_TOPICS,
-            text_array(k[0] for k in topics),
-            text_array(k[1] for k in topics),
+            *_key_columns(fold.topics),
             times(v[0] for v in seen),
             times(v[1] for v in seen),
             number_array(v[2] for v in seen),
         )
     for kind, devices in fold.devices.items():
         if devices:
-            keys = devices.keys()
             rows = devices.values()
             statement(
                 _UPSERT_DEVICES[kind],
-                *(text_array(k[i] for k in keys) for i in range(len(next(iter(keys))))),
+                *_key_columns(devices),
                 times(r[0] for r in rows),
                 times(r[1] for r in rows),
                 text_array(r[2] for r in rows),
@@ -368,10 +365,9 @@ def batch_statements(
     # After the upserts, so that a device first seen in this batch exists.
     for kind, changes in fold.statuses.items():
         if changes:
-            changed = changes.keys()
             statement(
                 _UPDATE_DEVICE_STATUS[kind],
-                *(text_array(k[i] for k in changed) for i in range(len(next(iter(changed))))),
+                *_key_columns(changes),
                 text_array(changes.values()),
             )
     if fold.device_events:

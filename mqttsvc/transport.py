@@ -154,6 +154,34 @@ def _empty_in_packet() -> paho._InPacket:
     }
 
 
+class _Malformed(Exception):
+    """
+    A packet breaks the protocol's encoding.
+    """
+
+
+def _varint(buffer: bytearray, i: int, limit: int) -> tuple[int, int] | None:
+    """
+    The MQTT variable byte integer (1 to 4 bytes, 7 bits each) at
+    C{buffer[i]}: its value and the index after it, or None when it runs
+    on past C{limit}.
+
+    @raise _Malformed: when it is longer than four bytes.
+    """
+    value = 0
+    shift = 0
+    while i < limit:
+        byte = buffer[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, i
+        shift += 7
+        if shift > 21:
+            raise _Malformed("longer than four bytes")
+    return None
+
+
 def classify_connect_error(e: BaseException) -> ConnectFailed:
     """
     Turn an exception from paho's blocking C{reconnect()} into a failure
@@ -497,22 +525,14 @@ class MQTTClient:
         try:
             while pos + 2 <= size and not self._paused:
                 command = buffer[pos]
-                # The remaining length: 1 to 4 bytes, 7 bits each.
-                length = 0
-                shift = 0
-                i = pos + 1
-                while True:
-                    if i >= size:
-                        return
-                    byte = buffer[i]
-                    length |= (byte & 0x7F) << shift
-                    i += 1
-                    if not byte & 0x80:
-                        break
-                    shift += 7
-                    if shift > 21:
-                        self._protocol_error("remaining length over 4 bytes")
-                        return
+                try:
+                    header = _varint(buffer, pos + 1, size)
+                except _Malformed as e:
+                    self._protocol_error(f"remaining length: {e}")
+                    return
+                if header is None:
+                    return  # the rest of the header is still to come
+                length, i = header
                 end = i + length
                 if end > size:
                     return
@@ -534,18 +554,14 @@ class MQTTClient:
                         # Skip the properties: none of them matter to us (we
                         # allow no topic aliases, so the topic is always
                         # there).
-                        properties = 0
-                        shift = 0
-                        while True:
-                            if start >= end or shift > 21:
-                                self._protocol_error("PUBLISH with broken properties")
-                                return
-                            byte = buffer[start]
-                            properties |= (byte & 0x7F) << shift
-                            start += 1
-                            if not byte & 0x80:
-                                break
-                            shift += 7
+                        try:
+                            found = _varint(buffer, start, end)
+                        except _Malformed:
+                            found = None
+                        if found is None:
+                            self._protocol_error("PUBLISH with broken properties")
+                            return
+                        properties, start = found
                         start += properties
                         if start > end:
                             self._protocol_error("PUBLISH shorter than its properties")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, Protocol
 
@@ -88,9 +88,7 @@ class _SiteRecords:
         self.events[:0] = older.events
 
     async def write(self, pool: ConnectionPool) -> None:
-        script = batch_statements((), self.statuses.values(), self.events)
-        if script is not None:
-            await pool.operation(*script)
+        await write_batch(pool, (), self.statuses.values(), self.events)
 
 
 class BatchWriter:
@@ -256,11 +254,12 @@ class BatchWriter:
         delay: float | None = None
         started = self._clock.seconds()
         try:
-            script = batch_statements(
-                (e for p in batch for e in p[0]), records.statuses.values(), records.events
+            await write_batch(
+                self._pool,
+                (e for p in batch for e in p[0]),
+                records.statuses.values(),
+                records.events,
             )
-            if script is not None:
-                await self._pool.operation(*script)
         except Exception as e:
             if is_rejection(e):
                 self.log.warn(
@@ -354,9 +353,22 @@ class BatchWriter:
         return None
 
     async def _write_alone(self, effects: list[Effect]) -> None:
-        script = batch_statements(effects)
-        if script is not None:
-            await self._pool.operation(*script)
+        await write_batch(self._pool, effects)
+
+
+async def write_batch(
+    pool: ConnectionPool,
+    effects: Iterable[Effect],
+    statuses: Iterable[StatusUpdate] = (),
+    events: Iterable[ConnectionEvent] = (),
+) -> None:
+    """
+    Write one batch as one query (one round trip, one implicit
+    transaction); nothing when there is nothing to write.
+    """
+    script = batch_statements(effects, statuses, events)
+    if script is not None:
+        await pool.operation(*script)
 
 
 def _rejected(effects: list[Effect], reason: str) -> list[Effect]:
@@ -441,12 +453,10 @@ class WriterLanes:
 
         @return: fires once all of them are committed.
         """
-        by_lane: dict[int, list[Effect]] = {}
+        by_lane: dict[BatchWriter, list[Effect]] = {}
         for effect in effects:
-            by_lane.setdefault(id(self.lane(_site_of(effect))), []).append(effect)
-        lanes = {id(lane): lane for lane in self._lanes}
-        done = [lanes[key].submit(part) for key, part in by_lane.items()]
-        return _all(done)
+            by_lane.setdefault(self.lane(_site_of(effect)), []).append(effect)
+        return _all([lane.submit(part) for lane, part in by_lane.items()])
 
     def set_status(self, update: StatusUpdate, event: ConnectionEvent | None = None) -> None:
         self.lane(update.site_id).set_status(update, event)
@@ -492,9 +502,5 @@ def _all(deferreds: list[Deferred[None]]) -> Deferred[None]:
     """
     Fire (with None) once every one of C{deferreds} has.
     """
-    if len(deferreds) == 1:
-        return deferreds[0]
-    done: Deferred[None] = Deferred()
     gathered = gatherResults(deferreds, consumeErrors=True)
-    gathered.addCallbacks(lambda _: done.callback(None), done.errback)
-    return done
+    return gathered.addCallback(lambda _: None)

@@ -13,17 +13,9 @@ from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
 
+from bench.wire import remaining_length
 from mqttsvc.config import SiteConfig
 from mqttsvc.transport import MQTTClient, ReceivedMessage, _SocketDescriptor
-
-
-def remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def publish(
