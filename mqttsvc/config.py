@@ -179,6 +179,16 @@ DEFAULT_GRACE = 2.5
 #: The largest payload processed, in bytes; larger ones are dead-lettered.
 DEFAULT_MAX_PAYLOAD = 256 * 1024
 
+#: The most of a dead letter's payload that is kept, in bytes; its full size
+#: and SHA-256 are kept beside it.  Also what the transport keeps of a
+#: payload over the limit while it discards the rest unread into memory.
+DEAD_LETTER_KEEP = 64 * 1024
+
+#: The longest topic processed, in bytes of UTF-8.  MQTT allows 65,535, but
+#: a topic is a key of C{discovered_topic} and PostgreSQL refuses an index
+#: row over 2,704 bytes; real topics are far shorter (AWS IoT allows 256).
+MAX_TOPIC_BYTES = 1024
+
 
 def _check_interval(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 7 * 86400:
