@@ -403,13 +403,16 @@ async def latency_mqttsvc(reactor: Any, p: Params) -> Params:
                     samples.append(now - workload.sent_at(m.payload))
             self.site.committed(messages)
 
+        def hold(self, holding: bool) -> None:
+            self.site.hold(holding)
+
     timed: dict[Any, Timed] = {}
 
-    def timed_queue(effects: list[Any], listener: Any, message: Any) -> None:
+    def timed_queue(effects: list[Any], listener: Any, message: Any, size: int = 0) -> None:
         stand_in = timed.get(listener)
         if stand_in is None:
             stand_in = timed[listener] = Timed(listener)
-        queue(effects, stand_in, message)
+        queue(effects, stand_in, message, size)
 
     writer.queue = timed_queue  # type: ignore[method-assign]
     cpu = time.process_time()

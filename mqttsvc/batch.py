@@ -9,12 +9,14 @@ batch is one transaction (the caller's).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
 import attrs
 
+from mqttsvc.config import DEAD_LETTER_KEEP, MAX_TOPIC_BYTES
 from mqttsvc.processing import (
     DeadLetter,
     DeviceKey,
@@ -128,9 +130,14 @@ ON CONFLICT (site_id, sensor_id, ts, name) DO NOTHING
 """
 
 _INSERT_DEAD_LETTERS = """
-INSERT INTO dead_letter (site_id, topic, payload, reason, received_at)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[], %s::timestamptz[])
+INSERT INTO dead_letter (site_id, topic, topic_raw, payload, payload_size, payload_sha256, reason,
+                         received_at)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::bytea[], %s::bigint[], %s::bytea[],
+                     %s::text[], %s::timestamptz[])
 """
+
+#: The longest reason kept with a dead letter or an error, in characters.
+MAX_REASON = 1000
 
 _INSERT_DEVICE_EVENTS = """
 INSERT INTO device_event (site_id, kind, device_id, gateway_id, at, from_status, to_status, reason)
@@ -201,6 +208,64 @@ class TimeFormat:
                 iso = text[v] = v.isoformat()
             parts.append(iso)
         return "{" + ",".join(parts) + "}"
+
+
+def storable_text(text: str, limit: int) -> str:
+    """
+    C{text} as PostgreSQL can store it, at most C{limit} characters: NUL
+    written as C{\\x00}, bytes that are not UTF-8 (lone surrogates, as
+    C{surrogateescape} decoding leaves them) as C{\\xNN} escapes, and a
+    longer text cut with an ellipsis.  Text that needs none of it is
+    returned as it is.
+    """
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = raw_text(text).decode("utf-8", "backslashreplace")
+    if len(text) > limit:
+        text = text[: limit - 1] + "\u2026"
+    return text
+
+
+def raw_text(text: str) -> bytes:
+    """
+    The bytes a text stands for: as received, for one decoded with
+    C{surrogateescape}; any other lone surrogate as its UTF-8 form.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def dead_letter_row(
+    letter: DeadLetter,
+) -> tuple[str, str, bytes | None, bytes, int, bytes, str, datetime]:
+    """
+    A dead letter's C{dead_letter} row, which the database cannot refuse
+    for its content: the topic as storable text (with its raw bytes when
+    that text is not the topic itself), the payload cut to
+    L{DEAD_LETTER_KEEP} bytes with its full size and SHA-256, and the
+    reason as storable text.
+    """
+    topic = storable_text(letter.topic, MAX_TOPIC_BYTES)
+    topic_raw = None if topic == letter.topic else raw_text(letter.topic)
+    payload = bytes(letter.payload)
+    size = letter.size if letter.size is not None else len(payload)
+    digest = letter.sha256 if letter.sha256 is not None else hashlib.sha256(payload).digest()
+    return (
+        storable_text(letter.site_id, MAX_TOPIC_BYTES),
+        topic,
+        topic_raw,
+        payload[:DEAD_LETTER_KEEP],
+        size,
+        digest,
+        storable_text(letter.reason, MAX_REASON),
+        letter.at,
+    )
 
 
 def _key_columns(keys: Iterable[tuple[str, ...]]) -> list[str]:
@@ -311,6 +376,10 @@ class _Fold:
             self.dead.append(effect)
 
 
+def _storable_reason(reason: str | None) -> str | None:
+    return None if reason is None else storable_text(reason, MAX_REASON)
+
+
 def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
@@ -395,15 +464,20 @@ def batch_statements(
             times(fold.r_received),
         )
     if fold.dead:
-        dead = fold.dead
+        site, topic, topic_raw, payload, size, digest, reason, at = _columns(
+            [dead_letter_row(d) for d in fold.dead]
+        )
         statement(
             _INSERT_DEAD_LETTERS,
-            text_array(d.site_id for d in dead),
-            text_array(d.topic for d in dead),
+            text_array(site),
+            text_array(topic),
             # bytea[] stays a list: rare, and binary.
-            [bytes(d.payload) for d in dead],
-            text_array(d.reason for d in dead),
-            times(d.at for d in dead),
+            topic_raw,
+            payload,
+            number_array(size),
+            digest,
+            text_array(reason),
+            times(at),
         )
     events = list(events)
     if events:
@@ -413,7 +487,8 @@ def batch_statements(
             times(e.at for e in events),
             text_array(e.from_state for e in events),
             text_array(e.to_state for e in events),
-            text_array(e.reason for e in events),
+            # Reasons and errors may quote a broker or a socket: any text.
+            text_array(_storable_reason(e.reason) for e in events),
         )
     latest = list({s.site_id: s for s in statuses}.values())
     if latest:
@@ -424,7 +499,7 @@ def batch_statements(
             times(s.last_connected_at for s in latest),
             number_array(s.retry_count for s in latest),
             times(s.next_retry for s in latest),
-            text_array(s.last_error for s in latest),
+            text_array(_storable_reason(s.last_error) for s in latest),
         )
     if not sql:
         return None

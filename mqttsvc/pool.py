@@ -47,15 +47,17 @@ def is_connection_error(e: BaseException) -> bool:
 
 def is_rejection(e: BaseException) -> bool:
     """
-    Whether the database refused a statement for the data in it (a data
-    exception, an integrity violation, a program limit), so that writing
-    the same rows again cannot succeed.  Anything else is worth retrying.
+    Whether a statement failed for the data in it, so that writing the
+    same rows again cannot succeed: the database refused it (a data
+    exception, an integrity violation, a program limit such as an index
+    row too large), or it could not even be sent (psycopg2 raises
+    C{UnicodeEncodeError} for a lone surrogate and C{ValueError} for a NUL
+    in text; building the statement's literals raises the like).  Anything
+    else is worth retrying.
     """
-    return (
-        isinstance(e, psycopg2.Error)
-        and e.pgcode is not None
-        and e.pgcode[:2] in ("22", "23", "54")
-    )
+    if isinstance(e, psycopg2.Error):
+        return e.pgcode is not None and e.pgcode[:2] in ("22", "23", "54")
+    return isinstance(e, ValueError | TypeError | ArithmeticError)
 
 
 class ConnectionPool:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import attrs
 
-from mqttsvc.config import DEFAULT_MAX_PAYLOAD, KIND_IDS, TopicSubscription
+from mqttsvc.config import DEFAULT_MAX_PAYLOAD, KIND_IDS, MAX_TOPIC_BYTES, TopicSubscription
 
 #: Device kind of each message kind that has one.
 DEVICE_KIND = {
@@ -121,6 +121,15 @@ class Reading:
 class DeadLetter:
     """
     A message that could not be processed, kept with the reason.
+
+    The topic may hold what the database cannot store as text (a NUL, or
+    lone surrogates standing for bytes that are not UTF-8); the writer
+    escapes it and keeps the raw bytes beside it (L{mqttsvc.batch}).
+
+    @ivar size: the payload's full size in bytes when C{payload} is only its
+        beginning (the transport did not keep the rest); None when it is
+        whole.
+    @ivar sha256: the full payload's SHA-256 when it was cut.
     """
 
     site_id: str
@@ -128,6 +137,8 @@ class DeadLetter:
     payload: bytes
     reason: str
     at: datetime
+    size: int | None = None
+    sha256: bytes | None = None
 
 
 Effect = TopicSeen | DeviceSeen | Reading | DeadLetter | DeviceStatus
@@ -214,6 +225,30 @@ class Rejected(Exception):
     """
 
 
+def topic_problem(topic: str) -> str | None:
+    """
+    Why a topic name cannot be processed, or None when it can.
+
+    MQTT forbids wildcards and NUL in a topic name and requires UTF-8 (the
+    transport decodes with C{surrogateescape}, so bytes that are not UTF-8
+    arrive as lone surrogates); a topic over L{MAX_TOPIC_BYTES} cannot be a
+    key of C{discovered_topic}.  Such a message is a dead letter with its
+    raw topic, never altered silently nor a device of its own.
+    """
+    if len(topic) * 4 > MAX_TOPIC_BYTES or not topic.isascii():
+        try:
+            size = len(topic.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            return f"topic is not valid UTF-8 (at character {e.start})"
+        if size > MAX_TOPIC_BYTES:
+            return f"topic of {size} bytes is over the limit of {MAX_TOPIC_BYTES}"
+    if "\x00" in topic:
+        return "topic contains a NUL character, which MQTT does not allow"
+    if "+" in topic or "#" in topic:
+        return "topic name contains a wildcard (+ or #), which MQTT does not allow"
+    return None
+
+
 def _refuse_constant(name: str) -> Any:
     raise Rejected("payload holds NaN or Infinity, which JSON does not allow")
 
@@ -251,12 +286,46 @@ def _decode_object(payload: bytes) -> tuple[dict[str, Any], str]:
         value = _decode_json(text)
     except ValueError as e:
         raise Rejected(f"payload is not JSON: {e}") from None
+    except RecursionError:
+        raise Rejected("payload is not JSON we accept: it nests too deeply") from None
     if not isinstance(value, dict):
         raise Rejected(f"payload is a JSON {_json_type(value)}, not an object")
-    # JSON can write NUL only as this escape (a raw one is not valid JSON).
-    if "\\u0000" in text:
-        raise Rejected("payload contains a NUL character, which PostgreSQL cannot store")
+    # A NUL or a lone surrogate can only be written as a \u escape (raw,
+    # the first is not JSON and the second not UTF-8); PostgreSQL stores
+    # neither.  Most payloads have no escape at all.
+    if "\\u" in text:
+        _check_strings(value)
     return value, text
+
+
+def _check_strings(value: Any) -> None:
+    """
+    Refuse a decoded JSON value if any of its strings (keys included) holds
+    a NUL or a lone surrogate.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                _check_text(key)
+                stack.append(inner)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            _check_text(item)
+
+
+def _check_text(text: str) -> None:
+    if "\x00" in text:
+        raise Rejected("payload contains a NUL character (\\u0000), which PostgreSQL cannot store")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise Rejected(
+                f"payload contains a lone surrogate ({text[e.start]!a}), which is not Unicode text"
+            ) from None
 
 
 def _json_type(value: Any) -> str:
@@ -284,6 +353,15 @@ def _number(value: Any) -> bool:
     return False
 
 
+def _quote(value: Any) -> str:
+    """
+    A value as a reason quotes it: its C{repr}, cut short (a device chooses
+    how long it is).
+    """
+    text = repr(value)
+    return text if len(text) <= 64 else text[:60] + "...'"
+
+
 def parse_ts(value: Any, received: datetime) -> datetime:
     """
     A message's C{ts}: epoch seconds or milliseconds, or ISO 8601 (naive
@@ -297,19 +375,19 @@ def parse_ts(value: Any, received: datetime) -> datetime:
         seconds = value / 1000.0 if abs(value) >= _MILLISECONDS_FROM else float(value)
         # Checked on the number: comparing aware datetimes costs more.
         if not 0.0 <= seconds < _LATEST_SECONDS:
-            raise Rejected(f"ts {value!r} is out of range (1970 to 2200)")
+            raise Rejected(f"ts {_quote(value)} is out of range (1970 to 2200)")
         return datetime.fromtimestamp(seconds, UTC)
     elif isinstance(value, str):
         try:
             ts = datetime.fromisoformat(value.strip())
         except ValueError:
-            raise Rejected(f"ts {value!r} is neither epoch seconds nor ISO 8601") from None
+            raise Rejected(f"ts {_quote(value)} is neither epoch seconds nor ISO 8601") from None
         if ts.tzinfo is None:
             ts = ts.replace(tzinfo=UTC)
     else:
         raise Rejected(f"ts must be a number or an ISO 8601 string, not a JSON {_json_type(value)}")
     if not _EARLIEST <= ts < _LATEST:
-        raise Rejected(f"ts {value!r} is out of range (1970 to 2200)")
+        raise Rejected(f"ts {_quote(value)} is out of range (1970 to 2200)")
     return ts
 
 
@@ -341,7 +419,7 @@ def _readings(
             if not 1 <= len(name) <= 100:
                 raise Rejected("each name in values must have 1 to 100 characters")
             if name in values:
-                raise Rejected(f"{name!r} is given both as value and in values")
+                raise Rejected(f"{_quote(name)} is given both as value and in values")
         values.update(extra)
     if not values:
         raise Rejected("sensor data needs a value (a number) or values (an object of numbers)")
@@ -364,6 +442,8 @@ def process(
     *,
     retained: bool = False,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
+    size: int | None = None,
+    sha256: bytes | None = None,
 ) -> list[Effect]:
     """
     The effects of one message received at C{at}.
@@ -371,7 +451,20 @@ def process(
     A retained message is a replay of the past, not a sign of life: it
     updates no device, and its readings are kept only when they carry
     their own C{ts} (so a replay cannot invent a reading at receive time).
+
+    @param size: the payload's full size when C{payload} is only its
+        beginning (the transport discards the rest of a payload over the
+        limit as it reads it); C{sha256} is then the full payload's hash.
     """
+    problem = topic_problem(topic)
+    if problem is not None:
+        return [DeadLetter(site_id, topic, payload, problem, at, size, sha256)]
+    if size is not None and size > len(payload):
+        reason = f"payload of {size} bytes is over the limit of {max_payload}"
+        return [
+            TopicSeen(site_id, topic, at),
+            DeadLetter(site_id, topic, payload, reason, at, size, sha256),
+        ]
     effects: list[Effect] = [TopicSeen(site_id, topic, at, payload)]
     routed = router.route(topic)
     if routed is None:

@@ -31,7 +31,8 @@ from twisted.python.failure import Failure
 from mqttsvc.batch import ConnectionEvent, StatusUpdate
 from mqttsvc.config import DEFAULT_MAX_PAYLOAD, SiteConfig, TopicSubscription
 from mqttsvc.offline import OfflineDetector
-from mqttsvc.processing import DeadLetter, DeviceSeen, Router, TopicSeen, process
+from mqttsvc.processing import DeadLetter, DeviceSeen, Router, TopicSeen, process, topic_problem
+from mqttsvc.summary import Summary
 from mqttsvc.transport import (
     BrokerClient,
     ConnectFailed,
@@ -112,8 +113,11 @@ class MessageSink(Protocol):
     Where a site's messages go (the L{mqttsvc.writer.WriterLanes}).
     """
 
-    def queue(self, effects: list[Any], listener: Any, message: Any) -> None:
-        "Write C{effects}; then call C{listener.committed([message, ...])}."
+    def queue(self, effects: list[Any], listener: Any, message: Any, size: int) -> None:
+        """
+        Write C{effects}; then call C{listener.committed([message, ...])}.
+        C{size} is the message's bytes; past its share, C{listener.hold}.
+        """
 
 
 class _SiteInputs(Protocol):
@@ -511,7 +515,13 @@ class SiteService(Service):
         #: Messages handed to the writer and not committed yet.
         self.uncommitted = 0
         self._drained: Deferred[None] | None = None
+        #: Back-pressure: the writer is full (every site paused), or holds
+        #: more of this site's bytes than its share (this site paused).
         self._pressed = False
+        self._held = False
+        #: Dead letters and processing bugs, logged at most once a minute.
+        self._rejections = Summary(reactor)
+        self._bugs = Summary(reactor)
         self.messages_received = 0
         self.messages_rejected = 0
         self.messages_committed = 0
@@ -554,7 +564,7 @@ class SiteService(Service):
 
     def startService(self) -> None:
         super().startService()
-        if not self._pressed:
+        if not (self._pressed or self._held):
             self._core.client.resume()
         resume, self._resume = self._resume, None
         core = self._core
@@ -602,7 +612,7 @@ class SiteService(Service):
         Reset the retry count and reconnect now (from any state; a site in
         error leaves it only this way).
         """
-        if not self._pressed:
+        if not (self._pressed or self._held):
             self._core.client.resume()
         self._core.retry_count = 0
         self._core.next_retry = None
@@ -618,7 +628,18 @@ class SiteService(Service):
 
     def resume_reading(self) -> None:
         self._pressed = False
-        if self.running:
+        if self.running and not self._held:
+            self._core.client.resume()
+
+    def hold(self, holding: bool) -> None:
+        """
+        The writer holds more of this site's bytes than its share (with
+        True), or no longer does: pause or resume this site's reading.
+        """
+        self._held = holding
+        if holding:
+            self._core.client.pause()
+        elif self.running and not self._pressed:
             self._core.client.resume()
 
     def update_topics(self, topics: tuple[TopicSubscription, ...]) -> None:
@@ -660,18 +681,30 @@ class SiteService(Service):
         except Exception as e:
             # A bug, not bad input (that is a dead letter already): keep the
             # message as a dead letter rather than lose it or stall the site.
-            self.log.failure(
-                "site {site_id}: processing a message on {topic} failed",
-                site_id=self.name,
-                topic=message.topic,
-            )
             reason = f"processing failed: {type(e).__name__}: {e}"
-            effects = [
-                TopicSeen(self.config.site_id, message.topic, now, message.payload),
-                DeadLetter(self.config.site_id, message.topic, message.payload, reason, now),
-            ]
-        if isinstance(effects[-1], DeadLetter):
+            self._bugs.occurred(
+                lambda unlogged: self.log.failure(
+                    "site {site_id}: processing a message failed ({unlogged} more since the "
+                    "last such line)",
+                    site_id=self.name,
+                    unlogged=unlogged,
+                )
+            )
+            effects = [DeadLetter(self.config.site_id, message.topic, message.payload, reason, now)]
+            if topic_problem(message.topic) is None:
+                effects.insert(0, TopicSeen(self.config.site_id, message.topic, now))
+        last = effects[-1]
+        if type(last) is DeadLetter:
             self.messages_rejected += 1
+            self._rejections.occurred(
+                lambda unlogged: self.log.warn(
+                    "site {site_id}: a message was dead-lettered ({unlogged} more since the last "
+                    "such line): {reason}",
+                    site_id=self.name,
+                    unlogged=unlogged,
+                    reason=last.reason,
+                )
+            )
         elif self._devices is not None:
             policy = self.config.offline
             for effect in list(effects):
@@ -681,7 +714,7 @@ class SiteService(Service):
                     if change is not None:
                         effects.append(change)
         self.uncommitted += 1
-        self._writer.queue(effects, self, message)
+        self._writer.queue(effects, self, message, len(message.payload) + len(message.topic))
 
     def committed(self, messages: list[ReceivedMessage]) -> None:
         """

@@ -2,23 +2,27 @@
 The batched writer: many messages' effects per statement and transaction.
 
 Messages are queued with their effects.  A batch is written when
-C{batch_size} messages are waiting or the oldest has waited C{batch_delay}
-seconds, whichever comes first (group commit), in one transaction with one
-statement per table, sent as one query: one round trip per batch.  After the
-commit each message's owner (its site) hears once per batch which of its
-messages are committed, so that their MQTT acknowledgements go out only
-then.  One batch is written at a
-time, which keeps each site's writes in order; the next one gathers
-meanwhile.
+C{batch_size} messages (or C{batch_bytes} of them) are waiting or the oldest
+has waited C{batch_delay} seconds, whichever comes first (group commit), in
+one transaction with one statement per table, sent as one query: one round
+trip per batch.  After the commit each message's owner (its site) hears once
+per batch which of its messages are committed, so that their MQTT
+acknowledgements go out only then.  One batch is written at a time, which
+keeps each site's writes in order; the next one gathers meanwhile.
 
-When more than C{high_water} messages wait (the database is slow or down),
-the writer asks for back-pressure: the sites stop reading from their
-brokers until the queue is back under C{low_water}, so memory stays bounded
-and the brokers keep the rest.
+Memory is bounded in messages and in bytes.  When more than C{high_water}
+messages or C{high_bytes} wait (the database is slow or down), the writer
+asks for back-pressure: the sites stop reading from their brokers until the
+queue is back under C{low_water} and C{low_bytes}, so the brokers keep the
+rest.  A single site holding more than C{site_bytes} is told to stop
+reading on its own, before it can fill the lane for every other site.
 
-Connection failures keep the batch and retry it with backoff.  A batch the
-database rejects for its data is split: each message is retried on its own
-and one that still fails becomes a dead letter with the database's reason.
+Connection failures keep the batch and retry it with backoff; how long a
+lane has failed to commit is visible (L{BatchWriter.failing_for}).  A batch
+the database rejects for its data is bisected until the messages that
+caused it stand alone; those become dead letters with the database's
+reason, and everything else commits.  A dead letter is written so that the
+database cannot refuse it (L{mqttsvc.batch.dead_letter_row}).
 """
 
 from __future__ import annotations
@@ -36,7 +40,22 @@ from twisted.logger import Logger
 
 from mqttsvc.batch import ConnectionEvent, StatusUpdate, batch_statements
 from mqttsvc.pool import ConnectionPool, is_rejection
-from mqttsvc.processing import DeadLetter, DeviceStatus, Effect, TopicSeen
+from mqttsvc.processing import DeadLetter, DeviceSeen, DeviceStatus, Effect, TopicSeen
+
+#: The most bytes of messages written in one batch (their payloads and
+#: topics, plus L{MESSAGE_OVERHEAD} each): every statement stays far below
+#: PostgreSQL's 1 GB message limit whatever the messages hold.
+DEFAULT_BATCH_BYTES = 8 * 1024 * 1024
+
+#: Bytes a lane may hold before every site pauses reading (back-pressure).
+DEFAULT_HIGH_BYTES = 64 * 1024 * 1024
+
+#: Bytes one site may hold in a lane before that site alone pauses reading.
+DEFAULT_SITE_BYTES = 16 * 1024 * 1024
+
+#: What each effect of a queued message costs beyond the message's payload
+#: and topic: its objects and its share of the statement, roughly.
+MESSAGE_OVERHEAD = 256
 
 
 class CommitListener(Protocol):
@@ -47,8 +66,14 @@ class CommitListener(Protocol):
 
     def committed(self, messages: list[Any]) -> None:
         """
-        These messages' effects are committed, in the order they were
-        queued.
+        These messages' effects are committed (or dead-lettered), in the
+        order they were queued.
+        """
+
+    def hold(self, holding: bool) -> None:
+        """
+        With True: this listener has more bytes waiting than its share;
+        send no more until called with False.
         """
 
 
@@ -61,12 +86,15 @@ class _FireDeferreds:
         for d in messages:
             d.callback(None)
 
+    def hold(self, holding: bool) -> None:
+        pass  # submitted effects are the service's own, a few at a time
+
 
 _FIRE = _FireDeferreds()
 
 #: A queued message: its effects, its listener, what the listener is told
-#: of, and when it was queued.
-_Pending = tuple[list[Effect], CommitListener, Any, float]
+#: of, when it was queued, and what it costs in bytes.
+_Pending = tuple[list[Effect], CommitListener, Any, float, int]
 
 
 @attrs.define
@@ -91,6 +119,17 @@ class _SiteRecords:
         await write_batch(pool, (), self.statuses.values(), self.events)
 
 
+class _Retry(Exception):
+    """
+    A write failed for a reason other than its data: keep what is left and
+    retry later.
+    """
+
+    def __init__(self, left: list[_Pending], error: Exception) -> None:
+        self.left = left
+        self.error = error
+
+
 class BatchWriter:
     """
     Queues effects and status updates and writes them in batches.
@@ -101,10 +140,16 @@ class BatchWriter:
         writes of one site in order).
     @param batch_size: write as soon as this many messages wait; also the
         most written in one transaction.
+    @param batch_bytes: the most bytes of messages in one transaction.
     @param batch_delay: write at the latest this many seconds after the
         oldest waiting message arrived.
+    @param high_bytes: bytes held (queued or being written) above which
+        every site pauses; they resume under a quarter of it.
+    @param site_bytes: bytes one listener may hold before it alone is told
+        to hold; it is released under half of it.
     @param on_pressure: called with True when the queue passes
-        C{high_water}, and with False once it is back under C{low_water}.
+        C{high_water} or C{high_bytes}, and with False once it is back under
+        C{low_water} and a quarter of C{high_bytes}.
     """
 
     log = Logger()
@@ -119,14 +164,21 @@ class BatchWriter:
         high_water: int | None = None,
         low_water: int | None = None,
         on_pressure: Callable[[bool], None] | None = None,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        high_bytes: int = DEFAULT_HIGH_BYTES,
+        site_bytes: int = DEFAULT_SITE_BYTES,
     ) -> None:
         self._clock = clock
         self._pool = pool
         self._batch_size = batch_size
+        self._batch_bytes = batch_bytes
         self._batch_delay = batch_delay
         self._max_retry_delay = max_retry_delay
         self._high_water = high_water if high_water is not None else 20 * batch_size
         self._low_water = low_water if low_water is not None else 2 * batch_size
+        self._high_bytes = high_bytes
+        self._low_bytes = high_bytes // 4
+        self._site_bytes = site_bytes
         self.on_pressure = on_pressure
         #: Called with each committed batch's size and write time.
         self.observe: Callable[[int, float], None] | None = None
@@ -138,8 +190,16 @@ class BatchWriter:
         self._scheduled: IDelayedCall | None = None
         self._failures = 0
         self._idle_waiters: list[Deferred[None]] = []
+        #: Bytes held (queued or being written), in all and per listener.
+        self.bytes_held = 0
+        self._held: dict[CommitListener, int] = {}
+        self._holding: set[CommitListener] = set()
+        #: When the current run of failed writes began, and its last error.
+        self.failing_since: float | None = None
+        self.last_error: str | None = None
         self.batches_written = 0
         self.messages_written = 0
+        self.dead_lettered = 0
 
     @property
     def queued(self) -> int:
@@ -148,26 +208,60 @@ class BatchWriter:
         """
         return len(self._queue)
 
+    def failing_for(self) -> float:
+        """
+        Seconds since this lane last could write, while its writes fail
+        for reasons other than their data; 0 when it writes.
+        """
+        if self.failing_since is None:
+            return 0.0
+        return self._clock.seconds() - self.failing_since
+
     def submit(self, effects: list[Effect]) -> Deferred[None]:
         """
-        Queue one message's effects.
+        Queue effects that belong to no message (device status changes of
+        a whole site, say): in parts of at most C{batch_size} effects, so
+        that no statement grows with them.
 
-        @return: fires once they are committed.
+        @return: fires once all of them are committed.
         """
-        done: Deferred[None] = Deferred()
-        self.queue(effects, _FIRE, done)
-        return done
+        parts = []
+        for start in range(0, max(len(effects), 1), self._batch_size):
+            done: Deferred[None] = Deferred()
+            part = effects[start : start + self._batch_size]
+            self.queue(part, _FIRE, done, sum(map(_text_size, part)))
+            parts.append(done)
+        return parts[0] if len(parts) == 1 else _all(parts)
 
-    def queue(self, effects: list[Effect], listener: CommitListener, message: Any) -> None:
+    def queue(
+        self, effects: list[Effect], listener: CommitListener, message: Any, size: int = 0
+    ) -> None:
         """
         Queue one message's effects; once they are committed,
         C{listener.committed} hears of C{message} (with the batch's other
         messages of the same listener).  Nothing is dropped: a batch is
-        retried until it is committed.
+        retried until it is committed, and a message the database refuses
+        is committed as a dead letter.
+
+        @param size: the message's bytes (payload and topic).
         """
         queue = self._queue
-        queue.append((effects, listener, message, self._clock.seconds()))
-        if len(queue) >= self._high_water and not self.pressing:
+        cost = size + MESSAGE_OVERHEAD * len(effects)
+        queue.append((effects, listener, message, self._clock.seconds(), cost))
+        self.bytes_held += cost
+        held = self._held.get(listener, 0) + cost
+        self._held[listener] = held
+        if held >= self._site_bytes and listener not in self._holding:
+            self._holding.add(listener)
+            self.log.warn(
+                "a site holds {bytes} bytes waiting to be written: pausing its reading",
+                bytes=held,
+                listener=listener,
+            )
+            listener.hold(True)
+        if not self.pressing and (
+            len(queue) >= self._high_water or self.bytes_held >= self._high_bytes
+        ):
             self._press(True)
         if not self._flushing and (self._scheduled is None or len(queue) >= self._batch_size):
             self._kick()
@@ -175,9 +269,11 @@ class BatchWriter:
     def _press(self, pressing: bool) -> None:
         self.pressing = pressing
         self.log.warn(
-            "{action} reading from the brokers: {count} messages wait to be written",
+            "{action} reading from the brokers: {count} messages ({bytes} bytes) wait to be "
+            "written",
             action="pausing" if pressing else "resuming",
             count=len(self._queue),
+            bytes=self.bytes_held,
         )
         if self.on_pressure is not None:
             self.on_pressure(pressing)
@@ -245,7 +341,15 @@ class BatchWriter:
         self._scheduled = None
         self._retrying = False
         self._flushing = True
-        batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
+        queue = self._queue
+        limit = min(self._batch_size, len(queue))
+        batch = [queue.popleft() for _ in range(limit)]
+        size = sum(p[4] for p in batch)
+        while size > self._batch_bytes and len(batch) > 1:
+            # Rare (large payloads): give back what does not fit.
+            p = batch.pop()
+            queue.appendleft(p)
+            size -= p[4]
         records, self._records = self._records, _SiteRecords()
         d = Deferred.fromCoroutine(self._write(batch, records))
         d.addErrback(lambda f: self.log.failure("batch writer crashed", f))
@@ -263,16 +367,15 @@ class BatchWriter:
         except Exception as e:
             if is_rejection(e):
                 self.log.warn(
-                    "database rejected a batch of {count} messages, writing them one by one: "
-                    "{error}",
+                    "database rejected a batch of {count} messages, isolating the cause: {error}",
                     count=len(batch),
-                    error=str(e).strip(),
+                    error=_first_line(e),
                 )
-                delay = await self._write_one_by_one(batch, records)
+                delay = await self._isolate(batch, records, e)
             else:
                 delay = self._retry_later(batch, records, e)
         else:
-            self._failures = 0
+            self._wrote()
             self.batches_written += 1
             self.messages_written += len(batch)
             if self.observe is not None and batch:
@@ -280,21 +383,50 @@ class BatchWriter:
             self._tell(batch)
         finally:
             self._flushing = False
-            if self.pressing and len(self._queue) <= self._low_water:
+            if (
+                self.pressing
+                and len(self._queue) <= self._low_water
+                and self.bytes_held <= self._low_bytes
+            ):
                 self._press(False)
             self._kick(delay)
 
+    def _wrote(self) -> None:
+        self._failures = 0
+        if self.failing_since is not None:
+            self.log.info(
+                "database writes succeed again after {seconds:.1f}s",
+                seconds=self._clock.seconds() - self.failing_since,
+            )
+        self.failing_since = None
+        self.last_error = None
+
     def _tell(self, batch: list[_Pending]) -> None:
         """
-        Tell each listener, once, which of its messages are committed.
+        Tell each listener, once, which of its messages are committed, and
+        release the bytes they held.
         """
         by_listener: dict[CommitListener, list[Any]] = {}
-        for _, listener, message, _ in batch:
+        freed: dict[CommitListener, int] = {}
+        for _, listener, message, _, cost in batch:
             messages = by_listener.get(listener)
             if messages is None:
                 by_listener[listener] = [message]
+                freed[listener] = cost
             else:
                 messages.append(message)
+                freed[listener] += cost
+        held = self._held
+        for listener, cost in freed.items():
+            self.bytes_held -= cost
+            left = held[listener] - cost
+            if left:
+                held[listener] = left
+            else:
+                del held[listener]
+            if listener in self._holding and left <= self._site_bytes // 2:
+                self._holding.discard(listener)
+                listener.hold(False)
         for listener, messages in by_listener.items():
             try:
                 listener.committed(messages)
@@ -310,50 +442,118 @@ class BatchWriter:
         self._queue.extendleft(reversed(batch))
         self._records.put_back(records)
         self._failures += 1
+        if self.failing_since is None:
+            self.failing_since = self._clock.seconds()
+        self.last_error = _first_line(error)
         delay = min(0.5 * 2 ** (self._failures - 1), self._max_retry_delay)
         self.log.warn(
             "database write failed, keeping {count} messages and retrying in {delay}s: {error}",
             count=len(self._queue),
             delay=delay,
-            error=str(error).strip() or type(error).__name__,
+            error=self.last_error,
         )
         return delay
 
-    async def _write_one_by_one(self, batch: list[_Pending], records: _SiteRecords) -> float | None:
+    async def _isolate(
+        self, batch: list[_Pending], records: _SiteRecords, error: Exception
+    ) -> float | None:
         """
-        Write a rejected batch message by message; a message the database
-        refuses becomes a dead letter with its reason.
+        Write a rejected batch in halves, and halves of the halves that are
+        rejected, until each message the database refuses stands alone and
+        becomes a dead letter: k bad messages cost O(k log n) statements.
+        Messages are committed in their order.
 
         @return: the delay before a retry, if the database failed otherwise.
         """
-        for i, p in enumerate(batch):
-            try:
-                await self._write_alone(p[0])
-            except Exception as e:
-                if not is_rejection(e):
-                    return self._retry_later(batch[i:], records, e)
-                reason = f"database rejected the message: {str(e).strip().splitlines()[0]}"
-                try:
-                    await self._write_alone(_rejected(p[0], reason))
-                except Exception as e2:
-                    return self._retry_later(batch[i:], records, e2)
-            self.messages_written += 1
-            self._tell([p])
         if records:
+            # Their text is made storable (L{mqttsvc.batch}): a refusal
+            # would be a bug, logged, and not worth stalling for.
             try:
                 await records.write(self._pool)
             except Exception as e:
                 if not is_rejection(e):
-                    return self._retry_later([], records, e)
+                    return self._retry_later(batch, records, e)
                 self.log.error(
                     "the database refused site statuses and events, dropped: {error}",
-                    error=str(e).strip(),
+                    error=_first_line(e),
                 )
-        self._failures = 0
+        # Parts still to write, the next one last; each with the error that
+        # refused it, if it was already tried.
+        work: list[tuple[list[_Pending], Exception | None]] = [(batch, error)]
+        try:
+            while work:
+                part, refused = work.pop()
+                if refused is None:
+                    try:
+                        await write_batch(self._pool, (e for p in part for e in p[0]))
+                    except Exception as e:
+                        if not is_rejection(e):
+                            raise _Retry(_left(part, work), e) from None
+                        refused = e
+                    else:
+                        self.messages_written += len(part)
+                        self._tell(part)
+                        continue
+                if len(part) == 1:
+                    await self._dead_letter(part[0], refused, _left(part, work))
+                else:
+                    middle = len(part) // 2
+                    work += [(part[middle:], None), (part[:middle], None)]
+        except _Retry as retry:
+            return self._retry_later(retry.left, _SiteRecords(), retry.error)
+        self._wrote()
         return None
 
-    async def _write_alone(self, effects: list[Effect]) -> None:
-        await write_batch(self._pool, effects)
+    async def _dead_letter(self, pending: _Pending, error: Exception, left: list[_Pending]) -> None:
+        """
+        Commit a message the database refuses as a dead letter with the
+        database's reason: with its topic's sighting if the database takes
+        that, else the dead letter alone.  A message that is nothing but a
+        dead letter already and still refused (a bug) is logged and let go.
+        """
+        effects = pending[0]
+        reason = "database rejected the message: " + _first_line(error)
+        seen = next((e for e in effects if isinstance(e, TopicSeen)), None)
+        dead: list[Effect] = [e for e in effects if isinstance(e, DeadLetter)]
+        attempts: list[list[Effect]]
+        if seen is not None:
+            letter = DeadLetter(seen.site_id, seen.topic, seen.payload, reason, seen.at)
+            attempts = [[seen, letter], [letter]]
+        else:
+            attempts = [dead] if dead and len(dead) < len(effects) else []
+        for attempt in attempts:
+            try:
+                await write_batch(self._pool, attempt)
+            except Exception as e:
+                if not is_rejection(e):
+                    raise _Retry(left, e) from None
+                error = e
+                continue
+            self.dead_lettered += 1
+            break
+        else:
+            self.log.error(
+                "the database refused a message and its dead letter, dropped: {error}",
+                error=_first_line(error),
+                effects=len(effects),
+            )
+        self.messages_written += 1
+        self._tell([pending])
+
+
+def _left(
+    part: list[_Pending], work: list[tuple[list[_Pending], Exception | None]]
+) -> list[_Pending]:
+    """
+    What is still to be written, in order: this part, then the parts on the
+    work stack (the last one on it is the next one).
+    """
+    return part + [p for later, _ in reversed(work) for p in later]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 async def write_batch(
@@ -371,16 +571,19 @@ async def write_batch(
         await pool.operation(*script)
 
 
-def _rejected(effects: list[Effect], reason: str) -> list[Effect]:
+def _text_size(effect: Effect) -> int:
     """
-    What to write instead of a message whose effects the database refused:
-    its topic sighting and a dead letter with the raw payload and the
-    database's reason.
+    The text an effect that belongs to no message adds to a statement,
+    beyond L{MESSAGE_OVERHEAD}: its device id (a topic level, up to
+    L{mqttsvc.config.MAX_TOPIC_BYTES}) or topic.
     """
-    seen = next((e for e in effects if isinstance(e, TopicSeen)), None)
-    if seen is None:
-        return []
-    return [seen, DeadLetter(seen.site_id, seen.topic, seen.payload, reason, seen.at)]
+    if isinstance(effect, DeviceStatus):
+        return len(effect.key.device_id) + len(effect.key.gateway_id or "")
+    if isinstance(effect, DeviceSeen):
+        return len(effect.device_id) + len(effect.payload)
+    if isinstance(effect, TopicSeen | DeadLetter):
+        return len(effect.topic) + len(effect.payload)
+    return 0
 
 
 def _site_of(effect: Effect) -> str:
@@ -441,11 +644,24 @@ class WriterLanes:
         if now != was and self.on_pressure is not None:
             self.on_pressure(now)
 
-    def queue(self, effects: list[Effect], listener: CommitListener, message: Any) -> None:
+    def queue(
+        self, effects: list[Effect], listener: CommitListener, message: Any, size: int = 0
+    ) -> None:
         """
         See L{BatchWriter.queue}; the effects are one message's, of one site.
         """
-        self.lane(_site_of(effects[0])).queue(effects, listener, message)
+        self.lane(_site_of(effects[0])).queue(effects, listener, message, size)
+
+    def failing(self) -> list[tuple[int, float, str]]:
+        """
+        The lanes whose writes fail (for reasons other than their data):
+        each one's index, for how many seconds, and its last error.
+        """
+        return [
+            (i, lane.failing_for(), lane.last_error or "")
+            for i, lane in enumerate(self._lanes)
+            if lane.failing_since is not None
+        ]
 
     def submit(self, effects: list[Effect]) -> Deferred[None]:
         """
@@ -487,6 +703,14 @@ class WriterLanes:
     @property
     def messages_written(self) -> int:
         return sum(lane.messages_written for lane in self._lanes)
+
+    @property
+    def dead_lettered(self) -> int:
+        return sum(lane.dead_lettered for lane in self._lanes)
+
+    @property
+    def bytes_held(self) -> int:
+        return sum(lane.bytes_held for lane in self._lanes)
 
     @property
     def observe(self) -> Callable[[int, float], None] | None:

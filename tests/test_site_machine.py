@@ -88,7 +88,7 @@ class FakeWriter:
     def __init__(self) -> None:
         self.submitted: list[tuple[list[Any], Any, Any]] = []
 
-    def queue(self, effects: list[Any], listener: Any, message: Any) -> None:
+    def queue(self, effects: list[Any], listener: Any, message: Any, size: int) -> None:
         self.submitted.append((effects, listener, message))
 
     def commit(self, index: int) -> None:

@@ -1,0 +1,368 @@
+"""
+Poison messages against the real writer and PostgreSQL: whatever a message
+holds, it is committed or dead-lettered with a reason, the rest of its
+batch commits, and the lane goes on writing.  Plus the writer's bounds in
+bytes, and how a lane that cannot commit shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import Clock
+
+from mqttsvc.config import DEAD_LETTER_KEEP, MAX_TOPIC_BYTES
+from mqttsvc.pool import ConnectionPool, is_rejection
+from mqttsvc.processing import (
+    DeadLetter,
+    DeviceKey,
+    DeviceSeen,
+    DeviceStatus,
+    Effect,
+    Reading,
+    TopicSeen,
+)
+from mqttsvc.writer import BatchWriter, WriterLanes
+
+T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def rows(sql: Any, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with sql.cursor() as cur:
+        cur.execute(query, params)
+        return list(cur.fetchall())
+
+
+class Counting:
+    """
+    A pool that counts the statements sent through it (each batch, half or
+    dead letter is one).
+    """
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.operations = 0
+        self.largest = 0
+
+    async def operation(self, sql: str, params: list[Any]) -> None:
+        self.operations += 1
+        size = len(sql) + sum(len(p) if isinstance(p, str) else 0 for p in params)
+        self.largest = max(self.largest, size)
+        await self.pool.operation(sql, params)
+
+
+def message(site_id: str, topic: str, sensor: str, name: str, at: datetime) -> list[Effect]:
+    payload = b'{"value": 1}'
+    return [
+        TopicSeen(site_id, topic, at, payload),
+        DeviceSeen(site_id, "sensor", None, sensor, at, payload.decode()),
+        Reading(site_id, sensor, at, name, 1.0, None, at),
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_poison_is_isolated_by_bisection(db_dsn: str, sql: Any, site_id: str) -> None:
+    """
+    Ten poison messages among 1,000 (a lone surrogate, a NUL, an index row
+    too large: each fails in a different place) become ten dead letters
+    with reasons, the 990 others commit, in far fewer statements than one
+    per message.
+    """
+    from twisted.internet import reactor
+
+    pool = ConnectionPool(reactor, db_dsn, size=1)
+    counting = Counting(pool)
+    writer = BatchWriter(reactor, counting, batch_size=1000)  # type: ignore[arg-type]
+    poison = {
+        17: ("name", "a\ud800"),  # UnicodeEncodeError in psycopg2
+        101: ("name", "nul\x00"),  # ValueError in psycopg2
+        230: ("topic", "t/" + secrets.token_urlsafe(6000)),  # index row too large (54000)
+        310: ("sensor", "\udc80"),
+        444: ("name", "b\udfff"),
+        512: ("topic", "t/\x00/nul"),
+        640: ("sensor", secrets.token_hex(5000)),
+        777: ("name", "\ud83d"),
+        888: ("topic", "t/\udcff"),
+        999: ("name", "z\x00z"),
+    }
+    done = []
+    for i in range(1000):
+        at = T0 + timedelta(milliseconds=i)
+        topic, sensor, name = f"{site_id}/s{i}", f"s{i}", "value"
+        field, value = poison.get(i, ("", ""))
+        topic = value if field == "topic" else topic
+        sensor = value if field == "sensor" else sensor
+        name = value if field == "name" else name
+        done.append(writer.submit(message(site_id, topic, sensor, name, at)))
+    await gatherResults(done)
+    # A normal message after the poison commits at once.
+    await writer.submit(message(site_id, f"{site_id}/after", "after", "value", T0)).addTimeout(
+        1.0, reactor
+    )
+    pool.close()
+    readings = rows(
+        sql, "SELECT sensor_id FROM sensor_reading WHERE site_id = %s ORDER BY sensor_id", site_id
+    )
+    assert len(readings) == 991
+    assert {f"s{i}" for i in range(1000) if i not in poison} | {"after"} == {
+        r for (r,) in readings
+    }
+    dead = rows(
+        sql, "SELECT reason, payload_size FROM dead_letter WHERE site_id = %s", site_id
+    )
+    assert len(dead) == 10
+    assert all(reason.startswith("database rejected the message: ") for reason, _ in dead)
+    assert {size for _, size in dead} == {len(b'{"value": 1}')}
+    # Bisection: about k * log2(n) statements, where one by one costs n.
+    assert counting.operations < 200, counting.operations
+    assert writer.dead_lettered == 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_letters_keep_what_text_cannot_hold(db_dsn: str, sql: Any, site_id: str) -> None:
+    """
+    A dead letter whose topic holds a NUL, bytes that are not UTF-8 or 60 kB,
+    and whose payload is 1 MB, is stored: the topic escaped and cut with its
+    raw bytes beside it, the payload cut to DEAD_LETTER_KEEP with its full
+    size and SHA-256.
+    """
+    from twisted.internet import reactor
+
+    pool = ConnectionPool(reactor, db_dsn, size=1)
+    writer = BatchWriter(reactor, pool)
+    big = bytes(range(256)) * 4096
+    raw_topic = b"a/\xff\xfe/b"
+    letters = [
+        DeadLetter(site_id, "n/\x00/ul", b"x", "nul \x00 in reason", T0),
+        DeadLetter(site_id, raw_topic.decode("utf-8", "surrogateescape"), b"y", "utf8", T0),
+        DeadLetter(site_id, "long/" + "l" * 60000, big, "long", T0),
+        DeadLetter(site_id, "cut", big[:DEAD_LETTER_KEEP], "cut", T0, len(big), b"h" * 32),
+    ]
+    await gatherResults([writer.submit([letter]) for letter in letters])
+    pool.close()
+    stored = rows(
+        sql,
+        "SELECT topic, topic_raw, octet_length(payload), payload_size, payload_sha256, reason "
+        "FROM dead_letter WHERE site_id = %s ORDER BY id",
+        site_id,
+    )
+    assert len(stored) == 4
+    nul, utf8, long, cut = stored
+    assert (nul[0], bytes(nul[1]), nul[5]) == ("n/\\x00/ul", b"n/\x00/ul", "nul \\x00 in reason")
+    assert (utf8[0], bytes(utf8[1])) == ("a/\\xff\\xfe/b", raw_topic)
+    assert len(long[0]) == MAX_TOPIC_BYTES and long[0].endswith("\u2026")
+    assert bytes(long[1]) == ("long/" + "l" * 60000).encode()
+    assert (long[2], long[3], bytes(long[4])) == (
+        DEAD_LETTER_KEEP,
+        len(big),
+        hashlib.sha256(big).digest(),
+    )
+    assert cut[1] is None
+    assert (cut[2], cut[3], bytes(cut[4])) == (DEAD_LETTER_KEEP, len(big), b"h" * 32)
+    events = rows(
+        sql,
+        "SELECT data->>'size' FROM event_log WHERE type = 'dead_letter' AND site_id = %s",
+        site_id,
+    )
+    assert sorted(int(s) for (s,) in events) == sorted([1, 1, len(big), len(big)])
+
+
+@pytest_twisted.ensureDeferred
+async def test_site_down_of_many_devices_is_written_in_parts(
+    db_dsn: str, sql: Any, site_id: str
+) -> None:
+    """
+    Device status changes of a whole site (20,000 devices) are written in
+    statements bounded by batch_bytes, never one statement that grows with
+    the site.
+    """
+    from twisted.internet import reactor
+
+    pool = ConnectionPool(reactor, db_dsn, size=1)
+    counting = Counting(pool)
+    writer = BatchWriter(
+        reactor,
+        counting,  # type: ignore[arg-type]
+        batch_size=1000,
+        batch_bytes=1024 * 1024,
+    )
+    changes: list[Effect] = [
+        DeviceStatus(DeviceKey(site_id, "sensor", None, f"d{i}"), "online", "offline", T0, "down")
+        for i in range(20_000)
+    ]
+    await writer.submit(changes)
+    pool.close()
+    assert counting.operations >= 5
+    assert counting.largest < 1024 * 1024
+    (count,) = rows(sql, "SELECT count(*) FROM device_event WHERE site_id = %s", site_id)
+    assert count == (20_000,)
+
+
+@pytest_twisted.ensureDeferred
+async def test_batches_are_bounded_in_bytes(db_dsn: str, sql: Any, site_id: str) -> None:
+    """
+    Large messages are written in batches of at most batch_bytes, however
+    many of them wait: 100 messages of 200 kB in batches of 1 MB.
+    """
+    from twisted.internet import reactor
+
+    pool = ConnectionPool(reactor, db_dsn, size=1)
+    counting = Counting(pool)
+    writer = BatchWriter(
+        reactor,
+        counting,  # type: ignore[arg-type]
+        batch_size=1000,
+        batch_bytes=1024 * 1024,
+    )
+    listener = Listener()
+    text = '{"v": "' + "x" * 200_000 + '"}'
+    for i in range(100):
+        at = T0 + timedelta(seconds=i)
+        effects: list[Effect] = [
+            TopicSeen(site_id, "t", at),
+            DeviceSeen(site_id, "gateway", None, f"g{i}", at, text),
+        ]
+        writer.queue(effects, listener, i, len(text))
+    await listener.all(100)
+    pool.close()
+    assert writer.batches_written >= 20
+    assert counting.largest < 1024 * 1024 + 20_000
+    assert listener.committed_messages == list(range(100))
+    (count,) = rows(sql, "SELECT count(*) FROM gateway WHERE site_id = %s", site_id)
+    assert count == (100,)
+
+
+class Listener:
+    """
+    A commit listener that records what it hears.
+    """
+
+    def __init__(self) -> None:
+        self.committed_messages: list[Any] = []
+        self.holds: list[bool] = []
+        self._waiting: tuple[int, Deferred[None]] | None = None
+
+    def committed(self, messages: list[Any]) -> None:
+        self.committed_messages.extend(messages)
+        if self._waiting is not None and len(self.committed_messages) >= self._waiting[0]:
+            d = self._waiting[1]
+            self._waiting = None
+            d.callback(None)
+
+    def hold(self, holding: bool) -> None:
+        self.holds.append(holding)
+
+    def all(self, count: int) -> Deferred[None]:
+        from twisted.internet import reactor
+
+        d: Deferred[None] = Deferred()
+        self._waiting = (count, d)
+        return d.addTimeout(30, reactor)
+
+
+class Unreachable:
+    """
+    A pool whose database is gone (or, with C{reject}, refuses everything
+    for its data), counting the attempts.
+    """
+
+    def __init__(self, reject: bool = False) -> None:
+        self.attempts = 0
+        self.reject = reject
+
+    async def operation(self, sql: str, params: list[Any]) -> None:
+        self.attempts += 1
+        if self.reject:
+            raise ValueError("A string literal cannot contain NUL (0x00) characters.")
+        raise ConnectionRefusedError("connection refused")
+
+
+def test_bytes_press_every_site_and_a_greedy_site_is_held_alone() -> None:
+    """
+    Bytes count as well as messages: one site holding more than site_bytes
+    is told to hold on its own; past high_bytes every site is paused, and
+    both are released once the bytes are written.
+    """
+    clock = Clock()
+    pool = Unreachable()
+    pressure: list[bool] = []
+    writer = BatchWriter(
+        clock,
+        pool,  # type: ignore[arg-type]
+        batch_size=1000,
+        high_water=10_000,
+        high_bytes=6_000_000,
+        site_bytes=4_000_000,
+        on_pressure=pressure.append,
+    )
+    greedy, modest = Listener(), Listener()
+    for i in range(3):
+        writer.queue([TopicSeen("a", "t", T0)], greedy, i, 1_000_000)
+    assert greedy.holds == [] and pressure == []
+    writer.queue([TopicSeen("a", "t", T0)], greedy, 3, 1_000_000)
+    assert greedy.holds == [True] and pressure == []
+    for i in range(2):
+        writer.queue([TopicSeen("b", "t", T0)], modest, i, 1_000_000)
+    assert pressure == [True]
+    assert modest.holds == []
+    assert writer.bytes_held > 6_000_000
+    # The database comes back: everything is written, both released.
+    pool.operation = _succeed  # type: ignore[method-assign]
+    clock.advance(2.0)
+    assert greedy.holds == [True, False]
+    assert pressure == [True, False]
+    assert writer.bytes_held == 0
+    assert len(greedy.committed_messages) == 4 and len(modest.committed_messages) == 2
+
+
+async def _succeed(sql: str, params: list[Any]) -> None:
+    pass
+
+
+def test_a_lane_that_cannot_commit_is_visible() -> None:
+    """
+    While the database fails, the lane says for how long and why; it forgets
+    once a batch commits.
+    """
+    clock = Clock()
+    pool = Unreachable()
+    lanes = WriterLanes(clock, pool, lanes=1)  # type: ignore[arg-type]
+    lanes.submit([TopicSeen("a", "t", T0)])
+    clock.advance(0.01)
+    for _ in range(20):
+        clock.advance(2.0)
+    [(index, seconds, error)] = lanes.failing()
+    assert index == 0 and seconds >= 38.0 and error == "connection refused"
+    pool.operation = _succeed  # type: ignore[method-assign]
+    clock.advance(2.0)
+    assert lanes.failing() == []
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_refusal_is_never_retried() -> None:
+    """
+    A batch that cannot be sent for its data (psycopg2's NUL error) is
+    dead-lettered, not retried every two seconds forever.
+    """
+    clock = Clock()
+    pool = Unreachable(reject=True)
+    writer = BatchWriter(clock, pool)  # type: ignore[arg-type]
+    done = writer.submit([TopicSeen("a", "t", T0, b"p")])
+    clock.advance(0.01)
+    assert done.called
+    assert writer.failing_since is None
+    # The batch, the dead letter with its topic, the dead letter alone.
+    assert pool.attempts == 3
+    assert clock.getDelayedCalls() == []
+
+
+def test_data_errors_are_rejections() -> None:
+    """The errors psycopg2 raises for text PostgreSQL cannot hold count as the data's fault."""
+    assert is_rejection(UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"))
+    assert is_rejection(ValueError("A string literal cannot contain NUL (0x00) characters."))
+    assert not is_rejection(ConnectionRefusedError())
