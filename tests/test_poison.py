@@ -8,15 +8,18 @@ bytes, and how a lane that cannot commit shows.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest_twisted
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 
-from mqttsvc.config import DEAD_LETTER_KEEP, MAX_TOPIC_BYTES
+from mqttsvc.config import DEAD_LETTER_KEEP, MAX_TOPIC_BYTES, default_topics
 from mqttsvc.pool import ConnectionPool, is_rejection
 from mqttsvc.processing import (
     DeadLetter,
@@ -25,7 +28,9 @@ from mqttsvc.processing import (
     DeviceStatus,
     Effect,
     Reading,
+    Router,
     TopicSeen,
+    process,
 )
 from mqttsvc.writer import BatchWriter, WriterLanes
 
@@ -109,12 +114,8 @@ async def test_poison_is_isolated_by_bisection(db_dsn: str, sql: Any, site_id: s
         sql, "SELECT sensor_id FROM sensor_reading WHERE site_id = %s ORDER BY sensor_id", site_id
     )
     assert len(readings) == 991
-    assert {f"s{i}" for i in range(1000) if i not in poison} | {"after"} == {
-        r for (r,) in readings
-    }
-    dead = rows(
-        sql, "SELECT reason, payload_size FROM dead_letter WHERE site_id = %s", site_id
-    )
+    assert {f"s{i}" for i in range(1000) if i not in poison} | {"after"} == {r for (r,) in readings}
+    dead = rows(sql, "SELECT reason, payload_size FROM dead_letter WHERE site_id = %s", site_id)
     assert len(dead) == 10
     assert all(reason.startswith("database rejected the message: ") for reason, _ in dead)
     assert {size for _, size in dead} == {len(b'{"value": 1}')}
@@ -366,3 +367,108 @@ def test_data_errors_are_rejections() -> None:
     assert is_rejection(UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"))
     assert is_rejection(ValueError("A string literal cannot contain NUL (0x00) characters."))
     assert not is_rejection(ConnectionRefusedError())
+
+
+# Text as a hostile device or broker writes it: any code point, lone
+# surrogates and NUL included, sometimes very long.
+hostile_text = st.text(st.characters(codec=None), max_size=12) | st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1000, max_size=9000
+)
+json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.floats(allow_nan=False)
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | hostile_text
+)
+hostile_level = st.text("abc123", min_size=1, max_size=5) | hostile_text
+fields = {
+    "value": json_leaf,
+    "values": st.dictionaries(hostile_text, json_leaf, max_size=4),
+    "unit": json_leaf,
+    "note": st.recursive(
+        json_leaf,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(hostile_text, inner),
+        max_leaves=6,
+    ),
+}
+hostile_payload = st.one_of(
+    st.binary(max_size=64),
+    # Valid readings, and hostile text around them.
+    st.fixed_dictionaries(
+        {"value": st.floats(allow_nan=False, allow_infinity=False)},
+        optional={k: v for k, v in fields.items() if k != "value"},
+    ).map(lambda drawn: json.dumps(drawn).encode()),
+    st.fixed_dictionaries({}, optional=fields).map(lambda drawn: json.dumps(drawn).encode()),
+)
+
+
+def drawn_messages(examples: int) -> list[list[tuple[str, bytes]]]:
+    """
+    Lists of (topic level, payload) drawn by Hypothesis (generation only:
+    the database test that uses them runs on the reactor, where Hypothesis
+    cannot drive it).
+    """
+    drawn: list[list[tuple[str, bytes]]] = []
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(messages=st.lists(st.tuples(hostile_level, hostile_payload), min_size=1, max_size=12))
+    def collect(messages: list[tuple[str, bytes]]) -> None:
+        drawn.append(messages)
+
+    collect()
+    return drawn
+
+
+@pytest_twisted.ensureDeferred
+async def test_any_message_commits_exactly_or_becomes_a_dead_letter(
+    db_dsn: str, sql: Any, site_id: str
+) -> None:
+    """
+    Random topics and payloads (lone surrogates, NULs, wildcards, huge
+    numbers, long levels) go through processing and the real writer into
+    PostgreSQL: each message's readings are committed exactly, or it is a
+    dead letter with a reason and none of its readings are; and a normal
+    message sent after them commits within a second.
+    """
+    from twisted.internet import reactor
+
+    pool = ConnectionPool(reactor, db_dsn, size=1)
+    writer = BatchWriter(reactor, pool)
+    router = Router(default_topics(site_id))
+    clock = iter(range(10**9))
+    outcomes = {"dead": 0, "committed": 0, "no readings": 0}
+    for messages in drawn_messages(60):
+        listener = Listener()
+        expected = []
+        for level, payload in messages:
+            at = T0 + timedelta(microseconds=next(clock))
+            topic = f"{site_id}/sensor/{level}/data"
+            effects = process(site_id, router, topic, payload, at)
+            readings = {(r.sensor_id, r.name, r.value) for r in effects if isinstance(r, Reading)}
+            expected.append((at, readings, any(isinstance(e, DeadLetter) for e in effects)))
+            writer.queue(effects, listener, at, len(payload) + len(topic))
+        await listener.all(len(messages))
+        for at, readings, dead in expected:
+            where = "WHERE site_id = %s AND received_at = %s"
+            stored = set(
+                rows(sql, f"SELECT sensor_id, name, value FROM sensor_reading {where}", site_id, at)
+            )
+            letters = rows(sql, f"SELECT reason FROM dead_letter {where}", site_id, at)
+            if letters:
+                assert len(letters) == 1 and letters[0][0] and not stored, messages
+                outcomes["dead"] += 1
+            else:
+                assert not dead and stored == readings, messages
+                outcomes["committed" if readings else "no readings"] += 1
+    normal = writer.submit(message(site_id, f"{site_id}/sensor/n/data", "n", "value", T0))
+    await normal.addTimeout(1.0, reactor)
+    pool.close()
+    # Not vacuous: both outcomes happened.
+    assert outcomes["dead"] > 10 and outcomes["committed"] > 0, outcomes

@@ -146,6 +146,13 @@ def test_bad_timestamps(raw: Any) -> None:
         ("s/gateway/g/heartbeat", b"\xff\xfe", "payload is not UTF-8"),
         ("s/gateway/g/heartbeat", b"[1, 2]", "payload is a JSON array, not an object"),
         ("s/gateway/g/heartbeat", b'{"a": "\\u0000"}', "NUL character"),
+        ("s/gateway/g/heartbeat", b'{"\\u0000": 1}', "NUL character"),
+        ("s/sensor/t/data", b'{"values": {"a\\ud800": 1}}', "lone surrogate"),
+        ("s/sensor/t/data", b'{"value": 1, "unit": "\\udc00"}', "lone surrogate"),
+        ("s/gateway/g/heartbeat", b'{"status": "\\ud800"}', "lone surrogate"),
+        ("s/gateway/g/heartbeat", b'{"x": [[{"y": "\\udfff"}]]}', "lone surrogate"),
+        ("s/gateway/g/heartbeat", b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
+        ("s/gateway/g/heartbeat", {"ts": "x" * 100_000}, "ts 'xxxx"),
         ("s/gateway/g/heartbeat", b'{"a": NaN}', "NaN or Infinity"),
         ("s/gateway/g/heartbeat", b'{"a": [1, -Infinity]}', "NaN or Infinity"),
         ("s/gateway/g/heartbeat", {"status": 5}, "status must be a string"),
@@ -173,6 +180,50 @@ def test_bad_payloads_become_dead_letters(topic: str, payload: Any, reason: str)
     assert reason in letter.reason
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     assert letter.payload == raw
+
+
+def test_escapes_that_look_like_nul_are_not() -> None:
+    """An escaped backslash followed by u0000 is text, not a NUL; a valid surrogate pair is text."""
+    effects = run("s/gateway/g/heartbeat", b'{"note": "\\\\u0000", "e": "\\ud83d\\ude80"}')
+    assert [type(e) for e in effects] == [TopicSeen, DeviceSeen]
+
+
+def test_a_long_reason_is_cut_short() -> None:
+    """A reason quotes what the device sent, but never all of a long value."""
+    [_, letter] = run("s/gateway/g/heartbeat", {"ts": "x" * 100_000})
+    assert isinstance(letter, DeadLetter) and len(letter.reason) < 200
+
+
+@pytest.mark.parametrize(
+    ("topic", "reason"),
+    [
+        ("s/gateway/g\x00/heartbeat", "NUL"),
+        ("s/gateway/+/heartbeat", "wildcard"),
+        ("s/gateway/#", "wildcard"),
+        ("s/gateway/" + "g" * 2000 + "/heartbeat", "over the limit of 1024"),
+        ("s/gateway/\u00e9" * 300, "over the limit of 1024"),
+        (b"s/gateway/\xff\xfe/heartbeat".decode("utf-8", "surrogateescape"), "not valid UTF-8"),
+    ],
+)
+def test_topics_mqtt_forbids_are_dead_letters(topic: str, reason: str) -> None:
+    """
+    A topic name with a NUL, a wildcard, bytes that are not UTF-8, or over
+    the length limit is a dead letter alone: no topic sighting, no device.
+    """
+    [letter] = run(topic, {"status": "ok"})
+    assert isinstance(letter, DeadLetter)
+    assert reason in letter.reason
+    assert letter.topic == topic
+
+
+def test_a_payload_the_transport_cut_is_a_dead_letter() -> None:
+    """A payload over the limit, of which the transport kept the start, keeps size and hash."""
+    effects = run("s/sensor/t/data", b'{"value": 1, "pad": "xx', size=5_000_000, sha256=b"h" * 32)
+    assert effects[0] == TopicSeen("s", "s/sensor/t/data", AT)
+    [letter] = effects[1:]
+    assert isinstance(letter, DeadLetter)
+    assert (letter.size, letter.sha256) == (5_000_000, b"h" * 32)
+    assert "payload of 5000000 bytes is over the limit" in letter.reason
 
 
 def test_oversized_payload() -> None:
