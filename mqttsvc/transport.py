@@ -14,6 +14,7 @@ C{callFromThread}.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import ssl
 import struct
@@ -29,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -40,9 +42,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import threadable
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mqttsvc.config import SiteConfig, TlsSettings
+from mqttsvc.config import DEAD_LETTER_KEEP, DEFAULT_MAX_PAYLOAD, SiteConfig, TlsSettings
 
 #: Bytes read from a site's socket per readable event (about 60 small
 #: PUBLISH packets): the packets in them are handled before the reactor
@@ -91,6 +94,29 @@ SILENCE_FACTOR = 2.0
 #: (and its queued QoS 1 messages) outlives our own restarts and outages.
 SESSION_EXPIRY = 7 * 24 * 3600
 
+#: Room in a packet for all but a PUBLISH's payload: the fixed header, a
+#: topic (at most 65,535 bytes), the packet id and MQTT 5 properties.  It is
+#: also the most any other packet from a broker may hold (CONNACK, SUBACK,
+#: PINGRESP... are a few bytes, or a reason string and user properties):
+#: a larger one is a protocol error, refused before it is buffered.
+HEADER_ROOM = 66 * 1024
+
+#: A packet must arrive whole within this many keepalive periods plus one
+#: second per L{PACKET_RATE_FLOOR} bytes of it, counted from its first
+#: byte; otherwise the link is closed.  The silence watchdog takes any byte
+#: as a sign of life, so a broker trickling one endless packet would
+#: otherwise keep a site "connected" with nothing received.
+PACKET_TIMEOUT_FACTOR = 1.5
+
+#: Bytes per second below which a large packet counts as stalled (see
+#: L{PACKET_TIMEOUT_FACTOR}): a 256 MiB packet gets 256 s more.
+PACKET_RATE_FLOOR = 1024 * 1024
+
+#: Threads for the sites' blocking connects (L{ConnectThreads}).  A connect
+#: to a host that drops SYNs holds its thread for the connect timeout (5 s):
+#: this many such attempts at once still leave threads for the others.
+CONNECT_THREADS = 32
+
 
 class ConnectFailed(Exception):
     """
@@ -125,9 +151,19 @@ class ReceivedMessage(NamedTuple):
     A named tuple rather than an attrs class: one is made per message, and
     this costs a fifth as much.
 
+    @ivar topic: decoded with C{surrogateescape}: bytes that are not UTF-8
+        become lone surrogates (U+DC80..U+DCFF), so two different topics
+        never decode alike; C{topic.encode("utf-8", "surrogateescape")}
+        gives the broker's bytes back.  A NUL is kept as it came.
     @ivar generation: which connection of this client carried it; an
         acknowledgement for an older generation is dropped because its
         packet identifier means nothing on a new connection.
+    @ivar size: the payload's full length in bytes when the transport read
+        it without holding it (a PUBLISH over the payload limit): then
+        C{payload} holds only its first L{DEAD_LETTER_KEEP} bytes.  -1 (the
+        default) means C{len(payload)}: the payload is whole.
+    @ivar sha256: the SHA-256 digest of the full payload when C{payload} is
+        only its beginning; None when nothing was cut.
     """
 
     topic: str
@@ -136,6 +172,15 @@ class ReceivedMessage(NamedTuple):
     retain: bool
     mid: int
     generation: int
+    size: int = -1
+    sha256: bytes | None = None
+
+    @property
+    def payload_size(self) -> int:
+        """
+        The full payload's length in bytes, whether or not it was cut.
+        """
+        return len(self.payload) if self.size < 0 else self.size
 
 
 def _empty_in_packet() -> paho._InPacket:
@@ -154,10 +199,84 @@ def _empty_in_packet() -> paho._InPacket:
     }
 
 
+#: Why a QoS 2 PUBLISH closes the link.
+_QOS2_PUBLISH = (
+    "a PUBLISH at QoS 2 or 3, but every subscription asked for QoS 0 or 1 "
+    "(the broker must downgrade to the subscription's QoS)"
+)
+
+
 class _Malformed(Exception):
     """
     A packet breaks the protocol's encoding.
     """
+
+
+class _Oversized:
+    """
+    A PUBLISH too large to hold, read as it arrives: its MQTT 5 properties
+    are skipped, the first C{keep} bytes of its payload are kept, and every
+    payload byte goes through SHA-256 when the payload is cut.
+
+    @ivar total: the whole packet's size in bytes (for the timeout message).
+    @ivar started: when its first byte arrived (reactor seconds).
+    """
+
+    def __init__(
+        self,
+        topic: str,
+        qos: int,
+        retain: bool,
+        mid: int,
+        skip: int,
+        size: int,
+        keep: int,
+        total: int,
+        started: float,
+    ) -> None:
+        self.topic = topic
+        self.qos = qos
+        self.retain = retain
+        self.mid = mid
+        self.skip = skip
+        self.left = size
+        self.size = size
+        self.keep = keep
+        self.kept = bytearray()
+        self.digest = hashlib.sha256() if size > keep else None
+        self.total = total
+        self.started = started
+
+    @property
+    def remaining(self) -> int:
+        return self.skip + self.left
+
+    def feed(self, data: bytes) -> None:
+        """
+        Take the next bytes of the packet (no more than L{remaining}).
+        """
+        if self.skip:
+            skipped = min(self.skip, len(data))
+            self.skip -= skipped
+            data = data[skipped:]
+        room = self.keep - len(self.kept)
+        if room > 0:
+            self.kept += data[:room]
+        if self.digest is not None:
+            self.digest.update(data)
+        self.left -= len(data)
+
+    def message(self, generation: int) -> ReceivedMessage:
+        return ReceivedMessage(
+            self.topic,
+            bytes(self.kept),
+            self.qos,
+            self.retain,
+            self.mid,
+            generation,
+            self.size,
+            self.digest.digest() if self.digest is not None else None,
+        )
 
 
 def _varint(buffer: bytearray, i: int, limit: int) -> tuple[int, int] | None:
@@ -251,6 +370,8 @@ class BrokerClient(Protocol):
 
     def ack(self, messages: list[ReceivedMessage]) -> int: ...
 
+    def heard_after(self, at: float) -> Deferred[None]: ...
+
     def disconnect(self) -> Deferred[None]: ...
 
     def abort(self, reason: ConnectFailed | None = None) -> None: ...
@@ -341,6 +462,29 @@ class KeepaliveSweep:
                 self.log.failure("keepalive check of site {site_id} failed", site_id=client.site_id)
 
 
+class ConnectThreads(Service):
+    """
+    The threads that run paho's blocking C{reconnect()} for the sites: a
+    pool of their own, sized for them, so that nothing else queued on the
+    reactor's pool (connection tests, name lookups) can delay a site's
+    reconnection.  Pass its C{pool} to L{MQTTClient}.
+    """
+
+    def __init__(self, reactor: Any, size: int = CONNECT_THREADS) -> None:
+        self._reactor = reactor
+        self.pool = ThreadPool(minthreads=0, maxthreads=size, name="mqtt-connect")
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        # stop() joins the threads, one of which may be in a connect: not
+        # on the reactor thread.
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.pool.stop)
+
+
 class MQTTClient:
     """
     One site's paho client on the reactor.
@@ -350,6 +494,13 @@ class MQTTClient:
     received messages go to C{on_message} and an unrequested end of the
     connection goes to C{on_lost}.  C{disconnect()} sends DISCONNECT and
     fires when the socket is closed.
+
+    @param max_payload: the payload limit in bytes.  A PUBLISH whose payload
+        is larger is read without being held (see L{ReceivedMessage.size});
+        MQTT 5 brokers are told not to send packets larger than this plus
+        L{HEADER_ROOM}.
+    @param threads: the pool that runs the blocking connect (a
+        L{ConnectThreads} pool, or the reactor's when None).
     """
 
     log = Logger()
@@ -363,8 +514,16 @@ class MQTTClient:
         client_id: str,
         connect_timeout: float = 5.0,
         persistent: bool = True,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        threads: ThreadPool | None = None,
     ) -> None:
         self._reactor = reactor
+        self._max_payload = max_payload
+        # A packet announcing more than this takes the slow branch of
+        # _frame: refused, read without holding it, or (a PUBLISH under
+        # the payload limit) held after all.
+        self._large = min(max_payload, HEADER_ROOM)
+        self._threads = threads
         self._config = config
         self._on_message = on_message
         self._on_lost = on_lost
@@ -384,7 +543,14 @@ class MQTTClient:
         self._socket_error: str | None = None
         self._paused = False
         self._buffer = bytearray()
+        self._oversized: _Oversized | None = None
         self._last_rx = 0.0
+        # When the last packet was completed, and when the buffer last went
+        # from empty to not: the later is when the partial packet in the
+        # buffer began.
+        self._last_packet_at = 0.0
+        self._partial_since = 0.0
+        self._heard: list[tuple[float, Deferred[None]]] = []
         self._lost_reason: ConnectFailed | None = None
         self._sweep = KeepaliveSweep.of(reactor)
         self._client = self._make_client(client_id, connect_timeout, persistent)
@@ -405,7 +571,6 @@ class MQTTClient:
             client.username_pw_set(config.username, config.password)
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
-        client.on_message = self._paho_message
         client.on_subscribe = self._paho_subscribe
         client.on_log = self._paho_log
         if config.status_topic is not None:
@@ -420,6 +585,9 @@ class MQTTClient:
         if v5:
             connect_properties = Properties(PacketTypes.CONNECT)
             connect_properties.ReceiveMaximum = RECEIVE_MAXIMUM
+            # A broker must not send us a larger packet (it drops such a
+            # message instead); MQTT caps the value at 268,435,460.
+            connect_properties.MaximumPacketSize = min(self._max_payload + HEADER_ROOM, 268_435_460)
             if persistent:
                 connect_properties.SessionExpiryInterval = SESSION_EXPIRY
         client.connect_async(
@@ -444,8 +612,9 @@ class MQTTClient:
 
     def _socket_open(self, sock: Any) -> None:
         self._buffer = bytearray()
+        self._oversized = None
         self._descriptor = _SocketDescriptor(self, sock)
-        self._last_rx = self._reactor.seconds()
+        self._last_rx = self._last_packet_at = self._reactor.seconds()
         if not self._paused:
             self._reactor.addReader(self._descriptor)
         if self._writing:
@@ -453,6 +622,7 @@ class MQTTClient:
 
     def _socket_close(self, sock: Any) -> None:
         self._buffer = bytearray()
+        self._oversized = None
         if self._descriptor is not None:
             self._reactor.removeReader(self._descriptor)
             self._reactor.removeWriter(self._descriptor)
@@ -476,9 +646,10 @@ class MQTTClient:
 
         paho's own C{_packet_read} makes a system call per header byte and
         per packet; reading in blocks and framing here is several times
-        cheaper.  PUBLISH packets at QoS 0 and 1 (all a site receives, in
-        practice) are decoded here; every other packet is handed to paho as
-        if paho had read it.
+        cheaper.  PUBLISH packets at QoS 0 and 1 (all a site may receive)
+        are decoded here; every other packet is handed to paho as if paho
+        had read it.  A PUBLISH over the payload limit is read on the way
+        by L{_read_oversized}, never held whole.
         """
         if self._paused:
             return
@@ -500,16 +671,27 @@ class MQTTClient:
         client._last_bytes_received = time.monotonic()
         if _QUICKACK is not None:
             _quickack(client.socket())
-        if self._buffer:
-            self._buffer += data
-        else:
-            self._buffer = bytearray(data)
-        self._frame()
+        self._received(data)
         sock = client.socket()
         # A TLS socket may hold decrypted bytes that will not make it
         # readable again: come back for them explicitly.
         if isinstance(sock, ssl.SSLSocket) and sock.pending() and not self._paused:
             self._reactor.callLater(0, self._readable)
+
+    def _received(self, data: bytes) -> None:
+        """
+        Handle the bytes of one read.
+        """
+        if self._oversized is not None:
+            data = self._read_oversized(data)
+            if not data:
+                return
+        if self._buffer:
+            self._buffer += data
+        else:
+            self._buffer = bytearray(data)
+            self._partial_since = self._last_rx
+        self._frame()
 
     def _frame(self) -> None:
         """
@@ -522,6 +704,7 @@ class MQTTClient:
         client = self._client
         on_message = self._on_message
         generation = self.generation
+        large = self._large
         try:
             while pos + 2 <= size and not self._paused:
                 command = buffer[pos]
@@ -533,6 +716,17 @@ class MQTTClient:
                 if header is None:
                     return  # the rest of the header is still to come
                 length, i = header
+                if length > large and self._too_large(command, length):
+                    # Refused, or read without holding it: the slow branch.
+                    if pos:
+                        self._last_packet_at = self._last_rx
+                    read = self._begin_oversized(buffer, command, i, length)
+                    if read is None:
+                        return  # its header is still to come, or the link closed
+                    pos = read
+                    if self._oversized is not None or self._buffer is not buffer:
+                        return  # the rest is still to come, or the link closed
+                    continue
                 end = i + length
                 if end > size:
                     return
@@ -568,7 +762,7 @@ class MQTTClient:
                             return
                     on_message(
                         ReceivedMessage(
-                            buffer[i + 2 : topic_end].decode("utf-8", "replace"),
+                            buffer[i + 2 : topic_end].decode("utf-8", "surrogateescape"),
                             bytes(buffer[start:end]),
                             qos,
                             bool(command & 0x01),
@@ -579,6 +773,9 @@ class MQTTClient:
                     if self._buffer is not buffer:
                         return  # the connection closed meanwhile
                     continue
+                if command & 0xF0 == 0x30:
+                    self._protocol_error(_QOS2_PUBLISH)
+                    return
                 client._in_packet = {
                     "command": command,
                     "have_remaining": 1,
@@ -604,8 +801,125 @@ class MQTTClient:
                     return  # closed, or a new connection: the rest is void
                 generation = self.generation
         finally:
-            if self._buffer is buffer:
+            if self._buffer is buffer and pos:
                 del buffer[:pos]
+                if self._oversized is None:
+                    self._last_packet_at = self._last_rx
+
+    def _too_large(self, command: int, length: int) -> bool:
+        """
+        Whether a packet of this type and length may not be held whole.
+        """
+        return length > (self._max_payload if command & 0xF0 == 0x30 else HEADER_ROOM)
+
+    def _begin_oversized(self, buffer: bytearray, command: int, i: int, length: int) -> int | None:
+        """
+        A packet at C{buffer[i]} announces C{length} bytes, more than may be
+        held: refuse it, or, a PUBLISH over the payload limit, start reading
+        it without holding it (from what the buffer already has).
+
+        @return: the position after what was read, or None when the header
+            is still incomplete or the link was closed.
+        """
+        if command & 0xF0 != 0x30:
+            self._protocol_error(
+                f"a packet of type {command >> 4} with {length} bytes "
+                f"(at most {HEADER_ROOM} allowed)"
+            )
+            return None
+        qos = (command >> 1) & 0x03
+        if qos > 1:
+            self._protocol_error(_QOS2_PUBLISH)
+            return None
+        size = len(buffer)
+        end = i + length
+        if i + 2 > size:
+            return None
+        topic_end = i + 2 + ((buffer[i] << 8) | buffer[i + 1])
+        start = topic_end + 2 if qos else topic_end
+        if start > end:
+            self._protocol_error("PUBLISH shorter than its topic")
+            return None
+        if start > size:
+            return None
+        properties = 0
+        if self._config.protocol == "5":
+            try:
+                found = _varint(buffer, start, min(size, end))
+            except _Malformed:
+                found = None
+            if found is None:
+                if min(size, end) - start < 4 and size < end:
+                    return None  # the properties' length is still to come
+                self._protocol_error("PUBLISH with broken properties")
+                return None
+            properties, start = found
+        payload = end - start - properties
+        if payload < 0:
+            self._protocol_error("PUBLISH shorter than its properties")
+            return None
+        stream = self._oversized = _Oversized(
+            buffer[i + 2 : topic_end].decode("utf-8", "surrogateescape"),
+            qos,
+            bool(command & 0x01),
+            (buffer[topic_end] << 8) | buffer[topic_end + 1] if qos else 0,
+            properties,
+            payload,
+            payload if payload <= self._max_payload else DEAD_LETTER_KEEP,
+            end,
+            max(self._partial_since, self._last_packet_at),
+        )
+        stop = min(size, end)
+        stream.feed(bytes(buffer[start:stop]))
+        if not stream.remaining:
+            self._finish_oversized(stream)
+        return stop
+
+    def _read_oversized(self, data: bytes) -> bytes:
+        """
+        Feed a read to the oversized PUBLISH being read.
+
+        @return: what of C{data} follows that packet.
+        """
+        stream = self._oversized
+        assert stream is not None
+        wanted = stream.remaining
+        if len(data) < wanted:
+            stream.feed(data)
+            return b""
+        stream.feed(data[:wanted])
+        self._finish_oversized(stream)
+        if self._client.socket() is None:
+            return b""  # closed by whoever took the message
+        return data[wanted:]
+
+    def _finish_oversized(self, stream: _Oversized) -> None:
+        self._oversized = None
+        self._last_packet_at = self._last_rx
+        self.log.debug(
+            "site {site_id}: a PUBLISH on {topic!r} of {size} bytes read without holding it",
+            site_id=self.site_id,
+            topic=stream.topic,
+            size=stream.size,
+        )
+        self._on_message(stream.message(self.generation))
+
+    def _partial_packet(self) -> tuple[int, float] | None:
+        """
+        The size and start time of the packet being read, if any.
+        """
+        stream = self._oversized
+        if stream is not None:
+            return stream.total, stream.started
+        buffer = self._buffer
+        if not buffer:
+            return None
+        try:
+            header = _varint(buffer, 1, len(buffer))
+        except _Malformed:
+            header = None
+        size = len(buffer) if header is None else header[0] + header[1]
+        return size, max(self._partial_since, self._last_packet_at)
 
     def _read_failed(self, failure: Failure) -> None:
         """
@@ -617,6 +931,7 @@ class MQTTClient:
             "site {site_id}: handling data from the broker failed", failure, site_id=self.site_id
         )
         self._buffer = bytearray()
+        self._oversized = None
         kind = failure.type.__name__ if failure.type is not None else "error"
         self.abort(
             ConnectFailed(
@@ -629,6 +944,8 @@ class MQTTClient:
             "site {site_id}: broken packet from the broker: {why}", site_id=self.site_id, why=why
         )
         self._buffer = bytearray()
+        self._oversized = None
+        self._lost_reason = ConnectFailed("protocol", why)
         self._client._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
 
     def _writable(self) -> None:
@@ -639,8 +956,10 @@ class MQTTClient:
             # Not reading, so not hearing PINGRESP either: neither paho's
             # keepalive nor the watchdog can judge the link now.
             return
-        silence = self._reactor.seconds() - self._last_rx
-        if self._connected and silence > SILENCE_FACTOR * self._config.keepalive:
+        now = self._reactor.seconds()
+        keepalive = self._config.keepalive
+        silence = now - self._last_rx
+        if self._connected and silence > SILENCE_FACTOR * keepalive:
             self.log.warn(
                 "site {site_id}: nothing from the broker for {silence:.0f}s, closing the link",
                 site_id=self.site_id,
@@ -648,7 +967,35 @@ class MQTTClient:
             )
             self.abort(ConnectFailed("timeout", f"no data from the broker for {silence:.0f}s"))
             return
+        partial = self._partial_packet()
+        if partial is not None:
+            size, started = partial
+            elapsed = now - started
+            if elapsed > PACKET_TIMEOUT_FACTOR * keepalive + size / PACKET_RATE_FLOOR:
+                self.log.warn(
+                    "site {site_id}: a packet of {size} bytes is still incomplete after "
+                    "{elapsed:.0f}s, closing the link",
+                    site_id=self.site_id,
+                    size=size,
+                    elapsed=elapsed,
+                )
+                self.abort(
+                    ConnectFailed(
+                        "timeout", f"packet of {size} bytes incomplete after {elapsed:.0f}s"
+                    )
+                )
+                return
+        if self._heard:
+            self._tell_heard()
         self._client.loop_misc()
+
+    def _tell_heard(self) -> None:
+        heard = self._last_packet_at
+        waiting = self._heard
+        self._heard = [(at, d) for at, d in waiting if at > heard]
+        for at, d in waiting:
+            if at <= heard:
+                d.callback(None)
 
     # paho callbacks, on the reactor thread once connected.
 
@@ -683,6 +1030,7 @@ class MQTTClient:
     ) -> None:
         was_connected, self._connected = self._connected, False
         self._sweep.discard(self)
+        self._heard = []
         self._cancel_connack_timeout()
         attempt, self._connecting = self._connecting, None
         closing, self._closing = self._closing, None
@@ -724,20 +1072,6 @@ class MQTTClient:
             ]
         )
 
-    def _paho_message(
-        self, client: paho.Client, userdata: object, message: paho.MQTTMessage
-    ) -> None:
-        self._on_message(
-            ReceivedMessage(
-                topic=message.topic,
-                payload=bytes(message.payload),
-                qos=message.qos,
-                retain=bool(message.retain),
-                mid=message.mid,
-                generation=self.generation,
-            )
-        )
-
     # The interface used by the site service.
 
     def connect(self) -> Deferred[bool]:
@@ -749,9 +1083,10 @@ class MQTTClient:
         """
         assert self._connecting is None, "a connection attempt is already in progress"
         self._aborted = False
+        self._lost_reason = None
         attempt: Deferred[bool] = Deferred()
         self._connecting = attempt
-        pool = self._reactor.getThreadPool()
+        pool = self._threads if self._threads is not None else self._reactor.getThreadPool()
         opened = self._opening = deferToThreadPool(self._reactor, pool, self._open)
 
         def opened_ok(rc: object) -> None:
@@ -833,6 +1168,18 @@ class MQTTClient:
         self._subscribing[mid] = ([t for t, _ in topics], waiting)
         return waiting
 
+    def heard_after(self, at: float) -> Deferred[None]:
+        """
+        Wait for proof that the link carries packets: fires (within about a
+        second) once a whole packet, of any kind, has arrived at or after
+        reactor time C{at} on the current connection.  A byte alone is no
+        proof (a broker may trickle one endless packet).  Never fires if the
+        connection ends first.
+        """
+        waiting: Deferred[None] = Deferred()
+        self._heard.append((at, waiting))
+        return waiting
+
     def unsubscribe(self, topics: list[str]) -> None:
         """
         Drop subscriptions on the current connection.
@@ -858,7 +1205,10 @@ class MQTTClient:
         if self._paused:
             self._paused = False
             if self._descriptor is not None:
-                self._last_rx = self._reactor.seconds()
+                # The clocks of the silence and packet timeouts stood still.
+                self._last_rx = self._partial_since = self._reactor.seconds()
+                if self._oversized is not None:
+                    self._oversized.started = self._last_rx
                 self._reactor.addReader(self._descriptor)
                 if self._buffer:
                     # Packets read before the pause wait in the buffer; the
@@ -888,12 +1238,8 @@ class MQTTClient:
             # PUBACK is the same four bytes in MQTT 3.1.1 and 5; paho
             # writes a queued packet as bytes, so one entry holds them all.
             self._client._packet_queue(PUBACK, b"".join(pubacks), 0, 1)
-        count = len(pubacks)
-        for m in messages:
-            if m.qos == 2 and m.generation == generation:
-                self._client.ack(m.mid, 2)
-                count += 1
-        return count
+        # No QoS 2 message reaches here: _frame closes the link on one.
+        return len(pubacks)
 
     @property
     def connected(self) -> bool:

@@ -6,6 +6,7 @@ else handed to paho, and a pause that leaves the rest of a read for later.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import socket
 import struct
@@ -14,8 +15,8 @@ from typing import Any
 from twisted.internet.testing import MemoryReactorClock
 
 from bench.wire import remaining_length
-from mqttsvc.config import SiteConfig
-from mqttsvc.transport import MQTTClient, ReceivedMessage, _SocketDescriptor
+from mqttsvc.config import DEAD_LETTER_KEEP, SiteConfig
+from mqttsvc.transport import HEADER_ROOM, MQTTClient, ReceivedMessage, _SocketDescriptor
 
 
 def publish(
@@ -34,17 +35,25 @@ def publish(
 PINGRESP = b"\xd0\x00"
 
 
-def client(received: list[ReceivedMessage], protocol: str = "3.1.1") -> MQTTClient:
+def client(
+    received: list[ReceivedMessage], protocol: str = "3.1.1", max_payload: int = 4 * 1024 * 1024
+) -> MQTTClient:
     config = SiteConfig(site_id="frame", host="127.0.0.1", protocol=protocol)
-    c = MQTTClient(MemoryReactorClock(), config, received.append, lambda e: None, "frame-test")
+    c = MQTTClient(
+        MemoryReactorClock(),
+        config,
+        received.append,
+        lambda e: None,
+        "frame-test",
+        max_payload=max_payload,
+    )
     # paho's packet handlers need to believe there is a socket.
     c._client.socket = lambda: object()  # type: ignore[method-assign,assignment,return-value]
     return c
 
 
 def feed(c: MQTTClient, data: bytes) -> None:
-    c._buffer += data
-    c._frame()
+    c._received(data)
 
 
 MESSAGES = [
@@ -193,3 +202,158 @@ def test_a_failure_while_reading_drops_the_connection_not_the_reader() -> None:
     [reason] = aborted
     assert reason.category == "protocol"
     assert reason.detail == "internal error while reading: ValueError: a bug"
+
+
+def test_a_payload_over_the_limit_is_read_without_holding_it() -> None:
+    """
+    A PUBLISH whose payload is over the limit arrives as its first
+    DEAD_LETTER_KEEP bytes, its full size and SHA-256; the buffer never
+    holds more than about the limit, and the packets around it are intact.
+    """
+    for protocol, properties in [("3.1.1", None), ("5", b"\x02\x00\x00\x00\x3c")]:
+        received: list[ReceivedMessage] = []
+        c = client(received, protocol=protocol, max_payload=100_000)
+        payload = bytes(range(256)) * 2_000  # 512,000 bytes
+        data = (
+            publish("before", b"1", 1, False, 1, properties and b"")
+            + publish("big", payload, 1, True, 2, properties)
+            + publish("after", b"3", 0, False, 0, properties and b"")
+        )
+        largest = 0
+        for pos in range(0, len(data), 8192):
+            feed(c, data[pos : pos + 8192])
+            largest = max(largest, len(c._buffer))
+        assert largest <= 8192
+        first, big, after = received
+        assert first == ReceivedMessage("before", b"1", 1, False, 1, 0)
+        assert after == ReceivedMessage("after", b"3", 0, False, 0, 0)
+        assert big == ReceivedMessage(
+            "big",
+            payload[:DEAD_LETTER_KEEP],
+            1,
+            True,
+            2,
+            0,
+            len(payload),
+            hashlib.sha256(payload).digest(),
+        )
+        assert big.payload_size == len(payload)
+        assert c._buffer == b"" and c._oversized is None
+
+
+def test_a_large_packet_under_the_limit_is_whole() -> None:
+    """
+    A packet longer than the limit only by its topic and properties has a
+    payload within the limit: it arrives whole, with no hash, even a byte
+    at a time.
+    """
+    received: list[ReceivedMessage] = []
+    c = client(received, protocol="5", max_payload=1000)
+    user = b"\x26\x00\x01k" + struct.pack("!H", 600) + b"v" * 600
+    for byte in publish("t" * 500, b"p" * 1000, 1, False, 3, user):
+        feed(c, bytes([byte]))
+    assert received == [ReceivedMessage("t" * 500, b"p" * 1000, 1, False, 3, 0, 1000, None)]
+
+
+def test_other_packets_over_the_bound_close_the_link_unread() -> None:
+    """A SUBACK announcing 1 MiB is refused at its header, before its bytes are buffered."""
+    c = client([])
+    handled: list[Any] = []
+    c._client._loop_rc_handle = handled.append  # type: ignore[method-assign]
+    feed(c, b"\x90\x80\x80\x40\x00\x01")
+    assert len(handled) == 1
+    assert c._lost_reason is not None
+    assert (
+        c._lost_reason.detail
+        == f"a packet of type 9 with 1048576 bytes (at most {HEADER_ROOM} allowed)"
+    )
+    assert c._buffer == b""
+
+
+def test_a_qos2_publish_closes_the_link() -> None:
+    """
+    We subscribe at QoS 0 or 1, so a QoS 2 PUBLISH breaks the protocol: the
+    link closes with a protocol error and paho keeps nothing of it.
+    """
+    for payload in (b"small", b"x" * 300_000):
+        received: list[ReceivedMessage] = []
+        c = client(received, max_payload=100_000)
+        handled: list[Any] = []
+        c._client._loop_rc_handle = handled.append  # type: ignore[method-assign]
+        feed(c, publish("t", payload, 2, False, 5)[:9000])  # the large one: its first read
+        assert c._buffer == b""
+        assert received == []
+        assert len(handled) == 1
+        assert c._lost_reason is not None and c._lost_reason.category == "protocol"
+        assert "QoS 2" in c._lost_reason.detail
+        assert c._client._in_messages == {}
+
+
+def test_topics_that_are_not_utf8_keep_their_bytes() -> None:
+    """
+    Invalid UTF-8 becomes lone surrogates (two such topics never collide,
+    and the bytes come back); a NUL stays a NUL; valid UTF-8 is unchanged.
+    """
+    received: list[ReceivedMessage] = []
+    c = client(received, max_payload=10)
+    raw = [b"a/\xff", b"a/\xfe", b"a/\x00b", "ü/ø".encode()]
+    for name in raw:
+        packet = bytearray(publish("x" * len(name), b"p", 0, False, 0))
+        packet[4 : 4 + len(name)] = name
+        feed(c, bytes(packet))
+    packet = bytearray(publish("x", b"y" * 100, 0, False, 0))  # over the limit
+    packet[4:5] = b"\x80"
+    feed(c, bytes(packet))
+    topics = [m.topic for m in received]
+    assert topics == ["a/\udcff", "a/\udcfe", "a/\x00b", "ü/ø", "\udc80"]
+    assert [t.encode("utf-8", "surrogateescape") for t in topics] == [*raw, b"\x80"]
+
+
+def test_a_packet_that_does_not_complete_closes_the_link() -> None:
+    """
+    A packet whose bytes trickle in is given 1.5 keepalives plus a second
+    per MiB, however many bytes arrive meanwhile; then the link closes.
+    """
+    c = client([], max_payload=1000)
+    reactor: Any = c._reactor
+    aborted: list[Any] = []
+    c.abort = aborted.append  # type: ignore[method-assign,assignment]
+    c._connected = True
+    packet = publish("t", b"z" * 50_000, 1, False, 1)
+    feed(c, packet[:10])
+    for second in range(89):
+        reactor.advance(1)
+        c._last_rx = reactor.seconds()
+        feed(c, packet[10 + second : 11 + second])
+        c._loop_misc()
+    assert aborted == []
+    reactor.advance(1.1)
+    c._last_rx = reactor.seconds()
+    c._loop_misc()
+    [reason] = aborted
+    assert (reason.category, reason.detail) == (
+        "timeout",
+        f"packet of {len(packet)} bytes incomplete after 90s",
+    )
+
+
+def test_heard_after_waits_for_a_whole_packet() -> None:
+    """Bytes of an unfinished packet prove nothing; a whole packet after the time does."""
+    c = client([])
+    reactor: Any = c._reactor
+    c._client._ping_t = 1.0
+    heard = c.heard_after(reactor.seconds() + 10)
+    reactor.advance(11)
+    c._last_rx = reactor.seconds()
+    feed(c, PINGRESP[:1])
+    c._loop_misc()
+    assert not heard.called
+    feed(c, PINGRESP[1:])
+    c._loop_misc()
+    assert heard.called
+
+
+def test_mqtt5_connect_announces_the_maximum_packet_size() -> None:
+    """MQTT 5 brokers are told the largest packet we take: the payload limit plus room."""
+    c = client([], protocol="5", max_payload=300_000)
+    assert c._client._connect_properties.MaximumPacketSize == 300_000 + HEADER_ROOM
