@@ -139,7 +139,7 @@ def test_broken_remaining_length_closes_the_link() -> None:
     received: list[ReceivedMessage] = []
     c = client(received)
     handled: list[Any] = []
-    c._client._loop_rc_handle = handled.append  # type: ignore[method-assign]
+    c._client._loop_rc_handle = handled.append  # type: ignore[method-assign,assignment]
     feed(c, b"\x30\xff\xff\xff\xff\x01")
     assert received == []
     assert len(handled) == 1
@@ -180,7 +180,7 @@ def test_broken_publish_packets_close_the_link() -> None:
         received: list[ReceivedMessage] = []
         c = client(received, protocol=protocol)
         handled: list[Any] = []
-        c._client._loop_rc_handle = handled.append  # type: ignore[method-assign]
+        c._client._loop_rc_handle = handled.append  # type: ignore[method-assign,assignment]
         feed(c, data + publish("ok", b"after", 1, False, 1, b"" if protocol == "5" else None))
         assert received == []
         assert len(handled) == 1, data
@@ -259,7 +259,7 @@ def test_other_packets_over_the_bound_close_the_link_unread() -> None:
     """A SUBACK announcing 1 MiB is refused at its header, before its bytes are buffered."""
     c = client([])
     handled: list[Any] = []
-    c._client._loop_rc_handle = handled.append  # type: ignore[method-assign]
+    c._client._loop_rc_handle = handled.append  # type: ignore[method-assign,assignment]
     feed(c, b"\x90\x80\x80\x40\x00\x01")
     assert len(handled) == 1
     assert c._lost_reason is not None
@@ -279,7 +279,7 @@ def test_a_qos2_publish_closes_the_link() -> None:
         received: list[ReceivedMessage] = []
         c = client(received, max_payload=100_000)
         handled: list[Any] = []
-        c._client._loop_rc_handle = handled.append  # type: ignore[method-assign]
+        c._client._loop_rc_handle = handled.append  # type: ignore[method-assign,assignment]
         feed(c, publish("t", payload, 2, False, 5)[:9000])  # the large one: its first read
         assert c._buffer == b""
         assert received == []
@@ -356,4 +356,5 @@ def test_heard_after_waits_for_a_whole_packet() -> None:
 def test_mqtt5_connect_announces_the_maximum_packet_size() -> None:
     """MQTT 5 brokers are told the largest packet we take: the payload limit plus room."""
     c = client([], protocol="5", max_payload=300_000)
-    assert c._client._connect_properties.MaximumPacketSize == 300_000 + HEADER_ROOM
+    properties: Any = c._client._connect_properties
+    assert properties.MaximumPacketSize == 300_000 + HEADER_ROOM
