@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from mqttsvc.batch import ConnectionEvent, StatusUpdate
 from mqttsvc.config import DEFAULT_MAX_PAYLOAD, SiteConfig, TopicSubscription
@@ -46,6 +47,16 @@ MAX_RETRIES = 10
 
 #: How often a site in error tries once more (the half-open circuit).
 PROBE_INTERVAL = 15 * 60.0
+
+#: A connection counts as a success, and resets the retry count, only once
+#: it has proven itself: the broker answered our SUBSCRIBE (or the resumed
+#: session needed none) and a whole packet arrived this many seconds or more
+#: after CONNACK.  For an idle site that packet is the first PINGRESP, one
+#: keepalive in.  Until then a drop counts as one more failed attempt, so a
+#: broker that accepts and then goes silent, sends garbage or trickles one
+#: endless packet backs off and reaches error like one that refuses.  Longer
+#: than a connect-and-drop cycle (the CONNACK timeout is 10 s, too).
+PROVING_TIME = 10.0
 
 #: How long a clean DISCONNECT may take before the socket is just closed.
 DISCONNECT_TIMEOUT = 3.0
@@ -139,11 +150,17 @@ class _SiteInputs(Protocol):
     def _connected(self, session_present: bool) -> None:
         "The broker accepted the connection."
 
+    def _proven(self) -> None:
+        "The connection has proven itself (see L{PROVING_TIME})."
+
     def _connectFailed(self) -> None:
         "An attempt failed (already recorded); another one is due later."
 
     def _exhausted(self) -> None:
-        "An attempt failed and no regular retry is left."
+        """
+        An attempt failed, or its connection ended before it proved itself,
+        and no regular retry is left.
+        """
 
     def _lost(self) -> None:
         "An established connection ended (already recorded)."
@@ -172,6 +189,9 @@ class _SiteCore:
     next_retry: datetime | None = None
     attempt: int = 0
     connects: int = 0
+    connected_at: float = 0.0
+    #: The attempt whose connection is waiting to prove itself (or has).
+    proving: int = -1
     state: SiteState | None = None
     reason: str | None = None
     subscribed: tuple[tuple[str, int], ...] = ()
@@ -269,10 +289,11 @@ class _SiteCore:
         """
         return tuple((t.filter, t.qos) for t in self.config.topics)
 
-    def subscribe(self) -> None:
+    def subscribe(self, inputs: _SiteInputs) -> None:
         """
         Subscribe every configured topic on the current connection, and
-        record the broker's verdict on each.
+        record the broker's verdict on each; then wait for the connection
+        to prove itself.
         """
         wanted = self.wanted()
         token = self.attempt
@@ -280,6 +301,8 @@ class _SiteCore:
         def verdicts(results: list[SubscriptionResult]) -> None:
             if self.attempt != token or self.state is None:
                 return
+            if self.state.state == "connected":
+                self.await_proof(inputs)
             self.subscriptions = tuple(results)
             refused = [r for r in results if not r.granted]
             if refused:
@@ -293,6 +316,23 @@ class _SiteCore:
             self.enter(self.state.state)
 
         self.client.subscribe(list(wanted)).addCallback(verdicts)
+
+    def await_proof(self, inputs: _SiteInputs) -> None:
+        """
+        The broker answered: wait for a packet L{PROVING_TIME} after
+        CONNACK, then C{_proven} (once per connection).
+        """
+        token = self.attempt
+        if self.proving == token:
+            return
+        self.proving = token
+
+        def heard(_: object) -> None:
+            if self.attempt == token and self.state is not None:
+                if self.state.state == "connected":
+                    inputs._proven()
+
+        self.client.heard_after(self.connected_at + PROVING_TIME).addCallback(heard)
 
     def close(self, inputs: _SiteInputs) -> None:
         """
@@ -358,17 +398,20 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
         return call
 
     def becomeConnected(c: _SiteInputs, s: _SiteCore, session_present: bool) -> BrokerClient:
-        s.retry_count = 0
+        # The retry count stays until the connection proves itself.
         s.last_error = None
         s.next_retry = None
         s.connects += 1
+        s.connected_at = s.clock.seconds()
         s.last_connected_at = s.now()
         s.reason = "session resumed" if session_present else "new session"
         if not session_present:
             s.subscribed = ()
         s.enter("connected")
         if s.subscribed != s.wanted():
-            s.subscribe()
+            s.subscribe(c)
+        else:
+            s.await_proof(c)
         return s.client
 
     Stopped = machine.state("Stopped")
@@ -389,6 +432,7 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
     Connecting.upon(_SiteInputs._exhausted).to(Error).returns(None)
     Connected.upon(_SiteInputs.start).loop().returns(None)
     Connected.upon(_SiteInputs._lost).to(Waiting).returns(None)
+    Connected.upon(_SiteInputs._exhausted).to(Error).returns(None)
     Waiting.upon(_SiteInputs.start).loop().returns(None)
     Waiting.upon(_SiteInputs._retryDue).to(Connecting).returns(None)
     Error.upon(_SiteInputs.start).loop().returns(None)
@@ -397,6 +441,12 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
     Stopping.upon(_SiteInputs.restart).to(Restarting).returns(None)
     Restarting.upon(_SiteInputs.start).loop().returns(None)
     Restarting.upon(_SiteInputs.restart).loop().returns(None)
+
+    @pep614(Connected.upon(_SiteInputs._proven).loop())
+    def proven(c: _SiteInputs, s: _SiteCore, client: BrokerClient) -> None:
+        s.retry_count = 0
+        s.reason = "the connection proved itself"
+        s.enter("connected")
 
     @pep614(Stopped.upon(_SiteInputs.stop).loop())
     def alreadyStopped(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
@@ -484,7 +534,11 @@ class SiteService(Service):
         error stays in error, a waiting site waits for its next retry.
     @param devices: the offline detector that learns of every device that
         speaks.
-    @param max_payload: payloads larger than this (bytes) are dead letters.
+    @param max_payload: payloads larger than this (bytes) are dead letters;
+        the transport holds no more of one than
+        L{mqttsvc.config.DEAD_LETTER_KEEP}.
+    @param connect_threads: the pool for the blocking connect (the
+        L{mqttsvc.transport.ConnectThreads} pool; the reactor's when None).
     """
 
     log = Logger()
@@ -503,6 +557,7 @@ class SiteService(Service):
         devices: OfflineDetector | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         client_factory: Callable[..., BrokerClient] = MQTTClient,
+        connect_threads: ThreadPool | None = None,
     ) -> None:
         self.name = config.site_id
         self._devices = devices
@@ -527,7 +582,13 @@ class SiteService(Service):
         self.messages_committed = 0
         self.last_message_at: datetime | None = None
         client = client_factory(
-            reactor, config, self._message, self._lost, client_id=config.client_id(instance)
+            reactor,
+            config,
+            self._message,
+            self._lost,
+            client_id=config.client_id(instance),
+            max_payload=max_payload,
+            threads=connect_threads,
         )
         if config.tls is not None and config.tls.insecure:
             self.log.warn(
@@ -658,11 +719,15 @@ class SiteService(Service):
             return
         self._core.client.unsubscribe(removed)
         self._core.reason = "subscriptions changed"
-        self._core.subscribe()
+        self._core.subscribe(self._machine)
 
     def _lost(self, error: ConnectFailed) -> None:
-        self._core.record_failure(error)
-        self._machine._lost()
+        # Before the connection proved itself, the count was not reset: the
+        # last retry may be used up.
+        if self._core.record_failure(error):
+            self._machine._exhausted()
+        else:
+            self._machine._lost()
 
     def _message(self, message: ReceivedMessage) -> None:
         now = self._core.now()
@@ -677,6 +742,8 @@ class SiteService(Service):
                 now,
                 retained=message.retain,
                 max_payload=self._max_payload,
+                size=message.size if message.size >= 0 else None,
+                sha256=message.sha256,
             )
         except Exception as e:
             # A bug, not bad input (that is a dead letter already): keep the

@@ -20,12 +20,13 @@ from mqttsvc.site import (
     DRAIN_TIMEOUT,
     MAX_RETRIES,
     PROBE_INTERVAL,
+    PROVING_TIME,
     ResumeState,
     SiteService,
     SiteState,
     retry_delay,
 )
-from mqttsvc.transport import ConnectFailed, ReceivedMessage, SubscriptionResult
+from mqttsvc.transport import BrokerClient, ConnectFailed, ReceivedMessage, SubscriptionResult
 
 
 class FakeClient:
@@ -35,8 +36,16 @@ class FakeClient:
     """
 
     def __init__(
-        self, reactor: Any, config: SiteConfig, on_message: Any, on_lost: Any, client_id: str
+        self,
+        reactor: Any,
+        config: SiteConfig,
+        on_message: Any,
+        on_lost: Any,
+        client_id: str,
+        max_payload: int,
+        threads: Any,
     ) -> None:
+        self.max_payload = max_payload
         self.on_message = on_message
         self.on_lost = on_lost
         self.client_id = client_id
@@ -49,6 +58,7 @@ class FakeClient:
         self.disconnects: list[Deferred[None]] = []
         self.acked: list[int] = []
         self.aborted = 0
+        self.proofs: list[tuple[float, Deferred[None]]] = []
 
     def connect(self) -> Deferred[bool]:
         d: Deferred[bool] = Deferred()
@@ -82,6 +92,10 @@ class FakeClient:
     def ack(self, messages: list[ReceivedMessage]) -> int:
         self.acked.extend(m.mid for m in messages)
         return len(messages)
+
+    def heard_after(self, at: float) -> Deferred[None]:
+        self.proofs.append((at, Deferred()))
+        return self.proofs[-1][1]
 
 
 class FakeWriter:
@@ -118,6 +132,7 @@ class Harness:
 
         def factory(*args: Any, **kw: Any) -> FakeClient:
             clients.append(FakeClient(*args, **kw))
+            assert isinstance(clients[-1], BrokerClient), "the fake lacks a method of the client"
             return clients[-1]
 
         def report(state: SiteState, event: ConnectionEvent) -> None:
@@ -146,6 +161,18 @@ class Harness:
 
     def connect(self, session_present: bool = False) -> None:
         self.client.attempts[-1].callback(session_present)
+
+    def suback(self) -> None:
+        """The broker grants every filter of the last SUBSCRIBE."""
+        self.client.subacks[-1].callback(
+            [SubscriptionResult(t, True, "Granted QoS 1") for t, _ in self.client.subscriptions[-1]]
+        )
+
+    def prove(self) -> None:
+        """A packet arrives after the proving time: the last proof wait fires."""
+        at, heard = self.client.proofs[-1]
+        self.clock.advance(max(0.0, at - self.clock.seconds()))
+        heard.callback(None)
 
     def wait(self) -> float:
         """Advance to the only pending timer and return how long that was."""
@@ -202,6 +229,9 @@ def test_retries_then_gives_up_and_probes() -> None:
     assert (h.state.state, h.state.retry_count) == ("error", 11)
     assert h.wait() == PROBE_INTERVAL
     h.connect()
+    assert (h.state.state, h.state.retry_count, h.state.last_error) == ("connected", 11, None)
+    h.suback()
+    h.prove()
     assert (h.state.state, h.state.retry_count, h.state.last_error) == ("connected", 0, None)
     assert h.clock.getDelayedCalls() == []
     assert [e.to_state for e in h.events[:3]] == ["connecting", "waiting", "connecting"]
@@ -473,3 +503,91 @@ def test_a_processing_bug_becomes_a_dead_letter(monkeypatch: Any) -> None:
     assert h.site.messages_rejected == 1
     h.writer.commit(0)
     assert h.client.acked == [7]
+
+
+def test_connections_that_never_prove_themselves_back_off_to_error() -> None:
+    """
+    A broker that accepts and then drops the link (garbage, silence, a
+    trickled packet) before the connection proved itself does not reset
+    the retry count: the backoff goes on and the site reaches error.
+    """
+    h = Harness()
+    h.site.startService()
+    waits = []
+    for n in range(MAX_RETRIES - 1):
+        h.connect()
+        assert (h.state.state, h.state.retry_count) == ("connected", n)
+        h.suback()
+        h.client.on_lost(ConnectFailed("protocol", "a PUBLISH at QoS 2"))
+        assert (h.state.state, h.state.retry_count) == ("waiting", n + 1)
+        assert h.state.last_error == "protocol: a PUBLISH at QoS 2"
+        waits.append(h.wait())
+    assert waits == [5, 10, 20, 40, 80, 160, 300, 300, 300]
+    h.connect()
+    h.client.on_lost(ConnectFailed("timeout", "packet of 1000 bytes incomplete after 8s"))
+    assert (h.state.state, h.state.retry_count) == ("error", MAX_RETRIES)
+    assert h.state.last_error == "timeout: packet of 1000 bytes incomplete after 8s"
+    assert h.wait() == PROBE_INTERVAL
+    assert h.state.state == "connecting"
+
+
+def test_proof_needs_the_suback_and_a_packet_after_the_proving_time() -> None:
+    """
+    The proof is asked for only once the SUBACK came, for a packet at least
+    PROVING_TIME after CONNACK; then the count resets, and a later drop is
+    the first failure again.
+    """
+    h = Harness()
+    h.site.startService()
+    h.fail()
+    h.wait()
+    h.fail()
+    h.wait()
+    connected_at = h.clock.seconds()
+    h.connect()
+    assert h.client.proofs == []
+    h.clock.advance(3)
+    h.suback()
+    [(at, _)] = h.client.proofs
+    assert at == connected_at + PROVING_TIME
+    assert h.state.retry_count == 2
+    h.prove()
+    assert (h.state.state, h.state.retry_count) == ("connected", 0)
+    assert h.events[-1].reason == "the connection proved itself"
+    h.client.on_lost(ConnectFailed("network", "connection lost"))
+    assert (h.state.state, h.state.retry_count) == ("waiting", 1)
+    assert h.wait() == 5
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_resumed_session_waits_for_proof_without_subscribing() -> None:
+    """With the session present and nothing to subscribe, the proof wait starts at CONNACK."""
+    h = Harness()
+    h.site.startService()
+    h.connect()
+    h.suback()
+    h.prove()
+    h.client.on_lost(ConnectFailed("network", "connection lost"))
+    h.wait()
+    h.connect(session_present=True)
+    assert len(h.client.subscriptions) == 1
+    assert len(h.client.proofs) == 2
+    assert h.state.retry_count == 1
+    h.prove()
+    assert h.state.retry_count == 0
+
+
+def test_a_late_proof_changes_nothing() -> None:
+    """A proof for a connection that already ended is ignored, not an illegal input."""
+    h = Harness()
+    h.site.startService()
+    h.connect()
+    h.suback()
+    _, heard = h.client.proofs[-1]
+    h.client.on_lost(ConnectFailed("network", "connection lost"))
+    heard.callback(None)
+    assert (h.state.state, h.state.retry_count) == ("waiting", 1)
+    h.wait()
+    h.connect()
+    h.suback()
+    assert len(h.client.proofs) == 2
