@@ -36,7 +36,7 @@ from mqttsvc.pool import ConnectionPool
 CHANNEL = "mqttsvc_events"
 
 #: The event types, as C{event_log.type} holds them.
-TYPES = ("connection", "device", "dead_letter", "operator")
+TYPES = ("connection", "device", "dead_letter", "operator", "service")
 
 #: Events read from the database per query.
 PAGE = 500
@@ -114,6 +114,21 @@ async def record_operator_action(
     await pool.operation(
         "INSERT INTO event_log (type, site_id, at, data) VALUES ('operator', %s, %s, %s)",
         (site_id, datetime.now(UTC), Json(data)),
+    )
+
+
+async def record_service_event(pool: ConnectionPool, problem: str, **details: Any) -> None:
+    """
+    Record something the service itself ran into (a write lane that cannot
+    commit, and its recovery) as a C{service} event.
+
+    Written through C{pool}, not through the writer whose trouble it may
+    report.
+    """
+    data = {"problem": problem, **details}
+    await pool.operation(
+        "INSERT INTO event_log (type, site_id, at, data) VALUES ('service', NULL, %s, %s)",
+        (datetime.now(UTC), Json(data)),
     )
 
 

@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred
 
 from mqttsvc.store import Store
 from mqttsvc.supervisor import SiteSupervisor
+from mqttsvc.writer import STALLED_AFTER
 
 #: How long the database may take to answer the readiness query.
 DATABASE_TIMEOUT = 2.0
@@ -24,6 +25,11 @@ async def readiness(reactor: Any, store: Store, supervisor: SiteSupervisor) -> l
         problems.append("the site supervisor is not running")
     elif not supervisor.loaded:
         problems.append("the sites have not been loaded from the database yet")
+    for lane, seconds, error in store.writer.failing():
+        if seconds >= STALLED_AFTER:
+            problems.append(
+                f"database writer lane {lane} has committed nothing for {seconds:.0f}s: {error}"
+            )
     probe: Deferred[Any] = Deferred.fromCoroutine(store.pool.query("SELECT 1"))
     probe.addTimeout(DATABASE_TIMEOUT, reactor)
     try:

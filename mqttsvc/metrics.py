@@ -70,6 +70,25 @@ class _LiveCollector(Collector):
             "1 while the sites stop reading because the database cannot keep up",
             value=1.0 if self._writer.pressing else 0.0,
         )
+        yield GaugeMetricFamily(
+            "mqttsvc_write_queue_bytes",
+            "Bytes of messages held until they are written",
+            value=self._writer.bytes_held,
+        )
+        yield CounterMetricFamily(
+            "mqttsvc_database_dead_letters",
+            "Messages the database refused, kept as dead letters",
+            value=self._writer.dead_lettered,
+        )
+        failing = GaugeMetricFamily(
+            "mqttsvc_write_lane_failing_seconds",
+            "Seconds since a write lane last committed, while its writes fail (0 when they do not)",
+            labels=["lane"],
+        )
+        stalled = dict((lane, seconds) for lane, seconds, _ in self._writer.failing())
+        for lane in range(len(self._writer.lanes)):
+            failing.add_metric([str(lane)], stalled.get(lane, 0.0))
+        yield failing
         devices = GaugeMetricFamily(
             "mqttsvc_devices", "Tracked devices by status", labels=["status"]
         )

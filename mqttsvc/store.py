@@ -26,6 +26,7 @@ from mqttsvc.config import (
     TlsSettings,
     TopicSubscription,
 )
+from mqttsvc.events import record_service_event
 from mqttsvc.pool import ConnectionPool
 from mqttsvc.processing import DeviceKey
 from mqttsvc.secrets import SecretError, Secrets, is_encrypted
@@ -234,6 +235,28 @@ class Store(Service):
             lanes=write_connections,
             batch_size=batch_size,
             batch_delay=batch_delay,
+        )
+        self.writer.watch_stalls(self._stalled)
+
+    def _stalled(self, lane: int, seconds: float, error: str, recovered: bool) -> None:
+        """
+        A write lane has committed nothing for a while (C{error} is why), or
+        commits again: say so as a C{service} event.  When the database is
+        what is gone the first cannot be written, but the second says it
+        all: how long, and why.
+        """
+        problem = "write_lane_recovered" if recovered else "write_lane_stalled"
+        recorded = Deferred.fromCoroutine(
+            record_service_event(
+                self.pool, problem, lane=lane, seconds=round(seconds, 1), error=error
+            )
+        )
+        recorded.addErrback(
+            lambda f: self.log.warn(
+                "could not record the {problem} event: {error}",
+                problem=problem,
+                error=f.getErrorMessage(),
+            )
         )
 
     def stopService(self) -> Deferred[None]:

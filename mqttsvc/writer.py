@@ -53,6 +53,12 @@ DEFAULT_HIGH_BYTES = 64 * 1024 * 1024
 #: Bytes one site may hold in a lane before that site alone pauses reading.
 DEFAULT_SITE_BYTES = 16 * 1024 * 1024
 
+#: Seconds a lane may fail to commit before it is reported as stalled: in
+#: C{/readyz}, in the sites' C{last_error}, in the metrics and as a
+#: C{service} event.  Writes are retried at most 2 s apart, so this is a
+#: few failed attempts in a row, not one slow batch.
+STALLED_AFTER = 10.0
+
 #: What each effect of a queued message costs beyond the message's payload
 #: and topic: its objects and its share of the statement, roughly.
 MESSAGE_OVERHEAD = 256
@@ -197,6 +203,12 @@ class BatchWriter:
         #: When the current run of failed writes began, and its last error.
         self.failing_since: float | None = None
         self.last_error: str | None = None
+        #: Called once when failing writes pass L{STALLED_AFTER} seconds
+        #: (with the seconds, the error and False), and once when writes
+        #: succeed again after that (with the seconds it lasted, the last
+        #: error and True).
+        self.on_stall: Callable[[float, str, bool], None] | None = None
+        self._stall_reported = False
         self.batches_written = 0
         self.messages_written = 0
         self.dead_lettered = 0
@@ -394,10 +406,12 @@ class BatchWriter:
     def _wrote(self) -> None:
         self._failures = 0
         if self.failing_since is not None:
-            self.log.info(
-                "database writes succeed again after {seconds:.1f}s",
-                seconds=self._clock.seconds() - self.failing_since,
-            )
+            seconds = self._clock.seconds() - self.failing_since
+            self.log.info("database writes succeed again after {seconds:.1f}s", seconds=seconds)
+            if self._stall_reported:
+                self._stall_reported = False
+                if self.on_stall is not None:
+                    self.on_stall(seconds, self.last_error or "", True)
         self.failing_since = None
         self.last_error = None
 
@@ -445,6 +459,17 @@ class BatchWriter:
         if self.failing_since is None:
             self.failing_since = self._clock.seconds()
         self.last_error = _first_line(error)
+        failing = self.failing_for()
+        if failing >= STALLED_AFTER and not self._stall_reported:
+            self._stall_reported = True
+            self.log.error(
+                "nothing committed for {seconds:.0f}s: {count} messages wait; {error}",
+                seconds=failing,
+                count=len(self._queue),
+                error=self.last_error,
+            )
+            if self.on_stall is not None:
+                self.on_stall(failing, self.last_error, False)
         delay = min(0.5 * 2 ** (self._failures - 1), self._max_retry_delay)
         self.log.warn(
             "database write failed, keeping {count} messages and retrying in {delay}s: {error}",
@@ -651,6 +676,26 @@ class WriterLanes:
         See L{BatchWriter.queue}; the effects are one message's, of one site.
         """
         self.lane(_site_of(effects[0])).queue(effects, listener, message, size)
+
+    def problem(self, site_id: str) -> str | None:
+        """
+        Why a site's messages are not being committed, when its lane has
+        failed to commit for L{STALLED_AFTER} seconds or more.
+        """
+        lane = self.lane(site_id)
+        seconds = lane.failing_for()
+        if seconds < STALLED_AFTER:
+            return None
+        return f"database: nothing committed for {seconds:.0f}s: {lane.last_error}"
+
+    def watch_stalls(self, on_stall: Callable[[int, float, str, bool], None]) -> None:
+        """
+        Call C{on_stall(lane, seconds, error, False)} when a lane has failed
+        to commit for L{STALLED_AFTER} seconds, and C{on_stall(lane,
+        seconds, error, True)} once it commits again.
+        """
+        for i, lane in enumerate(self._lanes):
+            lane.on_stall = partial(on_stall, i)
 
     def failing(self) -> list[tuple[int, float, str]]:
         """

@@ -327,21 +327,33 @@ async def _succeed(sql: str, params: list[Any]) -> None:
 
 def test_a_lane_that_cannot_commit_is_visible() -> None:
     """
-    While the database fails, the lane says for how long and why; it forgets
-    once a batch commits.
+    While the database fails, the lane says for how long and why, and
+    reports a stall once past STALLED_AFTER; it reports the recovery and
+    forgets once a batch commits.
     """
     clock = Clock()
     pool = Unreachable()
     lanes = WriterLanes(clock, pool, lanes=1)  # type: ignore[arg-type]
+    stalls: list[tuple[int, float, str, bool]] = []
+    lanes.watch_stalls(lambda *stall: stalls.append(stall))
     lanes.submit([TopicSeen("a", "t", T0)])
     clock.advance(0.01)
-    for _ in range(20):
+    for _ in range(4):
+        clock.advance(2.0)
+    assert stalls == [] and lanes.problem("a") is None
+    for _ in range(16):
         clock.advance(2.0)
     [(index, seconds, error)] = lanes.failing()
     assert index == 0 and seconds >= 38.0 and error == "connection refused"
+    assert lanes.problem("a") == f"database: nothing committed for {seconds:.0f}s: {error}"
+    [(lane, stalled_at, why, recovered)] = stalls
+    assert (lane, why, recovered) == (0, "connection refused", False)
+    assert 10.0 <= stalled_at < 12.1
     pool.operation = _succeed  # type: ignore[method-assign]
     clock.advance(2.0)
-    assert lanes.failing() == []
+    assert lanes.failing() == [] and lanes.problem("a") is None
+    lane, lasted, why, recovered = stalls[1]
+    assert (lane, why, recovered) == (0, "connection refused", True) and lasted >= 40
     assert clock.getDelayedCalls() == []
 
 
@@ -472,3 +484,47 @@ async def test_any_message_commits_exactly_or_becomes_a_dead_letter(
     pool.close()
     # Not vacuous: both outcomes happened.
     assert outcomes["dead"] > 10 and outcomes["committed"] > 0, outcomes
+
+
+@pytest_twisted.ensureDeferred
+async def test_poison_through_the_broker_stalls_nothing(
+    running: Any, sql: Any, site_id: str
+) -> None:
+    """
+    The messages of issue 13 published through the real Mosquitto (lone
+    surrogates in a value name, a unit and a heartbeat status; a NUL
+    escape; a topic level of 8,000 random characters) become dead letters,
+    and the readings published after them are committed; the site stays
+    connected with no error.
+    """
+    from tests.publish import publish
+    from tests.test_integration import connected, create
+    from tests.waiting import eventually
+
+    await create(running, site_id)
+    await connected(running, site_id)
+    poison = [
+        (f"{site_id}/sensor/s1/data", b'{"values":{"a\\ud800":1}}'),
+        (f"{site_id}/sensor/s1/data", b'{"value":1,"unit":"\\udc00"}'),
+        (f"{site_id}/gateway/g1/heartbeat", b'{"status":"\\ud800"}'),
+        (f"{site_id}/gateway/g1/heartbeat", b'{"status":"\\u0000"}'),
+        (f"{site_id}/sensor/{secrets.token_urlsafe(6000)}/data", b'{"value":1}'),
+    ]
+    good = [
+        (f"{site_id}/sensor/s2/data", b'{"value": %d, "ts": %d}' % (i, 1767225600 + i))
+        for i in range(5)
+    ]
+    await publish(poison + good)
+
+    def landed() -> Any:
+        readings = rows(sql, "SELECT count(*) FROM sensor_reading WHERE site_id = %s", site_id)
+        return readings[0][0] == 5 or None
+
+    await eventually(landed, what="the good readings after the poison")
+    dead = rows(sql, "SELECT reason FROM dead_letter WHERE site_id = %s ORDER BY id", site_id)
+    assert len(dead) == len(poison)
+    assert ["lone surrogate" in r for (r,) in dead[:3]] == [True, True, True]
+    assert "NUL" in dead[3][0] and "over the limit of 1024" in dead[4][0]
+    status = await running.call("site.status", {"site_id": site_id})
+    assert (status["status"], status["last_error"]) == ("connected", None)
+    assert status["messages_rejected"] == len(poison)

@@ -185,7 +185,7 @@ class SiteMethods:
         if site is not None:
             # The running service knows more recent truth than the row,
             # which the batch writer may not have updated yet.
-            return _live_status(site, config, row.config_error)
+            return _live_status(site, config, row.config_error, self._write_problem(config.site_id))
         return {
             "site_id": config.site_id,
             "status": idle_status(row.status),
@@ -326,8 +326,11 @@ class SiteMethods:
             except KeyError:
                 pass
             else:
-                return _live_status(site, site.config, config_error)
+                return _live_status(site, site.config, config_error, self._write_problem(site_id))
         return self._status(await self._row(site_id))
+
+    def _write_problem(self, site_id: str) -> str | None:
+        return self._store.writer.problem(site_id)
 
     async def _set_enabled(self, call: Call, enabled: bool) -> str:
         site_id: str = call.params["site_id"]
@@ -419,9 +422,13 @@ def _site_config(params: dict[str, Any], base: SiteConfig | None) -> SiteConfig:
         raise invalid_params(e.field, e.message) from None
 
 
-def _live_status(site: SiteService, config: SiteConfig, config_error: str | None) -> dict[str, Any]:
+def _live_status(
+    site: SiteService, config: SiteConfig, config_error: str | None, write_problem: str | None
+) -> dict[str, Any]:
     """
-    The C{site.status} of a running site, from its service.
+    The C{site.status} of a running site, from its service; a write lane
+    that cannot commit the site's messages is its C{last_error} when the
+    link itself has none.
     """
     live = site.state
     return {
@@ -432,7 +439,7 @@ def _live_status(site: SiteService, config: SiteConfig, config_error: str | None
         "mqtt_retry_count": live.retry_count,
         "mqtt_next_retry": iso(live.next_retry),
         "topics_list": [t.topic for t in config.topics],
-        "last_error": live.last_error,
+        "last_error": live.last_error or write_problem,
         "config_error": config_error,
         "state": live.state,
         "state_since": iso(live.since),

@@ -25,6 +25,15 @@ def _queue_depth(metrics: str) -> float:
     return float(match.group(1))
 
 
+def _lane_failing(metrics: str) -> float:
+    """
+    The longest any write lane has failed to commit, from the metrics.
+    """
+    found = re.findall(r"^mqttsvc_write_lane_failing_seconds\{[^}]*\} (\S+)$", metrics, re.M)
+    assert found
+    return max(float(v) for v in found)
+
+
 def test_database_terminated_then_unreachable(
     db_dsn: str,
     no_sites: None,
@@ -68,11 +77,18 @@ def test_database_terminated_then_unreachable(
         proxy.cut()
         cut_at = time.monotonic()
         at_cut = readings(db_dsn, site_id)[0]
-        depths, rss = [], []
+        depths, rss, failing = [], [], []
         while time.monotonic() - cut_at < OUTAGE:
-            depths.append(_queue_depth(service.metrics()))
+            metrics = service.metrics()
+            depths.append(_queue_depth(metrics))
+            failing.append(_lane_failing(metrics))
             rss.append(service.rss_mb())
             time.sleep(1)
+        # A lane that cannot commit is visible: in the metrics, and as the
+        # site's last_error (its link to the broker is fine).
+        assert max(failing) > 10, failing
+        status = service.call("site.status", {"site_id": site_id})
+        assert status["last_error"].startswith("database: nothing committed for "), status
         proxy.restore()
         restored = time.monotonic()
         wait_until(
@@ -89,6 +105,15 @@ def test_database_terminated_then_unreachable(
             what="every reading",
         )
         assert final == (count, count)
+        # ...and afterwards as a service event that says how long and why.
+        [(_, seconds)] = sql(
+            db_dsn,
+            "SELECT data->>'problem', (data->>'seconds')::float FROM event_log "
+            "WHERE type = 'service' AND data->>'problem' = 'write_lane_recovered' "
+            "ORDER BY id DESC LIMIT 1",
+        )
+        assert seconds > 10, seconds
+        assert _lane_failing(service.metrics()) == 0
         report["database terminated, then cut for 20 s"] = {
             "injected": f"{terminated} backends terminated over 5 s, then {OUTAGE:.0f} s "
             "unreachable behind a cut proxy",
