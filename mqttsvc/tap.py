@@ -40,7 +40,7 @@ from mqttsvc.metrics import Metrics
 from mqttsvc.notifications import ConfigListener
 from mqttsvc.rpc.methods import control_plane
 from mqttsvc.secrets import load_key
-from mqttsvc.service import RootService
+from mqttsvc.service import SHUTDOWN_DEADLINE, RootService
 from mqttsvc.site import PROBE_INTERVAL
 from mqttsvc.store import Store
 from mqttsvc.supervisor import MONITOR_INTERVAL, SiteSupervisor
@@ -60,6 +60,7 @@ _ENV = {
     "instance": "MQTTSVC_INSTANCE",
     "monitor-interval": "MQTTSVC_MONITOR_INTERVAL",
     "probe-interval": "MQTTSVC_PROBE_INTERVAL",
+    "shutdown-deadline": "MQTTSVC_SHUTDOWN_DEADLINE",
     "max-payload": "MQTTSVC_MAX_PAYLOAD",
     "batch-size": "MQTTSVC_BATCH_SIZE",
     "batch-delay-ms": "MQTTSVC_BATCH_DELAY_MS",
@@ -80,6 +81,7 @@ _ENV = {
 _NUMBERS = {
     "monitor-interval": str(MONITOR_INTERVAL),
     "probe-interval": str(PROBE_INTERVAL),
+    "shutdown-deadline": f"{SHUTDOWN_DEADLINE:g}",
     "max-payload": str(DEFAULT_MAX_PAYLOAD),
     "batch-size": "1000",
     "batch-delay-ms": "10",
@@ -135,6 +137,14 @@ class Options(usage.Options):
             None,
             f"Seconds between connection probes of a site in error "
             f"[env MQTTSVC_PROBE_INTERVAL; default {PROBE_INTERVAL:g}].",
+        ],
+        [
+            "shutdown-deadline",
+            None,
+            None,
+            f"Seconds after SIGTERM by which the process exits, finished stopping or not "
+            f"(the brokers redeliver what was not acknowledged) "
+            f"[env MQTTSVC_SHUTDOWN_DEADLINE; default {SHUTDOWN_DEADLINE:g}].",
         ],
         [
             "max-payload",
@@ -429,12 +439,18 @@ def _positive_number(name: str, value: str | float) -> float:
     return number
 
 
-def buildService(options: Options, reactor: Any, tokens: Tokens | None) -> RootService:
+def buildService(
+    options: Options, reactor: Any, tokens: Tokens | None, deadline: float | None = None
+) -> RootService:
     """
     The service tree: store, site supervisor, web server, and the SSH
     manhole when C{--manhole} is given.
+
+    @param deadline: seconds after the stop began by which the process
+        exits (L{RootService}); None for a tree that shares its process
+        (tests).
     """
-    root = RootService()
+    root = RootService(deadline)
     store = Store(
         reactor,
         options["db"],
@@ -521,4 +537,4 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     except ConfigError as e:
         sys.stderr.write(f"mqttsvc: configuration error: {e}\n")
         raise SystemExit(1) from None
-    return buildService(options, reactor, tokens)
+    return buildService(options, reactor, tokens, options["shutdown-deadline"])

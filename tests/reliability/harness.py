@@ -125,7 +125,9 @@ def sql(dsn: str, text: str, *params: Any) -> list[tuple[Any, ...]]:
 class CuttableProxy:
     """
     A TCP proxy (threads) from a free port to C{target}; C{cut()} drops
-    every connection and refuses new ones until C{restore()}.
+    every connection and refuses new ones until C{restore()}; C{freeze()}
+    keeps every connection open but forwards nothing (a database that
+    holds every query forever).
     """
 
     def __init__(self, target_port: int) -> None:
@@ -135,6 +137,7 @@ class CuttableProxy:
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.cut_off = False
+        self.frozen = False
         self._running = True
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -162,6 +165,9 @@ class CuttableProxy:
                 ready, _, _ = select.select([a, b], [], [], 0.5)
                 if self.cut_off:
                     break
+                if self.frozen:
+                    time.sleep(0.1)
+                    continue
                 for s in ready:
                     data = s.recv(65536)
                     if not data:
@@ -189,8 +195,12 @@ class CuttableProxy:
             except OSError:
                 pass
 
+    def freeze(self) -> None:
+        self.frozen = True
+
     def restore(self) -> None:
         self.cut_off = False
+        self.frozen = False
 
     def close(self) -> None:
         self._running = False

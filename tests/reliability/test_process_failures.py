@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg2.extensions
 import pytest
 
 from tests.conftest import PrivateBroker
-from tests.reliability.harness import LoadPublisher, Service, readings
+from tests.reliability.harness import CuttableProxy, LoadPublisher, Service, readings
 from tests.twistd_process import wait_until
 
 COUNT = 6000
@@ -76,3 +77,59 @@ def test_stopped_under_load_then_started(
         }
     finally:
         service.stop()
+
+
+def test_sigterm_exits_in_time_while_the_database_holds_every_write(
+    db_dsn: str,
+    no_sites: None,
+    tmp_path: Path,
+    private_broker: PrivateBroker,
+    report: dict[str, Any],
+) -> None:
+    """
+    SIGTERM exits within 10 s even while the database holds every query
+    forever (its connections open, nothing answered); once the database is
+    back, a new start commits every message exactly once.
+    """
+    params = psycopg2.extensions.parse_dsn(db_dsn)
+    proxy = CuttableProxy(int(params.get("port", 5432)))
+    proxied = psycopg2.extensions.make_dsn(db_dsn, host="127.0.0.1", port=proxy.port)
+    site_id = "proc-frozen-db"
+    service = Service(proxied, tmp_path, instance="reliability")
+    service.start()
+    try:
+        service.add_site(site_id, private_broker.port)
+        publisher = LoadPublisher(private_broker.port, site_id, COUNT, RATE)
+        publisher.start()
+        wait_until(
+            lambda: readings(db_dsn, site_id)[0] > COUNT // 3,
+            within=30,
+            what="a third of the load committed",
+        )
+        proxy.freeze()
+        time.sleep(2)  # writes are now held by the frozen database
+        exit_seconds = service.terminate()
+        assert exit_seconds < 10, exit_seconds
+        at_stop = readings(db_dsn, site_id)[0]
+        proxy.restore()
+        service.start()
+        publisher.wait()
+        final = wait_until(
+            lambda: (r := readings(db_dsn, site_id))[0] >= COUNT and r,
+            within=60,
+            what=f"all {COUNT} readings",
+        )
+        assert final == (COUNT, COUNT), final
+        report["mqttsvc SIGTERM while the database holds every write"] = {
+            "injected": "database frozen (connections open, nothing answered), then SIGTERM",
+            "load": f"{COUNT} QoS 1 messages at {RATE:.0f}/s",
+            "published": publisher.acked,
+            "committed": final[1],
+            "duplicates": final[0] - final[1],
+            "dead_lettered": 0,
+            "committed_before_stop": at_stop,
+            "exit_seconds": round(exit_seconds, 2),
+        }
+    finally:
+        service.stop()
+        proxy.close()
