@@ -8,6 +8,7 @@ C{site.create} parameters.  Invalid values fail here, naming the field.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -81,13 +82,54 @@ def _check_in(allowed: frozenset[Any]) -> Any:
     return check
 
 
+#: Characters no configured text may hold: C0 controls (NUL included), DEL,
+#: C1 controls, and surrogates (in a str from JSON only a lone one can be
+#: left, which is not valid Unicode and cannot be stored).
+CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def _check_topic_name(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is None:
         return
-    if not isinstance(value, str) or not value or len(value.encode()) > 65535:
-        raise ConfigError(attribute.name, "must be a non-empty MQTT topic name")
+    if not isinstance(value, str) or not value or CONTROL_OR_SURROGATE.search(value):
+        raise ConfigError(
+            attribute.name, "must be a non-empty MQTT topic name without control characters"
+        )
     if "+" in value or "#" in value:
         raise ConfigError(attribute.name, "must be a topic name, without wildcards")
+    if len(value.encode()) > MAX_TOPIC_BYTES:
+        raise ConfigError(attribute.name, f"must be at most {MAX_TOPIC_BYTES} bytes of UTF-8")
+
+
+#: A label of a host name: letters, digits, '-' (not first or last) and '_'
+#: (container and service names use it).
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _check_host(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, str) and 0 < len(value) <= 253:
+        try:
+            ipaddress.ip_address(value)
+            return
+        except ValueError:
+            labels = value.removesuffix(".").split(".")
+            if all(_HOST_LABEL.fullmatch(label) for label in labels):
+                return
+    raise ConfigError(
+        attribute.name,
+        "must be a host name (dot-separated letters, digits, '-' and '_') or an IP address, "
+        "at most 253 characters",
+    )
+
+
+_CLIENT_ID_PREFIX = re.compile(r"[A-Za-z0-9_.\-]{0,64}")
+
+
+def _check_client_id_prefix(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    # The client id is {prefix}_{instance}_{site_id}: the same characters
+    # as the other two, which every broker accepts.
+    if not isinstance(value, str) or not _CLIENT_ID_PREFIX.fullmatch(value):
+        raise ConfigError(attribute.name, "must be at most 64 letters, digits, '_', '-' or '.'")
 
 
 def _check_int_range(low: int, high: int) -> Any:
@@ -322,13 +364,13 @@ class SiteConfig:
     """
 
     site_id: str = attrs.field(validator=_check_site_id)
-    host: str = attrs.field(validator=_check_str(253, empty=False))
+    host: str = attrs.field(validator=_check_host)
     port: int = attrs.field(default=1883, validator=_check_int_range(1, 65535))
     username: str | None = attrs.field(default=None, validator=_check_optional_str(256))
     password: str | None = attrs.field(
         default=None, repr=False, validator=_check_optional_str(1024)
     )
-    client_id_prefix: str = attrs.field(default="mqttsvc", validator=_check_str(64))
+    client_id_prefix: str = attrs.field(default="mqttsvc", validator=_check_client_id_prefix)
     is_enabled: bool = attrs.field(default=True, validator=_check_bool)
     protocol: str = attrs.field(default="3.1.1", validator=_check_in(PROTOCOLS))
     keepalive: int = attrs.field(default=60, validator=_check_int_range(5, 3600))

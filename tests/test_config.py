@@ -80,3 +80,54 @@ def test_password_not_in_repr() -> None:
     config = SiteConfig(site_id="north", host="h", username="u", password="s3cret-canary")
     assert "s3cret-canary" not in repr(config)
     assert config.client_id("host-a") == "mqttsvc_host-a_north"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("host", "broker .example"),
+        ("host", "broker\x00.example"),
+        ("host", "a/#/b"),
+        ("host", "-broker.example"),
+        ("host", "é" * 70),
+        ("host", "b" * 254),
+        ("client_id_prefix", "has space"),
+        ("client_id_prefix", "wild+card"),
+        ("client_id_prefix", "ctl\x01"),
+        ("client_id_prefix", "p" * 65),
+        ("status_topic", "status/+/x"),
+        ("status_topic", "status/#"),
+        ("status_topic", "nul\x00"),
+        ("status_topic", "bell\x07"),
+        ("status_topic", "t" * 1025),
+        ("status_topic", "é" * 513),
+    ],
+)
+def test_host_client_id_prefix_and_status_topic_are_checked(field: str, value: str) -> None:
+    """
+    Issue 13: a host is a host name or an IP literal, a client id prefix
+    holds only client id characters, a status topic is a topic name of at
+    most 1024 bytes without wildcards or control characters.
+    """
+    with pytest.raises(ConfigError) as raised:
+        SiteConfig(**{"site_id": "north", "host": "127.0.0.1", field: value})  # type: ignore[arg-type]
+    assert raised.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("host", "broker.example.com."),
+        ("host", "mqtt_broker"),
+        ("host", "::1"),
+        ("host", "fe80::1%eth0"),
+        ("host", "10.0.0.7"),
+        ("client_id_prefix", ""),
+        ("client_id_prefix", "plant-3.line_2"),
+        ("status_topic", "plant/ü/status"),
+    ],
+)
+def test_usual_hosts_prefixes_and_status_topics_pass(field: str, value: str) -> None:
+    """The stricter checks still accept what sites really use."""
+    config = SiteConfig(**{"site_id": "north", "host": "127.0.0.1", field: value})  # type: ignore[arg-type]
+    assert getattr(config, field) == value

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 from mqttsvc.rpc.dispatcher import Call, Dispatcher, Method, Param, RPCError
@@ -159,3 +160,129 @@ async def test_only_notifications_get_no_response() -> None:
         )
         is None
     )
+
+
+# --- issue 13: bounded work and validated strings -----------------------------------
+
+
+async def big(call: Call) -> Any:
+    calls.append(call)
+    return "x" * call.params["size"]
+
+
+BOUNDED = Dispatcher(
+    [
+        Method("big", big, (Param("size", "integer"),)),
+        Method("notify", record, (Param("what", "object", nullable=True),)),
+    ],
+    max_batch=5,
+    max_response=1000,
+)
+
+
+async def bounded(body: Any) -> Any:
+    response = await BOUNDED.handle(json.dumps(body).encode(), "tester")
+    return None if response is None else json.loads(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_nesting_bomb_is_a_parse_error() -> None:
+    """JSON nested deeper than the parser's stack is -32700, not a crash."""
+    for bomb in (b"[" * 100_000, b'{"a":' * 100_000):
+        response = await rpc(bomb, raw=True)
+        assert response["error"]["code"] == -32700
+        assert "nested too deeply" in response["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_over_the_cap_is_refused_whole() -> None:
+    """More calls than max_batch: one -32600 naming the limit, and none runs."""
+    calls.clear()
+    response = await bounded(
+        [{"jsonrpc": "2.0", "method": "big", "params": [1], "id": i} for i in range(6)]
+    )
+    assert response["error"]["code"] == -32600
+    assert response["error"]["data"] == {"limit": 5, "calls": 6}
+    assert calls == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_result_over_the_response_limit_is_an_error_naming_it() -> None:
+    """A single result over max_response becomes -32004 with the limit and its size."""
+    response = await bounded({"jsonrpc": "2.0", "method": "big", "params": [2000], "id": 7})
+    assert response["id"] == 7 and response["error"]["code"] == -32004
+    size = len(json.dumps({"jsonrpc": "2.0", "result": "x" * 2000, "id": 7}).replace(" ", ""))
+    assert response["error"]["data"] == {"limit": 1000, "size": size, "ran": True}
+    fits = await bounded({"jsonrpc": "2.0", "method": "big", "params": [900], "id": 8})
+    assert fits["result"] == "x" * 900
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_stops_running_once_its_answer_is_full() -> None:
+    """
+    Calls run in order; the one whose result would pass the limit is
+    answered with an error (it ran), the rest are not run at all and say
+    so; the whole answer stays within the limit.
+    """
+    calls.clear()
+    batch = [
+        {"jsonrpc": "2.0", "method": "big", "params": [300], "id": 1},
+        {"jsonrpc": "2.0", "method": "big", "params": [300], "id": 2},
+        {"jsonrpc": "2.0", "method": "big", "params": [300], "id": 3},
+        {"jsonrpc": "2.0", "method": "notify", "params": [None]},
+        {"jsonrpc": "2.0", "method": "big", "params": [1], "id": 5},
+    ]
+    raw = await BOUNDED.handle(json.dumps(batch).encode(), "tester")
+    assert raw is not None and len(raw) <= 1000 + 2 * 300
+    response = json.loads(raw)
+    assert [r["id"] for r in response] == [1, 2, 3, 5]
+    assert response[0]["result"] == response[1]["result"] == "x" * 300
+    assert response[2]["error"]["code"] == -32004 and response[2]["error"]["data"]["ran"] is True
+    assert response[3]["error"]["code"] == -32004 and response[3]["error"]["data"]["ran"] is False
+    assert [c.params for c in calls] == [{"size": 300}] * 3
+
+
+@pytest.mark.parametrize(
+    ("params", "problem"),
+    [
+        ({"what": "a\x00b"}, "control characters"),
+        ({"what": "\ud800"}, "lone surrogate"),
+        ({"what": "tab\there"}, "control characters"),
+        ({"what": "c1\x85"}, "control characters"),
+        ({"what": "del\x7f"}, "control characters"),
+        ({"what": "x" * 1025}, "at most 1024 characters"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bad_strings_are_invalid_params_naming_the_param(
+    params: dict[str, Any], problem: str
+) -> None:
+    """NUL, controls, lone surrogates and overlong strings are -32602 before the method runs."""
+    calls.clear()
+    response = await rpc({"jsonrpc": "2.0", "method": "notify", "params": params, "id": 1})
+    assert response["error"]["code"] == -32602
+    assert response["error"]["data"]["field"] == "what"
+    assert problem in response["error"]["data"]["problem"]
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"nested": ["ok", {"deeper": "a\x00"}]},
+        {"key\x00": 1},
+        ["\udfff"],
+        {"path": "p" * 4097},
+        json.loads("[" * 17 + "]" * 17),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_strings_are_checked_at_any_depth(value: Any) -> None:
+    """Keys and values inside objects and arrays obey the same rule, and nesting is bounded."""
+    calls.clear()
+    response = await bounded({"jsonrpc": "2.0", "method": "notify", "params": [value], "id": 1})
+    assert response["error"]["code"] == -32602
+    assert response["error"]["data"]["field"] == "what"
+    assert calls == []
+    fine = await bounded({"jsonrpc": "2.0", "method": "notify", "params": [{"k": ["é ü 中"]}]})
+    assert fine is None and calls == [Call("notify", {"what": {"k": ["é ü 中"]}}, "tester")]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest_twisted
 
+from mqttsvc.rpc.dispatcher import MAX_STRING, STRING_PATTERN
 from tests.conftest import BROKER_HOST, BROKER_PORT, free_port
 from tests.publish import publish
 from tests.service import RunningService
@@ -222,10 +223,12 @@ async def test_openrpc_document_matches_the_registry(running: RunningService) ->
     } == names
     create = next(m for m in doc["methods"] if m["name"] == "site.create")
     params = {p["name"]: p for p in create["params"]}
+    strings = {"maxLength": MAX_STRING, "pattern": STRING_PATTERN}
     assert params["site_id"]["required"] is True and params["site_id"]["schema"] == {
-        "type": "string"
+        "type": "string",
+        **strings,
     }
-    assert params["password"]["schema"] == {"type": ["string", "null"]}
+    assert params["password"]["schema"] == {"type": ["string", "null"], **strings}
     # Each required param's declared type is what the method accepts: a
     # call with a wrong type is refused naming it.
     wrong = await running.call_raw("site.create", {"site_id": 5, "host": "h"})
@@ -234,6 +237,17 @@ async def test_openrpc_document_matches_the_registry(running: RunningService) ->
 
 _GOOD = {"string": "x", "integer": 1, "number": 1.5, "boolean": True, "object": {}, "array": []}
 _WRONG = {"string": 5, "integer": "5", "number": "5", "boolean": 1, "object": [], "array": {}}
+
+
+def _kind(param: dict[str, Any]) -> str:
+    """The JSON type of a documented param (the first, when null is allowed too)."""
+    declared = param["schema"]["type"]
+    return str(declared[0] if isinstance(declared, list) else declared)
+
+
+def _required(method: dict[str, Any]) -> dict[str, Any]:
+    """A good value for each required param of a documented method."""
+    return {p["name"]: _GOOD[_kind(p)] for p in method["params"] if p["required"]}
 
 
 @pytest_twisted.ensureDeferred
@@ -247,20 +261,33 @@ async def test_every_documented_param_is_enforced(running: RunningService) -> No
     checked = 0
     for method in doc["methods"]:
         for param in method["params"]:
-            declared = param["schema"]["type"]
-            kind = declared[0] if isinstance(declared, list) else declared
-            params = {
-                p["name"]: _GOOD[
-                    p["schema"]["type"][0]
-                    if isinstance(p["schema"]["type"], list)
-                    else p["schema"]["type"]
-                ]
-                for p in method["params"]
-                if p["required"]
-            }
-            params[param["name"]] = _WRONG[kind]
+            params = {**_required(method), param["name"]: _WRONG[_kind(param)]}
             response = await running.call_raw(method["name"], params)
             assert response.get("error", {}).get("code") == -32602, (method["name"], response)
             assert response["error"]["data"]["field"] == param["name"]
             checked += 1
     assert checked > 40
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_documented_string_rule_is_enforced(running: RunningService) -> None:
+    """
+    Issue 13: for every string param in the OpenRPC document, NUL, a lone
+    surrogate, a C1 control and one character over its maxLength are each
+    refused (-32602 naming that param) before the method runs, instead of
+    reaching the database (where NUL and surrogates failed with -32603).
+    """
+    doc = await running.call("rpc.discover")
+    checked = 0
+    for method in doc["methods"]:
+        required = _required(method)
+        for param in method["params"]:
+            schema = param["schema"]
+            if "string" not in schema["type"]:
+                continue
+            for bad in ("a\x00b", "\ud800", "c1\x85", "x" * (schema["maxLength"] + 1)):
+                response = await running.call_raw(method["name"], {**required, param["name"]: bad})
+                assert response.get("error", {}).get("code") == -32602, (method["name"], bad)
+                assert response["error"]["data"]["field"] == param["name"]
+                checked += 1
+    assert checked > 80

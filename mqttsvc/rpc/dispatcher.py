@@ -4,7 +4,14 @@ A JSON-RPC 2.0 dispatcher over a registry of declared methods.
 It implements the whole specification: single calls and batches,
 notifications, parameters by name or by position, and the standard error
 codes.  Each method declares its parameters; they are checked before the
-method runs, and a bad one is reported as -32602 naming the field.
+method runs, and a bad one is reported as -32602 naming the field.  Every
+string in a parameter, at any depth, is checked too: no control character
+(NUL included), no lone surrogate, a bounded length.
+
+One body costs bounded memory whatever it holds: a batch has at most
+C{max_batch} calls, run one after the other, and its answer stops growing
+at C{max_response} bytes (issue 13: 300 C{reading.list} calls in one batch
+answered 118 MiB and peaked at 732 MB when they ran side by side).
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
+
+from mqttsvc.config import CONTROL_OR_SURROGATE
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -27,6 +35,27 @@ INTERNAL_ERROR = -32603
 NOT_FOUND = -32001
 CONFLICT = -32002
 UNAVAILABLE = -32003
+RESPONSE_TOO_LARGE = -32004
+
+#: Calls in one batch.
+MAX_BATCH = 100
+
+#: Bytes of one answer (a result, or a batch's results together): room for
+#: the largest C{reading.list} (10,000 readings, 1.5 MB measured) twice over.
+MAX_RESPONSE = 4 * 1024 * 1024
+
+#: Characters of a string parameter, unless its declaration says otherwise.
+MAX_STRING = 1024
+
+#: Characters of a string inside an object or array parameter (a path).
+MAX_NESTED_STRING = 4096
+
+#: Levels an object or array parameter may nest.
+MAX_DEPTH = 16
+
+#: L{CONTROL_OR_SURROGATE} as a JSON Schema pattern, for the OpenRPC document
+#: (which cannot say "no lone surrogate").
+STRING_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
 
 
 class RPCError(Exception):
@@ -53,6 +82,50 @@ def invalid_params(field: str, problem: str) -> RPCError:
     )
 
 
+def _string_problem(value: str, max_length: int) -> str | None:
+    if len(value) > max_length:
+        return f"must be at most {max_length} characters"
+    bad = CONTROL_OR_SURROGATE.search(value)
+    if bad is None:
+        return None
+    if "\ud800" <= bad.group() <= "\udfff":
+        return "must not contain a lone surrogate (\\ud800-\\udfff): it is not valid Unicode"
+    return "must not contain NUL or other control characters (U+0000-U+001F, U+007F-U+009F)"
+
+
+def check_strings(field: str, value: Any, max_length: int = MAX_STRING) -> None:
+    """
+    Check every string of a parameter's value: C{value} itself against
+    C{max_length}, the keys and values inside an object or array, at any
+    depth, against L{MAX_NESTED_STRING}.  Iterative, so that no depth
+    of nesting can exhaust the stack.
+
+    @raise RPCError: -32602 naming C{field}.
+    """
+    if isinstance(value, str):
+        problem = _string_problem(value, max_length)
+        if problem is not None:
+            raise invalid_params(field, problem)
+        return
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            problem = _string_problem(item, MAX_NESTED_STRING)
+            if problem is not None:
+                raise invalid_params(field, problem)
+            continue
+        if isinstance(item, dict):
+            children = [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            raise invalid_params(field, f"must not nest more than {MAX_DEPTH} levels deep")
+        pending.extend((child, depth + 1) for child in children)
+
+
 _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
     "string": lambda v: isinstance(v, str),
     "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -75,6 +148,7 @@ class Param:
     required: bool = True
     nullable: bool = False
     description: str = ""
+    max_length: int = MAX_STRING
 
     def check(self, value: Any) -> None:
         if value is None:
@@ -83,6 +157,7 @@ class Param:
             return
         if not _JSON_TYPES[self.type](value):
             raise invalid_params(self.name, f"must be of type {self.type}")
+        check_strings(self.name, value, self.max_length)
 
 
 @attrs.frozen
@@ -144,6 +219,10 @@ class Method:
         return Call(self.name, named, caller)
 
 
+def _valid_id(id_: Any) -> bool:
+    return id_ is None or (not isinstance(id_, bool) and isinstance(id_, str | int | float))
+
+
 def _error_response(id_: Any, error: RPCError) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "error": error.as_json(), "id": id_}
 
@@ -159,12 +238,18 @@ class Dispatcher:
         self,
         methods: Iterable[Method],
         errors: dict[type[Exception], Callable[[Exception], RPCError]] | None = None,
+        max_batch: int = MAX_BATCH,
+        max_response: int = MAX_RESPONSE,
     ) -> None:
         """
         @param errors: exceptions that methods may raise and the RPC errors
             they stand for (for example the database being unreachable).
+        @param max_batch: the most calls in one batch.
+        @param max_response: the most bytes of one answer.
         """
         self._errors = errors or {}
+        self._max_batch = max_batch
+        self._max_response = max_response
         self.methods: dict[str, Method] = {}
         for m in methods:
             if m.name in self.methods:
@@ -180,6 +265,12 @@ class Dispatcher:
         """
         try:
             request = json.loads(body)
+        except RecursionError:
+            return _dump(
+                _error_response(
+                    None, RPCError(PARSE_ERROR, "Parse error: nested too deeply to be parsed")
+                )
+            )
         except (ValueError, UnicodeDecodeError) as e:
             return _dump(_error_response(None, RPCError(PARSE_ERROR, f"Parse error: {e}")))
         if isinstance(request, list):
@@ -187,13 +278,78 @@ class Dispatcher:
                 return _dump(
                     _error_response(None, RPCError(INVALID_REQUEST, "Invalid Request: empty batch"))
                 )
-            responses = await gatherResults(
-                [Deferred.fromCoroutine(self._one(r, caller)) for r in request]
-            )
-            answered = [r for r in responses if r is not None]
-            return _dump(answered) if answered else None
+            if len(request) > self._max_batch:
+                return _dump(
+                    _error_response(
+                        None,
+                        RPCError(
+                            INVALID_REQUEST,
+                            f"Invalid Request: a batch holds at most {self._max_batch} calls",
+                            {"limit": self._max_batch, "calls": len(request)},
+                        ),
+                    )
+                )
+            return await self._batch(request, caller)
         response = await self._one(request, caller)
-        return _dump(response) if response is not None else None
+        if response is None:
+            return None
+        encoded = _encode(response)
+        if len(encoded) > self._max_response:
+            encoded = self._too_large(response["id"], len(encoded))
+        return encoded.encode("utf-8")
+
+    async def _batch(self, requests: list[Any], caller: str) -> bytes | None:
+        """
+        Run a batch's calls one after the other, so that one result at a
+        time is held besides the answer so far; once the answer would pass
+        C{max_response}, the calls left are not run.
+        """
+        answered: list[str] = []
+        size = 2
+        for request in requests:
+            if size >= self._max_response:
+                if isinstance(request, dict) and "id" in request:
+                    answered.append(_encode(self._not_run(request["id"])))
+                continue
+            response = await self._one(request, caller)
+            if response is None:
+                continue
+            encoded = _encode(response)
+            if size + len(encoded) + 1 > self._max_response:
+                encoded = self._too_large(response["id"], len(encoded))
+                size = self._max_response
+            else:
+                size += len(encoded) + 1
+            answered.append(encoded)
+        return ("[" + ",".join(answered) + "]").encode("utf-8") if answered else None
+
+    def _too_large(self, id_: Any, size: int) -> str:
+        """
+        The answer of a call that ran but whose result does not fit.
+        """
+        return _encode(
+            _error_response(
+                id_,
+                RPCError(
+                    RESPONSE_TOO_LARGE,
+                    f"Response too large: this result ({size} bytes) would make the answer "
+                    f"pass its limit of {self._max_response} bytes; the call ran, ask for "
+                    "less (a smaller limit, or fewer calls in the batch)",
+                    {"limit": self._max_response, "size": size, "ran": True},
+                ),
+            )
+        )
+
+    def _not_run(self, id_: Any) -> dict[str, Any]:
+        return _error_response(
+            id_ if _valid_id(id_) else None,
+            RPCError(
+                RESPONSE_TOO_LARGE,
+                f"Response limit reached: the batch's answer reached {self._max_response} "
+                "bytes, so this call was not run; send it again",
+                {"limit": self._max_response, "ran": False},
+            ),
+        )
 
     async def _one(self, request: Any, caller: str) -> dict[str, Any] | None:
         if not isinstance(request, dict):
@@ -202,7 +358,7 @@ class Dispatcher:
             )
         is_notification = "id" not in request
         id_ = request.get("id")
-        if id_ is not None and (isinstance(id_, bool) or not isinstance(id_, str | int | float)):
+        if not _valid_id(id_):
             return _error_response(
                 None, RPCError(INVALID_REQUEST, "Invalid Request: id must be a string or number")
             )

@@ -8,11 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from mqttsvc import __version__
-from mqttsvc.rpc.dispatcher import Method, Param
+from mqttsvc.rpc.dispatcher import MAX_DEPTH, MAX_NESTED_STRING, STRING_PATTERN, Method, Param
 
 
 def _schema(param: Param) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": [param.type, "null"] if param.nullable else param.type}
+    if param.type == "string":
+        schema["maxLength"] = param.max_length
+        schema["pattern"] = STRING_PATTERN
     return schema
 
 
@@ -26,7 +29,10 @@ def document(methods: list[Method]) -> dict[str, Any]:
             "title": "mqttsvc",
             "version": __version__,
             "description": "Control plane of mqttsvc: sites, their connections, and what "
-            "their devices sent. Bearer token authentication.",
+            "their devices sent. Bearer token authentication. No string in a param, at any "
+            "depth, may hold a control character (U+0000-U+001F, U+007F-U+009F) or a lone "
+            f"surrogate; strings inside objects and arrays hold at most {MAX_NESTED_STRING} "
+            f"characters, nested at most {MAX_DEPTH} levels deep.",
         },
         "methods": [
             {
@@ -48,6 +54,7 @@ def document(methods: list[Method]) -> dict[str, Any]:
                     {"code": -32001, "message": "Not found"},
                     {"code": -32002, "message": "Conflict"},
                     {"code": -32003, "message": "Database unavailable"},
+                    {"code": -32004, "message": "Response too large"},
                 ],
             }
             for m in methods
