@@ -14,7 +14,10 @@ C{heartbeat} seconds keeps proxies from closing an idle stream.
 Memory stays bounded: a client whose connection cannot keep up (its
 transport pauses us) has at most C{max_buffered} events held for it; one
 more and the connection is dropped.  Its EventSource reconnects with the
-last id it received and catches up from the database.
+last id it received and catches up from the database.  Catching up writes
+at most C{replay_window} bytes before it waits for the client to take them,
+and keeps nothing of a page it has not sent: the next page is read again
+from the last event sent.  At most C{max_streams} streams are open at once.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ MAX_BUFFERED = 1000
 
 #: How long an EventSource waits before reconnecting, in milliseconds.
 RETRY_MS = 2000
+
+#: Streams open at once; one more is refused (503 with Retry-After).
+MAX_STREAMS = 100
+
+#: Bytes of stored events written to a catching-up client before waiting
+#: for its connection to take them.  Issue 13 measured 300 clients resuming
+#: from id 0 holding 39 MB when each was sent a whole page at once.
+REPLAY_WINDOW = 64 * 1024
 
 
 def _message(event: Event) -> bytes:
@@ -113,9 +124,19 @@ class EventStream:
             return
         self._send(event)
 
-    def replayed(self, events: list[Event]) -> None:
+    def replayed(self, events: list[Event], window: int) -> bool:
+        """
+        Send stored events until C{window} bytes are written or the client's
+        connection pushes back.
+
+        @return: whether every one of C{events} was sent.
+        """
+        written = 0
         for event in events:
-            self._send(event)
+            if self.closed or self._paused or written >= window:
+                return False
+            written += self._send(event)
+        return True
 
     def go_live(self) -> None:
         self._replaying = False
@@ -135,11 +156,16 @@ class EventStream:
         self._writable.append(waiter)
         return waiter
 
-    def _send(self, event: Event) -> None:
+    def _send(self, event: Event) -> int:
+        """
+        Write one event unless it was already sent; the bytes written.
+        """
         if self.closed or event.id <= self.written:
-            return
+            return 0
         self.written = event.id
-        self._request.write(_message(event))
+        message = _message(event)
+        self._request.write(message)
+        return len(message)
 
     def _flush(self) -> None:
         while self._held and not self._paused and not self.closed:
@@ -217,6 +243,8 @@ class EventStreams(Service):
         hub: EventHub,
         heartbeat: float = HEARTBEAT,
         max_buffered: int = MAX_BUFFERED,
+        max_streams: int = MAX_STREAMS,
+        replay_window: int = REPLAY_WINDOW,
     ) -> None:
         self._hub = hub
         self._streams: set[EventStream] = set()
@@ -224,11 +252,20 @@ class EventStreams(Service):
         self._heartbeats.clock = reactor
         self._heartbeat = heartbeat
         self._max_buffered = max_buffered
+        self._max_streams = max_streams
+        self._replay_window = replay_window
         self._unsubscribe = hub.subscribe(self._publish)
 
     @property
     def clients(self) -> int:
         return len(self._streams)
+
+    @property
+    def full(self) -> bool:
+        """
+        Whether as many streams are open as allowed: refuse the next one.
+        """
+        return len(self._streams) >= self._max_streams
 
     def startService(self) -> None:
         super().startService()
@@ -276,9 +313,7 @@ class EventStreams(Service):
                 try:
                     while not stream.closed:
                         await stream.writable()
-                        page = await self._hub.history(stream.written, wanted)
-                        stream.replayed(page)
-                        if len(page) < PAGE:
+                        if await self._replay_page(stream, wanted):
                             break
                 except Exception as e:
                     self.log.warn(
@@ -291,3 +326,14 @@ class EventStreams(Service):
             await stream.done
         finally:
             self._streams.discard(stream)
+
+    async def _replay_page(self, stream: EventStream, wanted: EventFilter) -> bool:
+        """
+        Send the client one page of stored events after the last one it
+        got, or as much of it as its window allows; nothing of the page is
+        kept once this returns.
+
+        @return: whether the history is exhausted.
+        """
+        page = await self._hub.history(stream.written, wanted)
+        return stream.replayed(page, self._replay_window) and len(page) < PAGE

@@ -21,15 +21,23 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from mqttsvc import database, logs
 from mqttsvc.alerts import LIMIT, AlertDispatcher, AlertRules, describe_url, http_post
 from mqttsvc.config import DEFAULT_MAX_PAYLOAD, ConfigError
 from mqttsvc.events import EventHub
-from mqttsvc.eventstream import HEARTBEAT, EventStreams
+from mqttsvc.eventstream import HEARTBEAT, MAX_STREAMS, EventStreams
 from mqttsvc.health import readiness
 from mqttsvc.heap import freeze_startup_heap
+from mqttsvc.httpserver import (
+    MAX_CONNECTIONS,
+    MIN_CONNECTIONS,
+    REQUEST_TIMEOUT,
+    BoundedSite,
+    Limits,
+    default_max_connections,
+    descriptor_limit,
+)
 from mqttsvc.manhole import (
     load_host_key,
     makeManholeService,
@@ -75,6 +83,9 @@ _ENV = {
     "manhole-host-key": "MQTTSVC_MANHOLE_HOST_KEY",
     "events-heartbeat": "MQTTSVC_EVENTS_HEARTBEAT",
     "alert-limit": "MQTTSVC_ALERT_LIMIT",
+    "events-max-streams": "MQTTSVC_EVENTS_MAX_STREAMS",
+    "http-max-connections": "MQTTSVC_HTTP_MAX_CONNECTIONS",
+    "http-request-timeout": "MQTTSVC_HTTP_REQUEST_TIMEOUT",
 }
 
 #: Defaults of the numeric options, as their text would be given.
@@ -90,6 +101,9 @@ _NUMBERS = {
     "log-keep": "10",
     "events-heartbeat": f"{HEARTBEAT:g}",
     "alert-limit": str(LIMIT),
+    "events-max-streams": str(MAX_STREAMS),
+    "http-max-connections": str(default_max_connections(descriptor_limit())),
+    "http-request-timeout": f"{REQUEST_TIMEOUT:g}",
 }
 
 
@@ -237,6 +251,29 @@ class Options(usage.Options):
             None,
             f"Alerts per site per 10 minutes; more are summarised "
             f"[env MQTTSVC_ALERT_LIMIT; default {LIMIT}].",
+        ],
+        [
+            "events-max-streams",
+            None,
+            None,
+            f"Open /events streams at most; more get 503 "
+            f"[env MQTTSVC_EVENTS_MAX_STREAMS; default {MAX_STREAMS}].",
+        ],
+        [
+            "http-max-connections",
+            None,
+            None,
+            "Open HTTP connections at most; more get 503, leaving the other descriptors to "
+            "brokers and the database [env MQTTSVC_HTTP_MAX_CONNECTIONS; default a quarter of "
+            f"RLIMIT_NOFILE, from {MIN_CONNECTIONS} to {MAX_CONNECTIONS}].",
+        ],
+        [
+            "http-request-timeout",
+            None,
+            None,
+            "Seconds an HTTP connection has to send a whole request, from when it opens or "
+            "its previous response was sent; then it is closed "
+            f"[env MQTTSVC_HTTP_REQUEST_TIMEOUT; default {REQUEST_TIMEOUT:g}].",
         ],
     ]
     optFlags = [
@@ -411,7 +448,14 @@ def check_values(options: Options) -> None:
         )
     for name in _NUMBERS:
         options[name] = _positive_number(name, options[name])
-    for name in ("max-payload", "batch-size", "alert-limit", "write-connections"):
+    for name in (
+        "max-payload",
+        "batch-size",
+        "alert-limit",
+        "write-connections",
+        "events-max-streams",
+        "http-max-connections",
+    ):
         if options[name] != int(options[name]):
             raise ConfigError(name, "must be a whole number")
         options[name] = int(options[name])
@@ -488,7 +532,12 @@ def buildService(
             "alerts go to {urls}",
             urls=", ".join(describe_url(u) for u in options["alert-webhook"]),
         )
-    streams = EventStreams(reactor, hub, heartbeat=options["events-heartbeat"])
+    streams = EventStreams(
+        reactor,
+        hub,
+        heartbeat=options["events-heartbeat"],
+        max_streams=options["events-max-streams"],
+    )
     streams.setServiceParent(root)
     dispatcher = control_plane(reactor, store, supervisor)
     metrics = Metrics()
@@ -503,9 +552,15 @@ def buildService(
     )
     if tokens is None:
         log.warn("no --rpc-token-file: the JSON-RPC API accepts calls without a token")
-    # Every POST is JSON-RPC: parsing bodies as HTML forms would only cost
-    # time (twisted.web parses each Content-Type with the email package).
-    site = Site(web.resource(), logFormatter=access_log_line, parsePOSTFormSubmission=False)
+    site = BoundedSite(
+        web.resource(),
+        reactor,
+        Limits(
+            request_timeout=options["http-request-timeout"],
+            max_connections=options["http-max-connections"],
+        ),
+        logFormatter=access_log_line,
+    )
     site.displayTracebacks = False
     http = strports.service(options["rpc"], site, reactor=reactor)
     http.setName("web")

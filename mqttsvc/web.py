@@ -14,29 +14,32 @@ import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.web.http import Request
-from twisted.web.iweb import IRequest
+from twisted.web.iweb import IAccessLogFormatter, IRequest
 from twisted.web.resource import IResource
+from zope.interface import provider
 
 from mqttsvc.events import TYPES, EventFilter
 from mqttsvc.eventstream import EventStreams
-from mqttsvc.rpc.dispatcher import INVALID_REQUEST, Dispatcher, RPCError
+from mqttsvc.httpserver import MAX_BODY, RETRY_AFTER, body_too_large
+from mqttsvc.rpc.dispatcher import Dispatcher
 from mqttsvc.tokens import Tokens
-
-#: The largest request body accepted, in bytes.
-MAX_BODY = 1024 * 1024
 
 _NOT_POST = ["GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 #: The status page: one file, no build step, no external resources.
 STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
 
-_TOKEN_IN_QUERY = re.compile(rb"((?:^|[?&])access_token=)[^&]*")
+#: What twisted.web splits a query on (C{twisted.web.http.parse_qs}).
+_QUERY_FIELDS = re.compile(rb"([&;])")
+
+_REDACTED = b"<redacted>"
 
 
 #: Bytes that twisted.web's combined log format writes as they are: printable
@@ -58,9 +61,39 @@ def _log_field(value: bytes) -> str:
     return escaped[1:-1]
 
 
+def redact_query(uri: bytes) -> bytes:
+    """
+    C{uri} with the value of every query parameter whose name holds
+    C{token} replaced by C{<redacted>}.  Names are decoded as twisted.web
+    decodes them for C{request.args} (C{+} and percent escapes, any case),
+    so that C{access%5Ftoken=...}, which authenticates, is redacted too.
+    """
+    path, mark, query = uri.partition(b"?")
+    if not mark:
+        return uri
+    fields = _QUERY_FIELDS.split(query)
+    for i in range(0, len(fields), 2):
+        name, equals, _ = fields[i].partition(b"=")
+        if equals and b"token" in unquote_to_bytes(name.replace(b"+", b" ")).lower():
+            fields[i] = name + b"=" + _REDACTED
+    return path + mark + b"".join(fields)
+
+
+def redact_referrer(referrer: bytes) -> bytes:
+    """
+    A C{Referer} without its query and fragment: they belong to another
+    page, whose parameter names (and tokens) we cannot know.
+    """
+    page, _, rest = referrer.partition(b"?")
+    page, _, fragment = page.partition(b"#")
+    return page + b"?" + _REDACTED if rest or fragment else page
+
+
+@provider(IAccessLogFormatter)
 def access_log_line(timestamp: str, request: Request) -> str:
     """
-    twisted.web's combined log format, with C{access_token} redacted.
+    twisted.web's combined log format, with tokens redacted from the
+    request's query and the query of its C{Referer} left out.
 
     Written out rather than wrapping C{combinedLogFormatter}: it runs for
     every request, and this costs a quarter of the wrapped original.
@@ -71,16 +104,14 @@ def access_log_line(timestamp: str, request: Request) -> str:
         if isinstance(client, IPv4Address | IPv6Address)
         else "-"
     )
-    uri: bytes = request.uri
-    if b"access_token=" in uri:
-        uri = _TOKEN_IN_QUERY.sub(rb"\1<redacted>", uri)
-    referrer = request.getHeader(b"referer") or b"-"
+    referrer = request.getHeader(b"referer")
     agent = request.getHeader(b"user-agent") or b"-"
     return (
         f'"{ip}" - - {timestamp} '
-        f'"{_log_field(request.method)} {_log_field(uri)} {_log_field(request.clientproto)}" '
+        f'"{_log_field(request.method)} {_log_field(redact_query(request.uri))} '
+        f'{_log_field(request.clientproto)}" '
         f"{request.code:d} {request.sentLength or '-'} "
-        f'"{_log_field(referrer)}" "{_log_field(agent)}"'
+        f'"{_log_field(redact_referrer(referrer) if referrer else b"-")}" "{_log_field(agent)}"'
     )
 
 
@@ -202,14 +233,11 @@ class WebApp:
         content_type = (request.getHeader(b"Content-Type") or b"").split(b";")[0].strip()
         if content_type.lower() != b"application/json":
             return _json(request, 415, {"error": "Content-Type must be application/json"})
+        # The server refuses larger bodies before they are read (see
+        # mqttsvc.httpserver); this holds for any other server of the app.
         body = request.content.read(MAX_BODY + 1)
         if len(body) > MAX_BODY:
-            error = RPCError(
-                INVALID_REQUEST,
-                f"Invalid Request: the body is larger than {MAX_BODY} bytes",
-                {"limit": MAX_BODY},
-            )
-            return _json(request, 413, {"jsonrpc": "2.0", "error": error.as_json(), "id": None})
+            return _json(request, 413, body_too_large(MAX_BODY))
         response = await self._dispatcher.handle(body, caller)
         if response is None:
             request.setResponseCode(204)
@@ -242,6 +270,16 @@ class WebApp:
             wanted, after = _stream_params(request)
         except ValueError as e:
             return _json(request, 400, {"error": str(e)})
+        if self._events.full:
+            request.setHeader(b"Retry-After", b"%d" % RETRY_AFTER)
+            return _json(
+                request,
+                503,
+                {
+                    "error": f"{self._events.clients} event streams are open, the most allowed; "
+                    "retry later"
+                },
+            )
         self.log.debug("event stream for {caller} (after {after})", caller=caller, after=after)
         await self._events.serve(request, wanted, after)
         return None

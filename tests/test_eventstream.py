@@ -206,6 +206,52 @@ def test_history_failure_ends_the_stream_so_the_client_retries(
     assert request.written[-1] == b": database unavailable; reconnect\n\n"
 
 
+def test_catching_up_sends_a_window_at_a_time_and_keeps_no_page(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    Issue 13: a client resuming from far back gets at most replay_window
+    bytes of stored events before the next page is read from the last one
+    it got; the rest of a page is dropped, not held.  While its connection
+    pushes back, nothing more is sent or read.
+    """
+    monkeypatch.setattr(eventstream, "PAGE", 4)
+    clock, hub = Clock(), Hub()
+    window = 2 * len(eventstream._message(event(1))) - 1
+    service = EventStreams(clock, hub, replay_window=window)  # type: ignore[arg-type]
+    service.startService()
+    request = StreamRequest()
+    Deferred.fromCoroutine(service.serve(request, EventFilter(), 0))
+    hub.pages[0].callback([event(1), event(2), event(3), event(4)])
+    hub.pages[1].callback([event(3), event(4), event(5), event(6)])
+    assert hub.asked == [0, 2, 4] and request.ids() == [1, 2, 3, 4]
+    request.producer.pauseProducing()
+    hub.pages[2].callback([event(5), event(6), event(7)])
+    assert request.ids() == [1, 2, 3, 4] and hub.asked == [0, 2, 4]
+    request.producer.resumeProducing()
+    assert hub.asked == [0, 2, 4, 4]
+    hub.pages[3].callback([event(5)])
+    hub.publish(event(8))
+    assert request.ids() == [1, 2, 3, 4, 5, 8]
+    service.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_stream_count_is_capped() -> None:
+    """full says when max_streams are open, and stops saying it when one ends."""
+    clock, hub = Clock(), Hub()
+    service = EventStreams(clock, hub, max_streams=2)  # type: ignore[arg-type]
+    service.startService()
+    requests = [StreamRequest(), StreamRequest()]
+    for request in requests:
+        assert not service.full
+        Deferred.fromCoroutine(service.serve(request, EventFilter(), None))
+    assert service.full
+    requests[0].lose()
+    assert not service.full and service.clients == 1
+    service.stopService()
+
+
 # --- HTTP -----------------------------------------------------------------------
 
 TOKEN = "e" * 32
@@ -216,6 +262,8 @@ class Streams:
 
     def __init__(self) -> None:
         self.asked: list[tuple[EventFilter, int | None]] = []
+        self.full = False
+        self.clients = 0
 
     async def serve(self, request: Any, wanted: EventFilter, after: int | None) -> None:
         self.asked.append((wanted, after))
