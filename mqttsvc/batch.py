@@ -139,6 +139,9 @@ SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::bytea[], %s::bigin
 #: The longest reason kept with a dead letter or an error, in characters.
 MAX_REASON = 1000
 
+#: The most of a dead letter's raw topic kept, in bytes (MQTT allows 65,535).
+TOPIC_RAW_KEEP = 4 * MAX_TOPIC_BYTES
+
 _INSERT_DEVICE_EVENTS = """
 INSERT INTO device_event (site_id, kind, device_id, gateway_id, at, from_status, to_status, reason)
 SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[],
@@ -246,13 +249,13 @@ def dead_letter_row(
 ) -> tuple[str, str, bytes | None, bytes, int, bytes, str, datetime]:
     """
     A dead letter's C{dead_letter} row, which the database cannot refuse
-    for its content: the topic as storable text (with its raw bytes when
-    that text is not the topic itself), the payload cut to
+    for its content: the topic as storable text (with its raw bytes, up to
+    L{TOPIC_RAW_KEEP}, when that text is not the topic itself), the payload cut to
     L{DEAD_LETTER_KEEP} bytes with its full size and SHA-256, and the
     reason as storable text.
     """
     topic = storable_text(letter.topic, MAX_TOPIC_BYTES)
-    topic_raw = None if topic == letter.topic else raw_text(letter.topic)
+    topic_raw = None if topic == letter.topic else raw_text(letter.topic)[:TOPIC_RAW_KEEP]
     payload = bytes(letter.payload)
     size = letter.size if letter.size is not None else len(payload)
     digest = letter.sha256 if letter.sha256 is not None else hashlib.sha256(payload).digest()

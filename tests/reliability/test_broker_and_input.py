@@ -82,7 +82,7 @@ def test_broker_killed_and_restarted(
 
 
 def _malformed(rng: random.Random, i: int) -> bytes:
-    kind = i % 8
+    kind = i % 11
     if kind == 0:
         return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40)))
     if kind == 1:
@@ -97,6 +97,12 @@ def _malformed(rng: random.Random, i: int) -> bytes:
         return json.dumps({"ts": "not a time", "value": 1}).encode()
     if kind == 6:
         return b'{"value": NaN}'
+    if kind == 7:
+        return b'{"values": {"a\\ud800": 1}}'  # a lone surrogate (JSON allows it, UTF-8 not)
+    if kind == 8:
+        return b'{"value": 1, "unit": "\\udc00"}'
+    if kind == 9:
+        return b'{"value": 1, "note": "\\u0000"}'
     return json.dumps({"unit": "V"}).encode()
 
 
@@ -142,12 +148,95 @@ def test_malformed_flood(
         assert status["messages_rejected"] == 10_000
         assert service.process is not None and service.process.poll() is None
         report["10,000 malformed payloads"] = {
-            "injected": "10,000 malformed payloads of 8 kinds, interleaved with valid ones",
+            "injected": "10,000 malformed payloads of 11 kinds (lone surrogates and NUL "
+            "escapes among them), interleaved with valid ones",
             "load": "20,000 QoS 1 messages, as fast as the publisher goes",
             "published": 20_000,
             "committed": rows,
             "duplicates": rows - distinct,
             "dead_lettered": dead,
+        }
+    finally:
+        service.stop()
+
+
+def test_hostile_flood_of_long_topics(
+    db_dsn: str,
+    no_sites: None,
+    tmp_path: Path,
+    private_broker: PrivateBroker,
+    report: dict[str, Any],
+) -> None:
+    """
+    4,000 messages with 60 kB topic levels (each a dead letter) as fast as
+    a publisher can send them, beside a site with normal traffic: memory
+    stays bounded, every hostile message is a dead letter, the other site's
+    readings are all committed, and a normal message sent afterwards on the
+    flooded site commits within a second.
+    """
+    flooded, neighbour = "flood-long-topics", "flood-neighbour"
+    service = Service(db_dsn, tmp_path, instance="reliability")
+    service.start()
+    try:
+        service.add_site(flooded, private_broker.port)
+        service.add_site(neighbour, private_broker.port)
+        rss_before = service.rss_mb()
+        count = 4000
+        neighbours = LoadPublisher(private_broker.port, neighbour, 4000, 500.0)
+        neighbours.start()
+        rng = random.Random(13)
+        level = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(60_000))
+        hostile = [(f"{flooded}/sensor/{level[i:]}{i}/data", b'{"value": 1}') for i in range(count)]
+        started = time.monotonic()
+        rss = [rss_before]
+
+        def dead_letters() -> int:
+            [(n,)] = sql(db_dsn, "SELECT count(*) FROM dead_letter WHERE site_id = %s", flooded)
+            rss.append(service.rss_mb())
+            return int(n)
+
+        publish_blocking("127.0.0.1", private_broker.port, hostile, False)
+        wait_until(lambda: dead_letters() >= count, within=120, what="every hostile message")
+        flood_seconds = time.monotonic() - started
+        sent = time.monotonic()
+        publish_blocking(
+            "127.0.0.1",
+            private_broker.port,
+            [(f"{flooded}/sensor/ok/data", json.dumps({"ts": BASE, "value": 7}).encode())],
+            False,
+        )
+        wait_until(lambda: readings(db_dsn, flooded)[0] == 1, within=5, what="the normal message")
+        recovery = time.monotonic() - sent
+        neighbours.wait()
+        final = wait_until(
+            lambda: (r := readings(db_dsn, neighbour))[0] >= 4000 and r,
+            within=60,
+            what="the neighbour's readings",
+        )
+        assert final == (4000, 4000)
+        assert recovery < 1.0, recovery
+        assert dead_letters() == count
+        [(longest_topic, longest_raw)] = sql(
+            db_dsn,
+            "SELECT max(length(topic)), max(octet_length(topic_raw)) FROM dead_letter "
+            "WHERE site_id = %s",
+            flooded,
+        )
+        assert longest_topic <= 1024 and longest_raw <= 4096
+        assert max(rss) - rss_before < 100, (rss_before, max(rss))
+        status = service.call("site.status", [flooded])
+        assert (status["state"], status["last_error"]) == ("connected", None)
+        report["4,000 messages with 60 kB topics"] = {
+            "injected": "4,000 QoS 1 messages with a 60 kB topic level, as fast as the publisher "
+            "goes, beside a site at 500 msg/s",
+            "load": "4,000 hostile + 4,000 normal messages",
+            "published": count + 4000 + 1,
+            "committed": final[1] + 1,
+            "duplicates": final[0] - final[1],
+            "dead_lettered": count,
+            "rss_mb_before_and_max": [round(rss_before, 1), round(max(rss), 1)],
+            "flood_seconds": round(flood_seconds, 1),
+            "recovery_seconds": round(recovery, 2),
         }
     finally:
         service.stop()
