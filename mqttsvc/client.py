@@ -388,14 +388,22 @@ class DeadLetter(TypedDict):
     """
     A message that could not be processed, with the reason.  C{payload} is
     the text when the payload is UTF-8, else None; C{payload_base64} is
-    always the exact bytes.
+    always the exact bytes kept: the whole payload, or its first 64 KiB
+    when C{truncated} (C{payload_size} and C{payload_sha256} are the whole
+    payload's).  C{topic} is storable text (a NUL or bytes that are not
+    UTF-8 escaped, cut at 1,024 characters); when that is not the topic as
+    received, C{topic_raw_base64} holds its bytes (up to 4 KiB).
     """
 
     id: int
     site_id: str
     topic: str
+    topic_raw_base64: str | None
     payload: str | None
     payload_base64: str
+    payload_size: int
+    payload_sha256: str
+    truncated: bool
     reason: str
     received_at: str
 

@@ -173,20 +173,27 @@ async def dead_letters(
     The latest dead letters, newest first.
     """
     rows = await pool.query(
-        "SELECT id, site_id, topic, payload, reason, received_at FROM dead_letter "
+        "SELECT id, site_id, topic, topic_raw, payload, payload_size, payload_sha256, reason, "
+        "received_at FROM dead_letter "
         "WHERE (%(s)s::text IS NULL OR site_id = %(s)s) ORDER BY id DESC LIMIT %(limit)s",
         {"s": site_id, "limit": limit},
     )
     result = []
-    for id_, site, topic, payload, reason, received in rows:
+    for id_, site, topic, topic_raw, payload, size, digest, reason, received in rows:
         text, encoded = _payload(bytes(payload))
         result.append(
             {
                 "id": id_,
                 "site_id": site,
                 "topic": topic,
+                "topic_raw_base64": None
+                if topic_raw is None
+                else base64.b64encode(bytes(topic_raw)).decode(),
                 "payload": text,
                 "payload_base64": encoded,
+                "payload_size": size,
+                "payload_sha256": None if digest is None else bytes(digest).hex(),
+                "truncated": size > len(payload),
                 "reason": reason,
                 "received_at": iso(received),
             }

@@ -7,6 +7,7 @@ bytes, and how a lane that cannot commit shows.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import secrets
@@ -529,3 +530,14 @@ async def test_poison_through_the_broker_stalls_nothing(
     status = await running.call("site.status", {"site_id": site_id})
     assert (status["status"], status["last_error"]) == ("connected", None)
     assert status["messages_rejected"] == len(poison)
+    # The long topic is kept cut, with its bytes; it cannot be replayed.
+    letters = await running.call("deadletter.list", {"site_id": site_id})
+    [long] = [d for d in letters if d["topic_raw_base64"] is not None]
+    assert len(long["topic"]) == 1024
+    assert base64.b64decode(long["topic_raw_base64"]) == poison[4][0].encode()[:4096]
+    assert (long["payload_size"], long["truncated"]) == (11, False)
+    assert long["payload_sha256"] == hashlib.sha256(b'{"value":1}').hexdigest()
+    outcome = await running.call("deadletter.replay", [[long["id"]]])
+    assert outcome == {"replayed": 0, "dead_again": 1}
+    [(reason,)] = rows(sql, "SELECT reason FROM dead_letter WHERE id = %s", long["id"])
+    assert reason.startswith("cannot be replayed")

@@ -221,8 +221,9 @@ class ObservationMethods:
 
         async def replay(cursor: Any) -> dict[str, int]:
             await cursor.execute(
-                "SELECT id, site_id, topic, payload, received_at FROM dead_letter "
-                "WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                "SELECT id, site_id, topic, payload, received_at, "
+                "payload_size > octet_length(payload) OR topic_raw IS NOT NULL "
+                "FROM dead_letter WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
                 (wanted,),
             )
             replayed, dead_again = 0, 0
@@ -230,14 +231,21 @@ class ObservationMethods:
             effects: list[Reading] = []
             done: list[int] = []
             reasons: list[tuple[int, str]] = []
-            for id_, site_id, topic, payload, received_at in cursor.fetchall():
+            for id_, site_id, topic, payload, received_at, altered in cursor.fetchall():
                 outcomes = by_site.setdefault(site_id, {"replayed": [], "dead_again": []})
                 config = sites.get(site_id)
+                why = None
                 if config is None:
-                    reasons.append((id_, f"site {site_id} no longer exists"))
+                    why = f"site {site_id} no longer exists"
+                elif altered:
+                    # What is kept is not the message: never guess at the rest.
+                    why = "cannot be replayed: only part of its payload or topic was kept"
+                if why is not None:
+                    reasons.append((id_, why))
                     outcomes["dead_again"].append(id_)
                     dead_again += 1
                     continue
+                assert config is not None
                 result = process(site_id, Router(config.topics), topic, bytes(payload), received_at)
                 dead = [e for e in result if isinstance(e, DeadLetter)]
                 if dead:
