@@ -183,8 +183,15 @@ class SiteSupervisor(MultiService):
         self._devices_changed(changes)
         self.log.info("tracking {count} known devices", count=len(known))
 
-    def _pressure(self, pressing: bool) -> None:
+    def _pressure(self, lane: int, pressing: bool) -> None:
+        """
+        A write lane asks its sites to stop reading (or lets them read
+        again); sites in other lanes read on.
+        """
+        writer = self._store.writer
         for site in self.sites():
+            if writer.index(site.config.site_id) != lane:
+                continue
             if pressing:
                 site.pause_reading()
             else:
@@ -323,7 +330,7 @@ class SiteSupervisor(MultiService):
             max_payload=self._max_payload,
         )
         site.setServiceParent(self)
-        if self._store.writer.pressing:
+        if self._store.writer.lane(row.config.site_id).pressing:
             site.pause_reading()
         return site
 

@@ -642,7 +642,9 @@ class WriterLanes:
         **options: Any,
     ) -> None:
         self._pressing_lanes: set[int] = set()
-        self.on_pressure: Callable[[bool], None] | None = None
+        #: Called with a lane's index and True when that lane asks its
+        #: sites to stop reading, and False when they may read again.
+        self.on_pressure: Callable[[int, bool], None] | None = None
         self._lanes = [
             BatchWriter(clock, pool, on_pressure=partial(self._lane_pressure, i), **options)
             for i in range(lanes)
@@ -659,15 +661,20 @@ class WriterLanes:
             lane = self._by_site[site_id] = self._lanes[index]
         return lane
 
+    def index(self, site_id: str) -> int:
+        """
+        The index of the lane that writes a site's effects.
+        """
+        return self._lanes.index(self.lane(site_id))
+
     def _lane_pressure(self, index: int, pressing: bool) -> None:
-        was = bool(self._pressing_lanes)
+        # A lane presses only its own sites: the others' lanes commit.
         if pressing:
             self._pressing_lanes.add(index)
         else:
             self._pressing_lanes.discard(index)
-        now = bool(self._pressing_lanes)
-        if now != was and self.on_pressure is not None:
-            self.on_pressure(now)
+        if self.on_pressure is not None:
+            self.on_pressure(index, pressing)
 
     def queue(
         self, effects: list[Effect], listener: CommitListener, message: Any, size: int = 0

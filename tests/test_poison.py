@@ -541,3 +541,45 @@ async def test_poison_through_the_broker_stalls_nothing(
     assert outcome == {"replayed": 0, "dead_again": 1}
     [(reason,)] = rows(sql, "SELECT reason FROM dead_letter WHERE id = %s", long["id"])
     assert reason.startswith("cannot be replayed")
+
+
+def test_a_pressing_lane_pauses_only_its_own_sites() -> None:
+    """
+    The supervisor pauses the sites of a lane whose backlog is over its
+    high water, and only those: a site whose lane commits keeps reading.
+    """
+    from mqttsvc.config import SiteConfig
+    from mqttsvc.site import SiteService
+    from mqttsvc.supervisor import SiteSupervisor
+    from tests.test_site_machine import FakeClient
+    from tests.test_writer import _StalledPool, two_lanes_sites
+
+    clock = Clock()
+    pool = _StalledPool()
+    lanes = WriterLanes(clock, pool, lanes=2, batch_size=2, high_water=4, low_water=1)  # type: ignore[arg-type]
+
+    class Store:
+        writer = lanes
+
+    supervisor = SiteSupervisor(clock, Store())  # type: ignore[arg-type]
+    stalled, free = two_lanes_sites(lanes, "pause")
+    clients: dict[str, FakeClient] = {}
+    for site_id in (stalled, free):
+        config = SiteConfig(site_id=site_id, host="127.0.0.1", topics=default_topics(site_id))
+
+        def factory(*args: Any, site_id: str = site_id, **kw: Any) -> FakeClient:
+            clients[site_id] = FakeClient(*args, **kw)
+            return clients[site_id]
+
+        site = SiteService(clock, config, lanes, lambda *_: None, client_factory=factory)
+        site.setServiceParent(supervisor)
+        site.startService()
+    for _ in range(6):
+        lanes.submit([TopicSeen(stalled, "t", T0)])
+        clock.advance(0.02)
+    assert (clients[stalled].paused, clients[free].paused) == (1, 0)
+    resumed = clients[stalled].resumed
+    while pool.pending:
+        pool.answer_all()
+        clock.advance(0.02)
+    assert clients[stalled].resumed == resumed + 1

@@ -335,25 +335,33 @@ class _StalledPool:
             d.callback(None)
 
 
-def test_lanes_press_once_and_release_when_all_are_clear() -> None:
-    """Back-pressure starts when any lane is over its high water and ends when none is."""
+def test_each_lane_presses_its_own_sites() -> None:
+    """
+    Back-pressure is per lane: each lane over its high water asks its own
+    sites to pause, once, and releases them once under its low water; a
+    lane that commits is never pressed by another's backlog.
+    """
     clock = Clock()
     pool = _StalledPool()
     lanes = WriterLanes(clock, pool, lanes=2, batch_size=2, high_water=4, low_water=1)  # type: ignore[arg-type]
-    pressure: list[bool] = []
-    lanes.on_pressure = pressure.append
+    pressure: list[tuple[int, bool]] = []
+    lanes.on_pressure = lambda lane, pressing: pressure.append((lane, pressing))
     a, b = two_lanes_sites(lanes, "press")
+    first, second = lanes.index(a), lanes.index(b)
     for _ in range(6):
         lanes.submit([TopicSeen(a, "t", T0)])
+        clock.advance(0.02)
+    assert pressure == [(first, True)]
+    assert lanes.lane(a).pressing and not lanes.lane(b).pressing
+    for _ in range(6):
         lanes.submit([TopicSeen(b, "t", T0)])
         clock.advance(0.02)
-    assert pressure == [True]
-    assert lanes.pressing
+    assert pressure == [(first, True), (second, True)]
     while pool.pending:
         pool.answer_all()
         clock.advance(0.02)
-    assert pressure == [True, False]
-    assert lanes.queued == 0
+    assert sorted(pressure[2:]) == [(first, False), (second, False)]
+    assert lanes.queued == 0 and not lanes.pressing
 
 
 def test_write_connections_option() -> None:
