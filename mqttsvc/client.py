@@ -45,6 +45,7 @@ __all__ = [
     "NotFound",
     "RPCError",
     "Reading",
+    "ResponseTooLarge",
     "ServiceStatus",
     "Site",
     "SiteFields",
@@ -72,6 +73,7 @@ MAX_RESPONSE = 64 * 1024 * 1024
 NOT_FOUND = -32001
 CONFLICT = -32002
 UNAVAILABLE = -32003
+RESPONSE_TOO_LARGE = -32004
 INVALID_PARAMS = -32602
 METHOD_NOT_FOUND = -32601
 
@@ -139,6 +141,13 @@ class Unavailable(RPCError):
     """
 
 
+class ResponseTooLarge(RPCError):
+    """
+    The answer would have passed the service's limit (-32004; C{data} has
+    the C{limit} in bytes): ask for less, e.g. a smaller C{limit}.
+    """
+
+
 class MethodNotFound(RPCError):
     """
     The service does not know the method (-32601): it is older than this
@@ -167,6 +176,7 @@ _ERRORS_BY_CODE: dict[int, type[RPCError]] = {
     NOT_FOUND: NotFound,
     CONFLICT: Conflict,
     UNAVAILABLE: Unavailable,
+    RESPONSE_TOO_LARGE: ResponseTooLarge,
     INVALID_PARAMS: InvalidParams,
     METHOD_NOT_FOUND: MethodNotFound,
 }
