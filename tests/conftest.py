@@ -16,6 +16,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,16 @@ def db_dsn() -> Iterator[str]:
     """
     A migrated database of its own for this test run, dropped at the end.
     """
-    name = f"mqttsvc_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with scratch_database(f"mqttsvc_test_{os.getpid()}") as dsn:
+        yield dsn
+
+
+@contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """
+    A new migrated database named after C{prefix}, dropped on leaving.
+    """
+    name = f"{prefix}_{uuid.uuid4().hex[:6]}"
     admin = psycopg2.connect(admin_dsn())
     admin.autocommit = True
     with admin.cursor() as cur:
