@@ -15,7 +15,8 @@ minute keeps its connection for ever.  Here, instead:
    any other method than POST is counted against the limit but not kept;
  - a connection has C{request_timeout} seconds to send a complete request,
    counted from when it opens or its previous response was handed to the
-   network, whatever it trickles meanwhile;
+   network, whatever it trickles meanwhile; then it is closed, gracefully
+   (it may still be reading that response), and cut as long again later;
  - at most C{max_connections} connections are open at once; one more is
    answered 503 and closed, so the process's remaining descriptors stay
    for brokers and the database.
@@ -227,13 +228,18 @@ class BoundedChannel(HTTPChannel):
         self._deadline = None
 
     def _too_slow(self) -> None:
-        self._deadline = None
         log.info(
             "closed an HTTP connection from {peer}: no complete request within {timeout:g} s",
             peer=_peer(self),
             timeout=self._limits.request_timeout,
         )
-        _transport(self).abortConnection()
+        # Gracefully: the client may still be reading the previous response
+        # (an abort would discard what the kernel holds of it).  One that
+        # does not read it either is cut after as long again.
+        self.loseConnection()
+        self._deadline = self._clock.callLater(
+            self._limits.request_timeout, _transport(self).abortConnection
+        )
 
 
 def _transport(protocol: Protocol) -> ITCPTransport:

@@ -367,6 +367,37 @@ async def test_the_timeout_spares_slow_answers_and_ends_idle_keep_alive(
     assert 1.4 < seconds < 4
 
 
+class Large(Resource):
+    """
+    An 8 MiB answer to anything.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return b"x" * (8 * MAX_BODY)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_never_reads_its_answer_is_cut(serve: Callable[..., Server]) -> None:
+    """
+    A response the client does not read is not held for ever: once the
+    timeout has passed the connection is closed gracefully (what the client
+    has not read yet is still sent), and cut as long again later.
+    """
+    server = serve(Large(), request_timeout=0.5)
+    sock = _connect(server.port)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(_head(b"GET", b"/"))
+        await eventually(lambda: len(server.site.channels) == 1, what="the connection")
+        start = time.monotonic()
+        await eventually(lambda: not server.site.channels, within=5, what="the cut")
+        assert 0.9 < time.monotonic() - start < 3
+    finally:
+        sock.close()
+
+
 # --- connections ------------------------------------------------------------------
 
 
