@@ -254,9 +254,11 @@ def test_canary_password_appears_nowhere(
 ) -> None:
     """
     A canary password is in no log line, RPC result, event, metric or
-    database column of a running twistd mqttsvc.
+    database column of a running twistd mqttsvc; its API token is in no log
+    line, however a request sent it.
     """
     import signal
+    import urllib.error
     import urllib.request
 
     import psycopg2
@@ -330,6 +332,23 @@ def test_canary_password_appears_nowhere(
         )
         with urllib.request.urlopen(metrics, timeout=10) as response:
             outputs.append(response.read().decode())
+        # The token, however sent, must not reach the log either (issue 13):
+        # a percent-encoded query name authenticates (400: a bad filter),
+        # a Referer carries it under a name of its own.
+        token = "ops-token-0123456789abcdef"
+        for target, referrer, status in [
+            (f"/events?type=bogus&access%5Ftoken={token}", "-", 400),
+            ("/healthz", f"https://front.example/?t={token}", 200),
+        ]:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}{target}", headers={"Referer": referrer}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    code = response.status
+            except urllib.error.HTTPError as e:
+                code = e.code
+            assert code == status, target
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=15)
@@ -343,3 +362,5 @@ def test_canary_password_appears_nowhere(
     assert "auth: broker refused the credentials" in "".join(outputs)
     for output in outputs:
         assert CANARY not in output
+    assert "access%5Ftoken=<redacted>" in outputs[-1]
+    assert "ops-token-0123456789abcdef" not in outputs[-1]
