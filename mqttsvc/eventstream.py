@@ -15,9 +15,10 @@ Memory stays bounded: a client whose connection cannot keep up (its
 transport pauses us) has at most C{max_buffered} events held for it; one
 more and the connection is dropped.  Its EventSource reconnects with the
 last id it received and catches up from the database.  Catching up writes
-at most C{replay_window} bytes before it waits for the client to take them,
-and keeps nothing of a page it has not sent: the next page is read again
-from the last event sent.  At most C{max_streams} streams are open at once.
+at most C{replay_window} bytes at a time, none while the connection pushes
+back, and keeps nothing of a page it has not sent: the next page is read
+again from the last event sent.  At most C{max_streams} streams are open at
+once.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ RETRY_MS = 2000
 #: Streams open at once; one more is refused (503 with Retry-After).
 MAX_STREAMS = 100
 
-#: Bytes of stored events written to a catching-up client before waiting
-#: for its connection to take them.  Issue 13 measured 300 clients resuming
-#: from id 0 holding 39 MB when each was sent a whole page at once.
+#: Bytes of stored events written to a catching-up client at a time (then
+#: the next page is read, once its connection takes more).  Issue 13 measured
+#: 300 clients resuming from id 0 holding 39 MB when each was sent whole
+#: pages, and each page was kept while the client did not read.
 REPLAY_WINDOW = 64 * 1024
 
 
