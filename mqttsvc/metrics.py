@@ -17,6 +17,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from mqttsvc.eventstream import EventStreams
+    from mqttsvc.httpserver import BoundedSite
     from mqttsvc.supervisor import SiteSupervisor
     from mqttsvc.writer import WriterLanes
 
@@ -95,6 +97,40 @@ class _LiveCollector(Collector):
         for status, count in sorted(self._supervisor.devices.counts().items()):
             devices.add_metric([status], count)
         yield devices
+        yield CounterMetricFamily(
+            "mqttsvc_devices_repaired",
+            "Devices of connected sites found without an offline deadline and given one (a bug "
+            "if ever above 0)",
+            value=self._supervisor.devices_repaired,
+        )
+
+
+class _HttpCollector(Collector):
+    def __init__(self, site: BoundedSite, streams: EventStreams) -> None:
+        self._site = site
+        self._streams = streams
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "mqttsvc_http_connections", "Open HTTP connections", value=len(self._site.channels)
+        )
+        yield GaugeMetricFamily(
+            "mqttsvc_http_max_connections",
+            "Open HTTP connections allowed (--http-max-connections)",
+            value=self._site.limits.max_connections,
+        )
+        refused = CounterMetricFamily(
+            "mqttsvc_http_refused",
+            "HTTP connections refused over the cap (connection), requests refused for a body "
+            "over the limit (body) or closed for not arriving whole in time (timeout)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._site.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        yield GaugeMetricFamily(
+            "mqttsvc_event_streams", "Open /events streams", value=self._streams.clients
+        )
 
 
 class Metrics:
@@ -126,6 +162,13 @@ class Metrics:
         Report the live state of these at every scrape.
         """
         self.registry.register(_LiveCollector(supervisor, writer))
+
+    def watch_http(self, site: BoundedSite, streams: EventStreams) -> None:
+        """
+        Report the HTTP server's connections and refusals, and the open
+        event streams, at every scrape.
+        """
+        self.registry.register(_HttpCollector(site, streams))
 
     def render(self) -> bytes:
         """

@@ -11,13 +11,16 @@ for the old one; stale entries are skipped when they surface, and the heap
 is rebuilt when they outnumber the live ones.
 
 While a site's connection is down its devices are C{unknown} and have no
-deadline; when it is back, each gets a full interval of grace.
+deadline; when it is back, each gets a full interval of grace.  So in a
+site that is up, every device that is not offline has a deadline: one that
+has none would never go offline again.  L{OfflineDetector.repair} finds
+such devices (none, unless there is a bug) and gives them their deadline.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -58,6 +61,8 @@ class OfflineDetector:
         self._timer: IDelayedCall | None = None
         self._timer_for = 0.0
         self._grace: dict[str, float] = {}
+        #: Sites whose connection is up: their devices have deadlines.
+        self._up: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._devices)
@@ -168,20 +173,38 @@ class OfflineDetector:
         device.status = ONLINE
         return change
 
-    def load(self, devices: Iterable[tuple[DeviceKey, str, float]]) -> None:
+    def load(
+        self, devices: Iterable[tuple[DeviceKey, str, float]], reason: str
+    ) -> list[DeviceStatus]:
         """
         Remember devices known from an earlier run (key, stored status,
-        expected interval), before their sites connect.
+        expected interval), merged with what happened since this run began:
+        a device already tracked (it spoke) is left as it is; one of a site
+        that is up gets its grace period from now; any other is unknown
+        (with C{reason}) until its site is up.
+
+        @return: the changes to unknown.
         """
+        at = self._now()
+        now = self._clock.seconds()
+        changes = []
         for key, status, interval in devices:
+            if key in self._devices:
+                continue
             device = self._track(key, status, interval)
-            device.interval = interval
+            if key.site_id in self._up:
+                self._schedule(key, device, now + interval * self._grace.get(key.site_id, 1))
+            elif status != UNKNOWN:
+                changes.append(DeviceStatus(key, status, UNKNOWN, at, reason))
+                device.status = UNKNOWN
+        return changes
 
     def site_down(self, site_id: str, reason: str) -> list[DeviceStatus]:
         """
         The site's connection is gone: its devices are unknown until it is
         back, and their deadlines are suspended.
         """
+        self._up.discard(site_id)
         at = self._now()
         changes = []
         for key in self._by_site.get(site_id, ()):
@@ -198,11 +221,40 @@ class OfflineDetector:
         gets a full grace period from now before it is declared offline.
         """
         self._grace[site_id] = grace
+        self._up.add(site_id)
         now = self._clock.seconds()
         for key in self._by_site.get(site_id, ()):
             device = self._devices[key]
             if device.deadline is None:
                 self._schedule(key, device, now + device.interval * grace)
+
+    def repair(self, found: list[DeviceKey], chunk: int = 10_000) -> Iterator[None]:
+        """
+        Find the devices of sites that are up which are not offline and
+        have no deadline (a bug: nothing would ever mark them offline),
+        append them to C{found}, and give each its grace period from now.
+
+        A generator for a cooperative task: it yields after every C{chunk}
+        devices, so that a sweep of hundreds of thousands never holds the
+        reactor for long.
+        """
+        seen = 0
+        for site_id in list(self._up):
+            grace = self._grace.get(site_id, 1)
+            for key in list(self._by_site.get(site_id, ())):
+                seen += 1
+                if seen % chunk == 0:
+                    yield None
+                device = self._devices.get(key)
+                if (
+                    device is None
+                    or device.deadline is not None
+                    or device.status == OFFLINE
+                    or site_id not in self._up
+                ):
+                    continue
+                found.append(key)
+                self._schedule(key, device, self._clock.seconds() + device.interval * grace)
 
     def forget_site(self, site_id: str) -> None:
         """
@@ -211,6 +263,7 @@ class OfflineDetector:
         for key in self._by_site.pop(site_id, set()):
             self._devices.pop(key, None)
         self._grace.pop(site_id, None)
+        self._up.discard(site_id)
 
     def stop(self) -> None:
         if self._timer is not None and self._timer.active():

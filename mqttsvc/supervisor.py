@@ -24,13 +24,13 @@ from typing import Any
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import Cooperator, LoopingCall
 from twisted.logger import Logger
 
 from mqttsvc.batch import ConnectionEvent
 from mqttsvc.config import DEFAULT_MAX_PAYLOAD, OfflinePolicy
 from mqttsvc.offline import OfflineDetector
-from mqttsvc.processing import DeviceStatus
+from mqttsvc.processing import DeviceKey, DeviceStatus
 from mqttsvc.site import PROBE_INTERVAL, SiteService, SiteState
 from mqttsvc.store import SiteRow, Store
 
@@ -92,7 +92,14 @@ class SiteSupervisor(MultiService):
         super().__init__()
         self._max_payload = max_payload
         self.devices = OfflineDetector(reactor, self._devices_changed)
+        # The devices are loaded once, before any site is started, however
+        # many reconciliations ask for them at once (the monitor's first
+        # pass, the configuration listener's resync, a notification).
         self._devices_loaded = False
+        self._devices_loading = DeferredLock()
+        #: Devices found stuck (see L{OfflineDetector.repair}): a bug.
+        self.devices_repaired = 0
+        self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f), started=True)
         store.writer.on_pressure = self._pressure
         self._reactor = reactor
         self._store = store
@@ -138,7 +145,7 @@ class SiteSupervisor(MultiService):
 
     def _monitor_once(self) -> Deferred[None]:
         # LoopingCall waits for this, so two passes never overlap.
-        passed = Deferred.fromCoroutine(self.reconcile_all())
+        passed = Deferred.fromCoroutine(self._monitor_pass())
 
         def failed(f: Any) -> None:
             self.log.warn(
@@ -153,16 +160,51 @@ class SiteSupervisor(MultiService):
 
         return passed.addCallback(loaded).addErrback(failed)
 
+    async def _monitor_pass(self) -> None:
+        await self.reconcile_all()
+        await self.repair_devices()
+
+    async def repair_devices(self) -> None:
+        """
+        Look for devices that can never go offline (see
+        L{OfflineDetector.repair}); there should be none.  Any found is a
+        bug: it is logged as an error and counted, and the device is given
+        its deadline.
+        """
+        found: list[DeviceKey] = []
+        await self._cooperator.cooperate(self.devices.repair(found)).whenDone()
+        if found:
+            self.devices_repaired += len(found)
+            self.log.error(
+                "{count} devices of connected sites had no offline deadline (a bug); they have "
+                "one now; the first: {key}",
+                count=len(found),
+                key=found[0],
+            )
+
     async def reconcile_all(self) -> None:
         """
         Bring every site in line with the database (the first time, after
         loading the devices it knows).
         """
         rows = {row.config.site_id: row for row in await self._store.list_sites()}
-        if not self._devices_loaded:
-            await self._load_devices(rows)
+        await self._devices_ready(rows)
         for site_id in sorted(set(rows) | set(self.namedServices) | set(self._known)):
             await self._apply(site_id, rows.get(site_id))
+
+    async def _devices_ready(self, rows: dict[str, SiteRow] | None = None) -> None:
+        """
+        Load the known devices, once: whoever comes second waits for the
+        first load instead of running another.
+        """
+        if self._devices_loaded:
+            return
+        async with self._devices_loading:
+            if self._devices_loaded:
+                return
+            if rows is None:
+                rows = {row.config.site_id: row for row in await self._store.list_sites()}
+            await self._load_devices(rows)
 
     async def _load_devices(self, rows: dict[str, SiteRow]) -> None:
         """
@@ -175,12 +217,8 @@ class SiteSupervisor(MultiService):
             row = rows.get(key.site_id)
             policy = row.config.offline if row is not None else default
             known.append((key, status, interval or policy.interval(key.kind)))
-        self.devices.load(known)
+        self._devices_changed(self.devices.load(known, "mqttsvc started"))
         self._devices_loaded = True
-        changes = []
-        for site_id in {key.site_id for key, _, _ in known}:
-            changes.extend(self.devices.site_down(site_id, "mqttsvc started"))
-        self._devices_changed(changes)
         self.log.info("tracking {count} known devices", count=len(known))
 
     def _pressure(self, lane: int, pressing: bool) -> None:
@@ -211,8 +249,10 @@ class SiteSupervisor(MultiService):
 
     async def reconcile(self, site_id: str) -> None:
         """
-        Bring one site in line with its row (or its absence).
+        Bring one site in line with its row (or its absence), once the
+        known devices are loaded.
         """
+        await self._devices_ready()
         await self._apply(site_id, await self._store.get_site(site_id))
 
     def notified(self, site_id: str) -> None:

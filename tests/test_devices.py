@@ -348,3 +348,67 @@ async def test_restart_rebuilds_deadlines(
         assert reasons == [("message received",), ("site connection stopping",)]
     finally:
         await second.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_known_devices_go_offline_after_every_restart(
+    db_dsn: str, no_sites: None, sql: Any, site_id: str
+) -> None:
+    """
+    20,000 known devices (inserted by SQL) and a probe that speaks go
+    offline on time after each of three restarts, with a resync racing the
+    first reconciliation: the devices are loaded once, before the site
+    connects, and none is left without a deadline.
+    """
+    from twisted.internet import reactor
+
+    count = 20_000
+    first = RunningService(reactor, db_dsn)
+    await first.start()
+    await connected_site(first, site_id, device_intervals={"gateway": 1}, offline_grace=1.5)
+    await first.stop()
+    with sql.cursor() as cur:
+        cur.execute(
+            "INSERT INTO gateway (site_id, gateway_id, status, first_seen_at, last_seen_at) "
+            "SELECT %s, 'g' || i, 'offline', now(), now() FROM generate_series(1, %s) AS i",
+            (site_id, count),
+        )
+    sql.commit()
+
+    def offline() -> int:
+        [(n,)] = query(
+            sql, "SELECT count(*) FROM gateway WHERE site_id = %s AND status = 'offline'", site_id
+        )
+        return int(n)
+
+    def went_offline() -> int:
+        """Times a known device went from unknown to offline."""
+        [(n,)] = query(
+            sql,
+            "SELECT count(*) FROM device_event WHERE site_id = %s AND device_id <> 'probe' "
+            "AND from_status = 'unknown' AND to_status = 'offline'",
+            site_id,
+        )
+        return int(n)
+
+    for restart in range(3):
+        service = RunningService(reactor, db_dsn)
+        service.root.startService()
+        # The configuration listener's resync and the monitor's first pass
+        # both reconcile at start; add a third for good measure.
+        service.supervisor.resync()
+        try:
+            await service.supervisor.whenLoaded()
+            await publish([(f"{site_id}/gateway/probe/heartbeat", j({"status": "ok"}))])
+            await eventually(
+                lambda expected=(restart + 1) * count: went_offline() == expected,
+                within=30,
+                what=f"every known device offline again (restart {restart})",
+            )
+            await eventually(
+                lambda: offline() == count + 1, within=30, what=f"the probe offline too ({restart})"
+            )
+            assert service.supervisor.devices_repaired == 0
+            assert service.supervisor.devices.counts()["offline"] == count + 1
+        finally:
+            await service.stop()

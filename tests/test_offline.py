@@ -79,8 +79,7 @@ def test_reconnect_gives_a_grace_period() -> None:
 def test_rebuilt_after_a_restart() -> None:
     """Devices loaded from the database are watched once their site connects."""
     d, clock, changes = detector()
-    d.load([(GW, "online", 60.0), (DL, "offline", 300.0)])
-    down = d.site_down("s", "mqttsvc started")
+    down = d.load([(GW, "online", 60.0), (DL, "offline", 300.0)], "mqttsvc started")
     assert {(c.key, c.from_status, c.status) for c in down} == {
         (GW, "online", "unknown"),
         (DL, "offline", "unknown"),
@@ -91,6 +90,47 @@ def test_rebuilt_after_a_restart() -> None:
     clock.advance(480)
     assert [c.key for c in changes] == [GW, DL]
     assert clock.getDelayedCalls() == []
+
+
+def test_a_late_load_merges_with_what_happened_since() -> None:
+    """
+    Devices loaded after their site connected (or after they spoke) are not
+    made unknown without a deadline: a site that is up gives the loaded
+    devices their grace, a device that spoke keeps its state.
+    """
+    d, clock, changes = detector()
+    other = DeviceKey("s", "sensor", None, "t1")
+    d.site_up("s", 2)
+    d.seen(GW, 60, 2)
+    clock.advance(10)
+    down = d.load([(GW, "offline", 60.0), (other, "online", 100.0)], "mqttsvc started")
+    assert down == []
+    assert d.status(GW) == "online" and d.deadline(GW) == clock.seconds() - 10 + 120
+    assert d.deadline(other) == clock.seconds() + 200
+    clock.advance(200)
+    assert {c.key for c in changes} == {GW, other}
+    assert clock.getDelayedCalls() == []
+
+
+def test_repair_finds_devices_of_a_site_up_without_a_deadline() -> None:
+    """
+    A device of a connected site that is not offline and has no deadline
+    (a bug elsewhere) is found by the sweep, reported, and goes offline on
+    time after it.
+    """
+    d, clock, changes = detector()
+    d.site_up("s", 2)
+    d.seen(GW, 60, 2)
+    d.seen(DL, 60, 2)
+    d._devices[GW].deadline = None  # the bug: a deadline lost
+    found: list[DeviceKey] = []
+    sweeps = list(d.repair(found, chunk=1))
+    assert found == [GW] and len(sweeps) >= 1
+    clock.advance(120)
+    assert {c.key for c in changes} == {GW, DL}
+    found.clear()
+    list(d.repair(found))
+    assert found == []  # offline devices need no deadline
 
 
 def test_forgotten_site_is_not_flagged() -> None:
