@@ -199,6 +199,7 @@ class BoundedChannel(HTTPChannel):
 
     def _refuse_body(self, size: int) -> None:
         self.body_refused = True
+        self._site.refused["body"] += 1
         log.info(
             "refused a request body of {size} bytes or more from {peer}: the limit is {limit}",
             size=size,
@@ -228,6 +229,7 @@ class BoundedChannel(HTTPChannel):
         self._deadline = None
 
     def _too_slow(self) -> None:
+        self._site.refused["timeout"] += 1
         log.info(
             "closed an HTTP connection from {peer}: no complete request within {timeout:g} s",
             peer=_peer(self),
@@ -290,6 +292,9 @@ class BoundedSite(Site):
         )
         self.limits = limits
         self.channels: set[BoundedChannel] = set()
+        #: What was refused since the start, by reason: a connection over
+        #: the cap, a body over the limit, a request not whole in time.
+        self.refused = {"connection": 0, "body": 0, "timeout": 0}
         self._shed = 0
         self._shed_logged: float | None = None
         self.too_large = _raw_response(b"413 Content Too Large", body_too_large(limits.max_body))
@@ -314,6 +319,7 @@ class BoundedSite(Site):
 
     def _refused_connection(self) -> None:
         # One line a minute at most: a flood must not fill the log too.
+        self.refused["connection"] += 1
         self._shed += 1
         now = self.reactor.seconds()
         if self._shed_logged is None or now - self._shed_logged >= SHED_LOG_INTERVAL:

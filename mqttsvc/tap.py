@@ -562,6 +562,7 @@ def buildService(
         logFormatter=access_log_line,
     )
     site.displayTracebacks = False
+    metrics.watch_http(site, streams)
     http = strports.service(options["rpc"], site, reactor=reactor)
     http.setName("web")
     http.setServiceParent(root)

@@ -64,6 +64,29 @@ async def test_metrics_follow_the_live_state(running: RunningService, site_id: s
 
 
 @pytest_twisted.ensureDeferred
+async def test_metrics_show_http_refusals(running: RunningService) -> None:
+    """
+    Issue 13: the open connections and streams, the cap, and what the HTTP
+    server refused (here one body over the limit) are metrics.
+    """
+    from twisted.internet.threads import deferToThread
+
+    from mqttsvc.httpserver import default_max_connections, descriptor_limit
+    from tests.test_http_abuse import exchange
+
+    port = int(base(running).rsplit(":", 1)[1])
+    head = b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n"
+    answer, _ = await deferToThread(exchange, port, head)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    m = await samples(running)
+    assert m[("mqttsvc_http_refused_total", (("reason", "body"),))] == 1
+    assert m[("mqttsvc_http_refused_total", (("reason", "connection"),))] == 0
+    assert m[("mqttsvc_http_connections", ())] >= 1
+    assert m[("mqttsvc_http_max_connections", ())] == default_max_connections(descriptor_limit())
+    assert m[("mqttsvc_event_streams", ())] == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_ready_when_the_database_answers(running: RunningService) -> None:
     response = await treq.get(base(running) + "/readyz", persistent=False)
     assert response.code == 200
