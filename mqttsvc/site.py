@@ -742,7 +742,8 @@ class SiteService(Service):
                 now,
                 retained=message.retain,
                 max_payload=self._max_payload,
-                size=message.size if message.size >= 0 else None,
+                # Only a cut payload (it has a hash) has a size of its own.
+                size=message.size if message.sha256 is not None else None,
                 sha256=message.sha256,
             )
         except Exception as e:

@@ -26,6 +26,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.task import Cooperator, LoopingCall
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from mqttsvc.batch import ConnectionEvent
 from mqttsvc.config import DEFAULT_MAX_PAYLOAD, OfflinePolicy
@@ -73,6 +74,7 @@ class SiteSupervisor(MultiService):
     Runs a L{SiteService} per enabled site, reconciled by name.
 
     @param instance: this mqttsvc instance's name, part of every client id.
+    @param connect_threads: the pool the sites' blocking connects run in.
     """
 
     log = Logger()
@@ -88,9 +90,11 @@ class SiteSupervisor(MultiService):
         probe_interval: float = PROBE_INTERVAL,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         site_factory: Callable[..., SiteService] = SiteService,
+        connect_threads: ThreadPool | None = None,
     ) -> None:
         super().__init__()
         self._max_payload = max_payload
+        self._connect_threads = connect_threads
         self.devices = OfflineDetector(reactor, self._devices_changed)
         # The devices are loaded once, before any site is started, however
         # many reconciliations ask for them at once (the monitor's first
@@ -368,6 +372,7 @@ class SiteSupervisor(MultiService):
             probe_interval=self._probe_interval,
             devices=self.devices,
             max_payload=self._max_payload,
+            connect_threads=self._connect_threads,
         )
         site.setServiceParent(self)
         if self._store.writer.lane(row.config.site_id).pressing:

@@ -53,6 +53,7 @@ from mqttsvc.site import PROBE_INTERVAL
 from mqttsvc.store import Store
 from mqttsvc.supervisor import MONITOR_INTERVAL, SiteSupervisor
 from mqttsvc.tokens import Tokens, load_tokens
+from mqttsvc.transport import ConnectThreads
 from mqttsvc.web import WebApp, access_log_line
 
 DEFAULT_RPC = "tcp:8780:interface=127.0.0.1"
@@ -504,6 +505,9 @@ def buildService(
         write_connections=options["write-connections"],
     )
     store.setServiceParent(root)
+    # Started before the sites and stopped after them.
+    connect_threads = ConnectThreads(reactor)
+    connect_threads.setServiceParent(root)
     supervisor = SiteSupervisor(
         reactor,
         store,
@@ -511,6 +515,7 @@ def buildService(
         monitor_interval=options["monitor-interval"],
         probe_interval=options["probe-interval"],
         max_payload=options["max-payload"],
+        connect_threads=connect_threads.pool,
     )
     supervisor.setServiceParent(root)
     ConfigListener(reactor, options["db"], supervisor.notified, supervisor.resync).setServiceParent(
