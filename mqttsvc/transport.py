@@ -470,6 +470,8 @@ class ConnectThreads(Service):
     reconnection.  Pass its C{pool} to L{MQTTClient}.
     """
 
+    name = "connect-threads"
+
     def __init__(self, reactor: Any, size: int = CONNECT_THREADS) -> None:
         self._reactor = reactor
         self.pool = ThreadPool(minthreads=0, maxthreads=size, name="mqtt-connect")

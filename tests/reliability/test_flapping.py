@@ -14,7 +14,7 @@ from typing import Any
 import pytest_twisted
 from twisted.internet.task import deferLater
 
-from mqttsvc.transport import _SocketDescriptor
+from mqttsvc.transport import CONNECT_THREADS, _SocketDescriptor
 from tests.conftest import PrivateBroker
 from tests.reliability.harness import sql
 from tests.service import RunningService
@@ -87,8 +87,9 @@ async def test_hundred_sites_flapping(
         what="no timer left behind",
     )
     pool = reactor.getThreadPool()
-    await eventually(lambda: not pool.working, what="no connect thread still busy")
-    assert threading.active_count() <= baseline_threads + pool.max
+    connects = running.root.getServiceNamed("connect-threads").pool
+    await eventually(lambda: not connects.working, what="no connect thread still busy")
+    assert threading.active_count() <= baseline_threads + pool.max + CONNECT_THREADS
     assert running.store.pool.open_connections <= 3
     [(db_connections,)] = sql(
         db_dsn,
@@ -104,7 +105,7 @@ async def test_hundred_sites_flapping(
         "left_behind": {
             "mqtt_sockets_in_reactor": descriptors(),
             "extra_delayed_calls": len(reactor.getDelayedCalls()) - baseline_calls,
-            "busy_threads": len(pool.working),
+            "busy_threads": len(pool.working) + len(connects.working),
             "database_connections": db_connections,
         },
     }
