@@ -1032,13 +1032,14 @@ class MQTTClient:
     ) -> None:
         was_connected, self._connected = self._connected, False
         self._sweep.discard(self)
-        self._heard = []
         self._cancel_connack_timeout()
         attempt, self._connecting = self._connecting, None
         closing, self._closing = self._closing, None
         subscribing, self._subscribing = self._subscribing, {}
         for topics, waiting in subscribing.values():
             waiting.callback([SubscriptionResult(t, False, "connection lost") for t in topics])
+        # After those: what they start waiting for dies with this connection.
+        self._heard = []
         if closing is not None:
             closing.callback(None)
             return
