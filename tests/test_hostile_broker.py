@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import socket
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -35,6 +36,7 @@ from mqttsvc.transport import (
 )
 from tests.conftest import BROKER_HOST, BROKER_PORT
 from tests.fakebroker import PUBACK, FakeBroker, pattern, publish_header
+from tests.publish import publish
 
 #: Seconds of keepalive for these sites: the least allowed, so that the
 #: silence and packet timeouts come soon.
@@ -442,3 +444,34 @@ async def test_connection_tests_do_not_starve_real_connects() -> None:
     assert max(took) < 1.0, took
     times = ", ".join(f"{t * 1000:.0f} ms" for t in took)
     print(f"\nreal connects during 60 connection tests: {times}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_mosquitto_honours_the_announced_maximum_packet_size() -> None:
+    """
+    A real MQTT 5 broker, told our Maximum Packet Size, does not send a
+    larger message at all (it drops it); the next one arrives as usual.
+    """
+    from twisted.internet import reactor
+
+    topic = f"hostile-v5/{uuid.uuid4().hex[:8]}"
+    got: Deferred[ReceivedMessage] = Deferred()
+    config = SiteConfig(site_id="v5", host=BROKER_HOST, port=BROKER_PORT, protocol="5")
+    client = MQTTClient(
+        reactor,
+        config,
+        got.callback,
+        lambda e: None,
+        f"hostile-v5-{topic[-8:]}",
+        persistent=False,
+        max_payload=1000,
+    )
+    await client.connect().addTimeout(5, reactor)
+    try:
+        [granted] = await client.subscribe([(topic, 1)]).addTimeout(5, reactor)
+        assert granted.granted
+        await publish([(topic, b"x" * (1000 + HEADER_ROOM)), (topic, b"small")])
+        message = await got.addTimeout(5, reactor)
+    finally:
+        await client.disconnect()
+    assert message.payload == b"small"
