@@ -14,8 +14,11 @@ Memory is bounded in messages and in bytes.  When more than C{high_water}
 messages or C{high_bytes} wait (the database is slow or down), the writer
 asks for back-pressure: the sites stop reading from their brokers until the
 queue is back under C{low_water} and C{low_bytes}, so the brokers keep the
-rest.  A single site holding more than C{site_bytes} is told to stop
-reading on its own, before it can fill the lane for every other site.
+rest.  A single site holding more than C{site_bytes}, or more than its
+share of the messages (C{site_messages}, half of C{high_water} by default),
+is told to stop reading on its own, before it can fill the lane for every
+other site: a site flooding the lane with new devices pauses alone, and
+the quiet sites of its lane read on.
 
 Connection failures keep the batch and retry it with backoff; how long a
 lane has failed to commit is visible (L{BatchWriter.failing_for}).  A batch
@@ -153,6 +156,10 @@ class BatchWriter:
         every site pauses; they resume under a quarter of it.
     @param site_bytes: bytes one listener may hold before it alone is told
         to hold; it is released under half of it.
+    @param site_messages: messages one listener may have waiting before it
+        alone is told to hold (by default half of C{high_water}, so that a
+        single flooding site is held before the lane presses every site);
+        it is released under half of it.
     @param on_pressure: called with True when the queue passes
         C{high_water} or C{high_bytes}, and with False once it is back under
         C{low_water} and a quarter of C{high_bytes}.
@@ -173,6 +180,7 @@ class BatchWriter:
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         high_bytes: int = DEFAULT_HIGH_BYTES,
         site_bytes: int = DEFAULT_SITE_BYTES,
+        site_messages: int | None = None,
     ) -> None:
         self._clock = clock
         self._pool = pool
@@ -185,6 +193,9 @@ class BatchWriter:
         self._high_bytes = high_bytes
         self._low_bytes = high_bytes // 4
         self._site_bytes = site_bytes
+        self._site_messages = (
+            site_messages if site_messages is not None else max(1, self._high_water // 2)
+        )
         self.on_pressure = on_pressure
         #: Called with each committed batch's size and write time.
         self.observe: Callable[[int, float], None] | None = None
@@ -199,6 +210,8 @@ class BatchWriter:
         #: Bytes held (queued or being written), in all and per listener.
         self.bytes_held = 0
         self._held: dict[CommitListener, int] = {}
+        #: Messages held, per listener.
+        self._waiting: dict[CommitListener, int] = {}
         self._holding: set[CommitListener] = set()
         #: When the current run of failed writes began, and its last error.
         self.failing_since: float | None = None
@@ -263,10 +276,16 @@ class BatchWriter:
         self.bytes_held += cost
         held = self._held.get(listener, 0) + cost
         self._held[listener] = held
-        if held >= self._site_bytes and listener not in self._holding:
+        waiting = self._waiting.get(listener, 0) + 1
+        self._waiting[listener] = waiting
+        if (
+            held >= self._site_bytes or waiting > self._site_messages
+        ) and listener not in self._holding:
             self._holding.add(listener)
             self.log.warn(
-                "a site holds {bytes} bytes waiting to be written: pausing its reading",
+                "a site holds {count} messages ({bytes} bytes) waiting to be written: pausing "
+                "its reading",
+                count=waiting,
                 bytes=held,
                 listener=listener,
             )
@@ -422,6 +441,7 @@ class BatchWriter:
         """
         by_listener: dict[CommitListener, list[Any]] = {}
         freed: dict[CommitListener, int] = {}
+        waiting = self._waiting
         for _, listener, message, _, cost in batch:
             messages = by_listener.get(listener)
             if messages is None:
@@ -438,7 +458,16 @@ class BatchWriter:
                 held[listener] = left
             else:
                 del held[listener]
-            if listener in self._holding and left <= self._site_bytes // 2:
+            count = waiting[listener] - len(by_listener[listener])
+            if count:
+                waiting[listener] = count
+            else:
+                del waiting[listener]
+            if (
+                listener in self._holding
+                and left <= self._site_bytes // 2
+                and count <= self._site_messages // 2
+            ):
                 self._holding.discard(listener)
                 listener.hold(False)
         for listener, messages in by_listener.items():

@@ -380,3 +380,64 @@ def test_write_connections_option() -> None:
         with pytest.raises(ConfigError) as refused:
             check_values(options)
         assert refused.value.field == "write-connections"
+
+
+class _Site:
+    """A commit listener that records when the writer holds it."""
+
+    def __init__(self) -> None:
+        self.holds: list[bool] = []
+        self.committed_count = 0
+
+    def committed(self, messages: list[Any]) -> None:
+        self.committed_count += len(messages)
+
+    def hold(self, holding: bool) -> None:
+        self.holds.append(holding)
+
+
+def test_a_flooding_site_is_held_alone_and_a_quiet_one_never_pauses() -> None:
+    """
+    One lane, a database that answers only when told: a site that floods
+    it with messages is held once it has more than its share of the
+    lane's high water (half), before the lane presses every site; a quiet
+    site in the same lane keeps reading the whole time, and the flooding
+    one is released once its backlog is committed.
+    """
+    clock = Clock()
+    pool = _StalledPool()
+    pressure: list[bool] = []
+    writer = BatchWriter(
+        clock,
+        pool,  # type: ignore[arg-type]
+        batch_size=100,
+        high_water=2000,
+        low_water=200,
+        on_pressure=pressure.append,
+    )
+    flood, quiet = _Site(), _Site()
+    flooded = 0
+    first_held_at = None
+    for second in range(200):
+        # The flooding site sends new device ids as fast as it is let.
+        while not (flood.holds and flood.holds[-1]):
+            writer.queue([TopicSeen("flood", f"flood/sensor/{flooded}/data", T0)], flood, flooded)
+            flooded += 1
+        if first_held_at is None:
+            first_held_at = flooded
+        writer.queue([TopicSeen("quiet", "quiet/x", T0)], quiet, second)
+        clock.advance(0.01)
+        if second % 2:
+            pool.answer_all()  # the database commits one batch in two ticks
+        clock.advance(0.01)
+    assert flood.holds[0] is True
+    assert first_held_at == 1001  # held past its share: half of the lane's high water
+    assert flood.holds.count(True) > 1  # released as it drains, and held again
+    assert quiet.holds == []
+    assert pressure == []  # the lane never pressed everyone
+    while pool.pending:
+        pool.answer_all()
+        clock.advance(0.02)
+    assert flood.holds[-1] is False and flood.committed_count == flooded
+    assert quiet.committed_count == 200
+    assert clock.getDelayedCalls() == []
