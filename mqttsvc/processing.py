@@ -219,6 +219,10 @@ class Router:
         return route
 
 
+#: The reason of a message on a topic that none of its site's filters match.
+FOREIGN_TOPIC = "topic matches none of the site's subscriptions"
+
+
 class Rejected(Exception):
     """
     The message cannot be processed; the text says why.
@@ -459,6 +463,12 @@ def process(
     problem = topic_problem(topic)
     if problem is not None:
         return [DeadLetter(site_id, topic, payload, problem, at, size, sha256)]
+    routed = router.route(topic)
+    if routed is None:
+        # A broker that does not honour our filters (or a message still in
+        # flight for a filter just removed): it belongs to none of the
+        # site's subscriptions and creates no state, not even a topic.
+        return [DeadLetter(site_id, topic, payload, FOREIGN_TOPIC, at, size, sha256)]
     if size is not None and size > len(payload):
         reason = f"payload of {size} bytes is over the limit of {max_payload}"
         return [
@@ -466,9 +476,6 @@ def process(
             DeadLetter(site_id, topic, payload, reason, at, size, sha256),
         ]
     effects: list[Effect] = [TopicSeen(site_id, topic, at, payload)]
-    routed = router.route(topic)
-    if routed is None:
-        return effects
     subscription, ids = routed
     device_kind = DEVICE_KIND.get(subscription.kind)
     if device_kind is None:

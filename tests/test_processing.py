@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from mqttsvc.config import ConfigError, TopicSubscription, default_topics
 from mqttsvc.processing import (
+    FOREIGN_TOPIC,
     DeadLetter,
     DeviceKey,
     DeviceSeen,
@@ -242,10 +243,24 @@ def test_retained_messages_are_not_signs_of_life() -> None:
     assert [type(e) for e in without_ts] == [TopicSeen]
 
 
-def test_other_and_unmatched_topics_are_only_counted() -> None:
-    assert run("s/else", b"x") == [TopicSeen("s", "s/else", AT)]
+def test_other_topics_are_only_counted() -> None:
+    """A topic of an 'other' subscription is counted and nothing more, whatever its payload."""
     router = Router((TopicSubscription("s/#", "other"),))
     assert process("s", router, "s/a/b", b"\x00", AT) == [TopicSeen("s", "s/a/b", AT)]
+
+
+def test_a_foreign_topic_is_a_dead_letter_and_creates_nothing() -> None:
+    """
+    A topic none of the site's filters match (a broker that ignores our
+    subscriptions) is a dead letter with the reason, and nothing else: no
+    discovered topic, no device, no reading, whatever its payload.
+    """
+    for payload in (b"x", json.dumps({"value": 1}).encode()):
+        for topic in ("s/else", "other-site/sensor/t/data", "s/sensor/t/data/extra"):
+            assert run(topic, payload) == [DeadLetter("s", topic, payload, FOREIGN_TOPIC, AT)]
+    # Also when the transport cut its payload: the full size and hash stay.
+    cut = run("elsewhere", b"x" * 10, size=10**6, sha256=b"h" * 32)
+    assert cut == [DeadLetter("s", "elsewhere", b"x" * 10, FOREIGN_TOPIC, AT, 10**6, b"h" * 32)]
 
 
 json_values = st.recursive(
