@@ -159,11 +159,13 @@ class ReceivedMessage(NamedTuple):
         acknowledgement for an older generation is dropped because its
         packet identifier means nothing on a new connection.
     @ivar size: the payload's full length in bytes when the transport read
-        it without holding it (a PUBLISH over the payload limit): then
-        C{payload} holds only its first L{DEAD_LETTER_KEEP} bytes.  -1 (the
-        default) means C{len(payload)}: the payload is whole.
+        the packet without holding it (one longer than the payload limit);
+        if the payload itself is over the limit, C{payload} is only its
+        first L{DEAD_LETTER_KEEP} bytes.  -1 (the default) means
+        C{len(payload)}.
     @ivar sha256: the SHA-256 digest of the full payload when C{payload} is
-        only its beginning; None when nothing was cut.
+        only its beginning (so C{size > len(payload)}); None when nothing
+        was cut.
     """
 
     topic: str
@@ -174,13 +176,6 @@ class ReceivedMessage(NamedTuple):
     generation: int
     size: int = -1
     sha256: bytes | None = None
-
-    @property
-    def payload_size(self) -> int:
-        """
-        The full payload's length in bytes, whether or not it was cut.
-        """
-        return len(self.payload) if self.size < 0 else self.size
 
 
 def _empty_in_packet() -> paho._InPacket:
@@ -722,7 +717,7 @@ class MQTTClient:
                     # Refused, or read without holding it: the slow branch.
                     if pos:
                         self._last_packet_at = self._last_rx
-                    read = self._begin_oversized(buffer, command, i, length)
+                    read = self._begin_oversized(buffer, pos, i, length)
                     if read is None:
                         return  # its header is still to come, or the link closed
                     pos = read
@@ -814,15 +809,17 @@ class MQTTClient:
         """
         return length > (self._max_payload if command & 0xF0 == 0x30 else HEADER_ROOM)
 
-    def _begin_oversized(self, buffer: bytearray, command: int, i: int, length: int) -> int | None:
+    def _begin_oversized(self, buffer: bytearray, pos: int, i: int, length: int) -> int | None:
         """
-        A packet at C{buffer[i]} announces C{length} bytes, more than may be
-        held: refuse it, or, a PUBLISH over the payload limit, start reading
-        it without holding it (from what the buffer already has).
+        The packet at C{buffer[pos]}, whose variable header starts at
+        C{buffer[i]}, announces C{length} bytes, more than may be held:
+        refuse it, or, a PUBLISH over the payload limit, start reading it
+        without holding it (from what the buffer already has).
 
         @return: the position after what was read, or None when the header
             is still incomplete or the link was closed.
         """
+        command = buffer[pos]
         if command & 0xF0 != 0x30:
             self._protocol_error(
                 f"a packet of type {command >> 4} with {length} bytes "
@@ -868,7 +865,7 @@ class MQTTClient:
             properties,
             payload,
             payload if payload <= self._max_payload else DEAD_LETTER_KEEP,
-            end,
+            end - pos,
             max(self._partial_since, self._last_packet_at),
         )
         stop = min(size, end)
