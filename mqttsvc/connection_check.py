@@ -123,7 +123,7 @@ class ConnectionTests:
             return {
                 "ok": False,
                 "category": "timeout",
-                "error": f"timeout: no answer within {within:g}s",
+                "error": f"timeout: no answer within {within:.0f}s",
             }
         closing = client.disconnect()
         closing.addTimeout(within, reactor)

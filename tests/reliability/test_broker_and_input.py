@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mqttsvc.site import PROVING_TIME
 from tests.conftest import PrivateBroker
 from tests.publish import publish_blocking
 from tests.reliability.harness import BASE, LoadPublisher, Service, readings, sql
@@ -35,12 +36,20 @@ def test_broker_killed_and_restarted(
     service.start()
     try:
         service.add_site(site_id, private_broker.port)
-        count = 30_000
+        # Each connection must prove itself (PROVING_TIME) before the next
+        # outage, or the outage counts as one more failed attempt: about 16 s
+        # a round, with messages flowing all along.
+        count = 90_000
         publisher = LoadPublisher(private_broker.port, site_id, count, 1000.0)
         publisher.start()
         lateness = []
         for _ in range(RESTARTS):
             time.sleep(1.5)  # load flows for a while between outages
+            wait_until(
+                lambda: service.call("site.status", [site_id])["mqtt_retry_count"] == 0,
+                within=PROVING_TIME + 5,
+                what="the connection proving itself",
+            )
             private_broker.stop()
             waiting = wait_until(
                 lambda: (s := service.call("site.status", [site_id]))["state"] == "waiting" and s,
