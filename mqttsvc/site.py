@@ -49,13 +49,14 @@ MAX_RETRIES = 10
 PROBE_INTERVAL = 15 * 60.0
 
 #: A connection counts as a success, and resets the retry count, only once
-#: it has proven itself: the broker answered our SUBSCRIBE (or the resumed
-#: session needed none) and a whole packet arrived this many seconds or more
-#: after CONNACK.  For an idle site that packet is the first PINGRESP, one
-#: keepalive in.  Until then a drop counts as one more failed attempt, so a
-#: broker that accepts and then goes silent, sends garbage or trickles one
-#: endless packet backs off and reaches error like one that refuses.  Longer
-#: than a connect-and-drop cycle (the CONNACK timeout is 10 s, too).
+#: it has proven itself: the broker granted our SUBSCRIBE (a filter at
+#: least, or the resumed session needed none) and a whole packet arrived
+#: this many seconds or more after CONNACK.  For an idle site that packet
+#: is the first PINGRESP, one keepalive in.  Until then a drop counts as
+#: one more failed attempt, so a broker that accepts and then goes silent,
+#: sends garbage or trickles one endless packet backs off and reaches error
+#: like one that refuses.  Longer than a connect-and-drop cycle (the
+#: CONNACK timeout is 10 s, too).
 PROVING_TIME = 10.0
 
 #: How long a clean DISCONNECT may take before the socket is just closed.
@@ -301,7 +302,8 @@ class _SiteCore:
         def verdicts(results: list[SubscriptionResult]) -> None:
             if self.attempt != token or self.state is None:
                 return
-            if self.state.state == "connected":
+            if self.state.state == "connected" and (not results or any(r.granted for r in results)):
+                # A broker that refuses every filter proves nothing.
                 self.await_proof(inputs)
             self.subscriptions = tuple(results)
             refused = [r for r in results if not r.granted]

@@ -591,3 +591,17 @@ def test_a_late_proof_changes_nothing() -> None:
     h.connect()
     h.suback()
     assert len(h.client.proofs) == 2
+
+
+def test_a_broker_that_refuses_every_filter_proves_nothing() -> None:
+    """With every subscription refused, no proof is awaited: the retry count stays."""
+    h = Harness()
+    h.site.startService()
+    h.fail()
+    h.wait()
+    h.connect()
+    h.client.subacks[-1].callback(
+        [SubscriptionResult(t, False, "Not authorized") for t, _ in h.client.subscriptions[-1]]
+    )
+    assert h.client.proofs == []
+    assert (h.state.state, h.state.retry_count) == ("connected", 1)
