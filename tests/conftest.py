@@ -26,6 +26,9 @@ import pytest_twisted
 
 from mqttsvc import database
 
+# A deadline on every test, asynchronous fixture and teardown.
+pytest_plugins = ["tests.deadline"]
+
 PG_HOST = os.environ.get("MQTTSVC_TEST_PGHOST", "127.0.0.1")
 PG_PORT = os.environ.get("MQTTSVC_TEST_PGPORT", "5432")
 PG_USER = os.environ.get("MQTTSVC_TEST_PGUSER", "postgres")

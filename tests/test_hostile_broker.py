@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 
@@ -158,6 +159,7 @@ def rss_kib(field: str) -> int:
     raise LookupError(field)
 
 
+@pytest.mark.deadline(120)
 @pytest_twisted.ensureDeferred
 async def test_a_50_mib_payload_is_kept_as_a_prefix_with_size_and_hash() -> None:
     """

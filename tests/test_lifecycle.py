@@ -74,24 +74,44 @@ async def insert_site(sql: Any, site_id: str, port: int = BROKER_PORT, **columns
     )
 
 
+@pytest_twisted.async_yield_fixture
+async def unmonitored(db_dsn: str, no_sites: None) -> AsyncIterator[RunningService]:
+    """
+    The service with its periodic reconciliation an hour away: whatever it
+    notices within a test, it noticed through NOTIFY (or a listener's own
+    resync), however slowly the machine runs.
+    """
+    from twisted.internet import reactor
+
+    service = RunningService(reactor, db_dsn, "--monitor-interval", "3600")
+    await service.start()
+    yield service
+    await service.stop()
+
+
 @pytest_twisted.ensureDeferred
-async def test_site_inserted_by_sql_connects_within_a_second(
-    running: RunningService, sql: Any, site_id: str
+async def test_site_inserted_by_sql_connects_without_waiting_for_the_monitor(
+    unmonitored: RunningService, sql: Any, site_id: str
 ) -> None:
-    """A row the backend inserts is noticed through NOTIFY, not the 30 s monitor."""
-    await eventually(lambda: running.root.getServiceNamed("config-listener").listening)
+    """
+    A row the backend inserts is noticed through NOTIFY, not the monitor
+    (an hour away here: a wall-clock bound of 1.5 s stood for that, and
+    failed on a loaded machine).
+    """
+    await eventually(lambda: unmonitored.root.getServiceNamed("config-listener").listening)
     await insert_site(sql, site_id)
-    await state_of(running, site_id, "connected", within=1.5)
+    await state_of(unmonitored, site_id, "connected")
 
 
 @pytest_twisted.ensureDeferred
 async def test_listening_resumes_after_losing_the_database(
-    running: RunningService, sql: Any, site_id: str
+    unmonitored: RunningService, sql: Any, site_id: str
 ) -> None:
     """
     When the listening connection is killed, it comes back, LISTENs again,
-    and catches up on what changed meanwhile.
+    and catches up on what changed meanwhile (the monitor is an hour away).
     """
+    running = unmonitored
     listener = running.root.getServiceNamed("config-listener")
     await eventually(lambda: listener.listening)
     before = listener.connections
@@ -105,7 +125,7 @@ async def test_listening_resumes_after_losing_the_database(
     await state_of(running, site_id, "connected", within=8)
     await eventually(lambda: listener.connections > before, what="listening again")
     await insert_site(sql, site_id + "-b")
-    await state_of(running, site_id + "-b", "connected", within=1.5)
+    await state_of(running, site_id + "-b", "connected")
 
 
 @pytest_twisted.ensureDeferred

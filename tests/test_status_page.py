@@ -128,16 +128,21 @@ def test_status_page_shows_sites_and_reacts_live(
     )
     assert browser.run("return document.documentElement.scrollWidth <= window.innerWidth")
 
-    killed = time.monotonic()
+    # The page re-reads every site each POLL_MS (5 s); the change must come
+    # from the event stream, which shows as the site's event in the list.
+    # (A wall-clock bound of 1 s stood for that and failed on a busy machine.)
     private_broker.stop()
     changed = poll(
         lambda: badge(browser, fragile) not in ("connected", None) and badge(browser, fragile),
-        3,
+        10,
         "the badge changing",
     )
-    elapsed = time.monotonic() - killed
-    assert elapsed < 1.0, f"the badge took {elapsed:.2f}s to change"
     assert changed in ("waiting", "connecting")
+    assert browser.run(
+        "return [...document.querySelectorAll('#events li')]"
+        ".some((li) => li.textContent.includes(arguments[0]))",
+        f"{fragile} connected \u2192 ",
+    ), "the change did not arrive as an event"
     assert badge(browser, steady) == "connected"
     browser.screenshot(tmp_path / "broker-killed.png")
 
