@@ -8,6 +8,7 @@ and resume with C{Last-Event-ID} without losing anything.
 from __future__ import annotations
 
 import json
+import random
 import select
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -17,8 +18,11 @@ from urllib.parse import urlsplit
 import psycopg2
 import pytest
 import pytest_twisted
+from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
 
+from mqttsvc.events import EventFilter, fetch_events
+from mqttsvc.pool import ConnectionPool
 from tests.conftest import BROKER_HOST, BROKER_PORT
 from tests.publish import publish
 from tests.service import RunningService
@@ -136,10 +140,16 @@ async def test_every_kind_of_event_reaches_a_listener(
     mine = [e for e in listener.poll() if e["site_id"] == site_id]
     ids = [e["id"] for e in listener.poll()]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    # The restart goes on writing connection events while this reads: compare
+    # up to the last event notified (reading every row failed when one more
+    # committed in between), and find no row before it missing.
     rows = {
         id_: (type_, data)
         for id_, type_, data in execute(
-            sql, "SELECT id, type, data FROM event_log WHERE site_id = %s", site_id
+            sql,
+            "SELECT id, type, data FROM event_log WHERE site_id = %s AND id <= %s",
+            site_id,
+            mine[-1]["id"],
         )
     }
     assert {e["id"]: (e["type"], e["data"]) for e in mine} == rows
@@ -370,3 +380,80 @@ async def test_stopping_the_service_ends_open_streams(db_dsn: str, no_sites: Non
     await service.stop()
     await client.until(lambda c: False, timeout=5)
     assert client.lost.called
+
+
+def _commit_events(dsn: str, site_id: str, writer: int, count: int, stop: threading.Event) -> int:
+    """
+    Commit C{count} events from a connection of its own, alternating the
+    two ways an event is written (directly, and by the trigger on
+    C{connection_event}); each transaction stays open a moment after taking
+    its id, so that another connection's later id is ready to commit first.
+    """
+    rng = random.Random(writer)
+    conn = psycopg2.connect(dsn)
+    try:
+        for i in range(count):
+            if stop.is_set():
+                return i
+            with conn.cursor() as cur:
+                if i % 2:
+                    cur.execute(
+                        "INSERT INTO connection_event (site_id, at, from_state, to_state, reason) "
+                        "VALUES (%s, now(), 'connecting', 'connected', %s)",
+                        (site_id, f"writer {writer} #{i}"),
+                    )
+                else:
+                    cur.execute(
+                        "INSERT INTO event_log (type, site_id, at, data) "
+                        "VALUES ('operator', %s, now(), %s)",
+                        (site_id, json.dumps({"action": f"writer {writer} #{i}"})),
+                    )
+            stop.wait(rng.random() * 0.003)
+            conn.commit()
+        return count
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_committed_from_two_connections_resume_without_a_gap(
+    db_dsn: str, site_id: str
+) -> None:
+    """
+    Two connections commit events at the same time while a reader resumes
+    after every single event it reads (pages of one, as an SSE client
+    reconnecting with Last-Event-ID after each event would): it reads every
+    event exactly once, in id order.  Were ids handed out before the
+    previous event-writing transaction committed, a resume point past a
+    higher id that committed first would skip the lower one for good.
+    """
+    from twisted.internet import reactor
+
+    pool = ConnectionPool(reactor, db_dsn, size=1)
+    stop = threading.Event()
+    wanted = EventFilter(site_ids=frozenset({site_id}))
+    try:
+        writers = gatherResults(
+            [deferToThread(_commit_events, db_dsn, site_id, writer, 150, stop) for writer in (1, 2)]
+        )
+        position, read, resumes = 0, [], 0
+        while not writers.called:
+            events = await fetch_events(pool, position, wanted, limit=1)
+            resumes += 1
+            for event in events:
+                read.append(event.id)
+                position = event.id
+        committed = await writers.addTimeout(30, reactor)
+        while events := await fetch_events(pool, position, wanted, limit=1):
+            read.append(events[0].id)
+            position = events[0].id
+        [(stored,)] = await pool.query(
+            "SELECT array_agg(id ORDER BY id) FROM event_log WHERE site_id = %s", (site_id,)
+        )
+    finally:
+        stop.set()
+        pool.close()
+    assert committed == [150, 150]
+    assert resumes > 100, resumes
+    assert read == sorted(set(read))
+    assert read == stored, f"skipped: {sorted(set(stored) - set(read))}"
