@@ -197,6 +197,9 @@ class _SiteCore:
     reason: str | None = None
     subscribed: tuple[tuple[str, int], ...] = ()
     subscriptions: tuple[SubscriptionResult, ...] = ()
+    #: mqttsvc itself is stopping: a schedule (waiting, error) stays as the
+    #: database has it, for the next start to resume.
+    shutting_down: bool = False
     stop_waiters: list[Deferred[None]] = field(default_factory=list)
     log: Logger = field(default_factory=lambda: Logger(namespace="mqttsvc.site"))
 
@@ -459,6 +462,23 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
         s.next_retry = None
 
     def stopTimer(c: _SiteInputs, s: _SiteCore, timer: IDelayedCall) -> Deferred[None]:
+        if s.shutting_down:
+            # Nothing is written: the row keeps this site's status, retry
+            # count and next retry (or the backend's change to them), and
+            # the next start resumes from it.  Reporting "stopped" here made
+            # a graceful restart forget the backoff, probe a site in error at
+            # once and announce it giving up a second time (issue 15).
+            timer.cancel()
+            s.log.info(
+                "site {site_id}: mqttsvc stopping; left {state} with {retries} retries and the "
+                "next attempt at {next_retry} for the next start",
+                site_id=s.config.site_id,
+                state=s.state.state if s.state is not None else "?",
+                retries=s.retry_count,
+                next_retry=s.next_retry.isoformat() if s.next_retry is not None else None,
+            )
+            s.state = s.snapshot("stopped")
+            return succeed(None)
         cancelTimer(c, s, timer)
         s.enter("stopped")
         return succeed(None)
@@ -669,6 +689,16 @@ class SiteService(Service):
                 self._drained = None
         self._core.reason = "stopped"
         await self._machine.stop()
+
+    def shut_down(self) -> Deferred[None]:
+        """
+        Stop because mqttsvc stops (not because the site was stopped,
+        disabled or deleted): a site waiting for its next attempt, or in
+        error, leaves its row as it is, so that the next start resumes its
+        schedule; any other stops as L{stopService} does.
+        """
+        self._core.shutting_down = True
+        return self.stopService()
 
     def restart(self) -> None:
         """

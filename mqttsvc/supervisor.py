@@ -409,13 +409,14 @@ class SiteSupervisor(MultiService):
 
     def stopService(self) -> Deferred[None]:
         """
-        Stop every site, each with a clean DISCONNECT, and wait for all.
+        Stop every site, each with a clean DISCONNECT, and wait for all; a
+        site waiting or in error keeps its schedule for the next start.
         """
         if self._monitor.running:
             self._monitor.stop()
         self.devices.stop()
         self.running = False
-        stops = [Deferred.fromCoroutine(_maybe(s.stopService())) for s in self.sites()]
+        stops = [Deferred.fromCoroutine(_maybe(s.shut_down())) for s in self.sites()]
         return gatherResults(stops, consumeErrors=True).addCallback(lambda _: None)
 
 

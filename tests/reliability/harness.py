@@ -216,7 +216,8 @@ class Service:
 
     TOKEN = "reliability-token-0123456789"
 
-    def __init__(self, dsn: str, directory: Path, instance: str) -> None:
+    def __init__(self, dsn: str, directory: Path, instance: str, *extra_args: str) -> None:
+        self.extra_args = extra_args
         self.dsn = dsn
         self.directory = directory
         self.instance = instance
@@ -229,6 +230,10 @@ class Service:
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
+    def log(self) -> str:
+        """What the latest run has logged so far."""
+        return (self.directory / f"twistd-{self.starts}.log").read_text(errors="replace")
+
     def start(self) -> None:
         self.starts += 1
         log = self.directory / f"twistd-{self.starts}.log"
@@ -238,6 +243,7 @@ class Service:
                     *(str(BIN / "twistd"), "-n", "--pidfile=", "mqttsvc"),
                     *("--db", self.dsn, "--rpc", f"tcp:{self.port}:interface=127.0.0.1"),
                     *("--rpc-token-file", str(self.tokens), "--instance", self.instance),
+                    *self.extra_args,
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
