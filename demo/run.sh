@@ -171,7 +171,7 @@ import json
 import sys
 
 verbose = sys.argv[1] == "-v"
-status = {s["site_id"]: s["status"] for s in json.load(sys.stdin)}
+status = {s["site_id"]: s["status"] for s in json.load(sys.stdin)["items"]}
 ok = True
 for site in sys.argv[2:]:
     s = status.get(site, {"status": "missing"})
@@ -183,7 +183,7 @@ sys.exit(0 if ok else 1)
 EOF
 
 sites_connected() {
-    "${MQTTSVC[@]}" call site.list 2>/dev/null | "$VENV/bin/python" -c "$SITES_PY" "$@"
+    "${MQTTSVC[@]}" call site.list '{"limit": 1000}' 2>/dev/null | "$VENV/bin/python" -c "$SITES_PY" "$@"
 }
 
 connected=0

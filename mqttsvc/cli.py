@@ -3,12 +3,16 @@ The C{mqttsvc} command: operate a running mqttsvc over its JSON-RPC API,
 or apply the database migrations.
 
   mqttsvc [--url URL] [--token-file PATH] [--json] status
-  mqttsvc ... sites
+  mqttsvc ... sites [--status STATUS] [PAGING]
   mqttsvc ... site start|stop|restart|status SITE
-  mqttsvc ... devices SITE [--kind KIND] [--status STATUS]
-  mqttsvc ... deadletters [--site SITE] [--limit N]
+  mqttsvc ... devices SITE [--kind KIND] [--status STATUS] [PAGING]
+  mqttsvc ... topics SITE [--prefix PREFIX] [PAGING]
+  mqttsvc ... deadletters [--site SITE] [PAGING]
   mqttsvc ... call METHOD [JSON-PARAMS]
   mqttsvc migrate --db DSN
+
+PAGING is C{--limit N} (items in the page), C{--cursor CURSOR} (the page
+that a hint on stderr names) or C{--all} (every page, one after the other).
 
 Output is a table or summary for people, or JSON with C{--json}.  A failure
 is one line on stderr, C{mqttsvc: REASON}, with exit status 1 when the call
@@ -23,7 +27,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from mqttsvc.client import (
@@ -31,6 +35,7 @@ from mqttsvc.client import (
     AuthenticationError,
     MqttSvcClient,
     MqttSvcError,
+    Page,
     RPCError,
 )
 from mqttsvc.config import ConfigError
@@ -171,6 +176,18 @@ def format_devices(devices: list[dict[str, Any]]) -> str:
     )
 
 
+def format_topics(topics: list[dict[str, Any]]) -> str:
+    """
+    C{topic.list} as a table.
+    """
+    if not topics:
+        return "no topics"
+    return format_table(
+        ["TOPIC", "MESSAGES", "LAST SEEN"],
+        [[t["topic_path"], t["message_count"], t["last_seen_at"]] for t in topics],
+    )
+
+
 def format_deadletters(letters: list[dict[str, Any]]) -> str:
     """
     C{deadletter.list} as a table (payloads only with C{--json}).
@@ -259,7 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("status", parents=[after], help="print the service's status summary")
-    commands.add_parser("sites", parents=[after], help="list the sites with their status")
+    paged = _Parser(add_help=False)
+    paged.add_argument("--limit", type=_positive_int, metavar="N", help="items in the page")
+    paged.add_argument("--cursor", metavar="CURSOR", help="the page to show, as a hint named it")
+    paged.add_argument("--all", action="store_true", help="every page, one after the other")
+    sites = commands.add_parser(
+        "sites", parents=[after, paged], help="list the sites with their status"
+    )
+    sites.add_argument("--status", choices=("connected", "connecting", "disconnected", "error"))
 
     site = commands.add_parser("site", help="start, stop, restart a site or show its status")
     actions = site.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -272,16 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
         one = actions.add_parser(action, parents=[after], help=text)
         one.add_argument("site_id", metavar="SITE")
 
-    devices = commands.add_parser("devices", parents=[after], help="list a site's devices")
+    devices = commands.add_parser("devices", parents=[after, paged], help="list a site's devices")
     devices.add_argument("site_id", metavar="SITE")
     devices.add_argument("--kind", choices=("gateway", "datalogger", "sensor"))
     devices.add_argument("--status", choices=("online", "offline", "unknown"))
 
+    topics = commands.add_parser(
+        "topics", parents=[after, paged], help="list the topics a site's broker delivered"
+    )
+    topics.add_argument("site_id", metavar="SITE")
+    topics.add_argument("--prefix", help="only the topics that start with it")
+
     deadletters = commands.add_parser(
-        "deadletters", parents=[after], help="list messages that could not be processed"
+        "deadletters", parents=[after, paged], help="list messages that could not be processed"
     )
     deadletters.add_argument("--site", dest="site_id", metavar="SITE")
-    deadletters.add_argument("--limit", type=_positive_int, metavar="N")
 
     call = commands.add_parser("call", parents=[after], help="make any JSON-RPC call")
     call.add_argument("method", metavar="METHOD")
@@ -356,7 +385,11 @@ def _run(args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
     if args.command == "status":
         return client.service_status(), format_status
     if args.command == "sites":
-        return client.site_list(), format_sites
+        return _listed(
+            args,
+            lambda: client.iter_sites(args.status),
+            lambda: client.site_list(args.status, cursor=args.cursor, limit=args.limit),
+        ), format_sites
     if args.command == "site":
         action = {
             "start": client.site_start,
@@ -366,11 +399,45 @@ def _run(args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
         }[args.action]
         return action(args.site_id), format_site_status
     if args.command == "devices":
-        return client.device_list(args.site_id, args.kind, args.status), format_devices
+        return _listed(
+            args,
+            lambda: client.iter_devices(args.site_id, args.kind, args.status),
+            lambda: client.device_list(
+                args.site_id, args.kind, args.status, cursor=args.cursor, limit=args.limit
+            ),
+        ), format_devices
+    if args.command == "topics":
+        return _listed(
+            args,
+            lambda: client.iter_topics(args.site_id, args.prefix),
+            lambda: client.topic_list(
+                args.site_id, args.prefix, cursor=args.cursor, limit=args.limit
+            ),
+        ), format_topics
     if args.command == "deadletters":
-        return client.deadletter_list(args.site_id, args.limit), format_deadletters
+        return _listed(
+            args,
+            lambda: client.iter_deadletters(args.site_id),
+            lambda: client.deadletter_list(args.site_id, args.limit, cursor=args.cursor),
+        ), format_deadletters
     assert args.command == "call"
     return client.call(args.method, _params(args.params)), _as_json
+
+
+def _listed(
+    args: argparse.Namespace,
+    every: Callable[[], Iterator[Any]],
+    one_page: Callable[[], Page[Any]],
+) -> list[Any]:
+    """
+    Every item with C{--all}, else the page asked for (a L{Page}, whose
+    C{next_cursor} L{main} names in a hint).
+    """
+    if args.all:
+        if args.cursor is not None or args.limit is not None:
+            raise UsageError("--all reads every page: give it without --cursor and --limit")
+        return list(every())
+    return one_page()
 
 
 def _as_json(value: Any) -> str:
@@ -403,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result, human = _run(args)
             print(_as_json(result) if args.json else human(result))
+            if isinstance(result, Page) and result.next_cursor is not None:
+                print(
+                    f"mqttsvc: {len(result)} shown, more follow: add --cursor "
+                    f"{result.next_cursor} for the next page, or --all for every one",
+                    file=sys.stderr,
+                )
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader (e.g. `head`) has gone; don't complain about it at exit.

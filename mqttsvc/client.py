@@ -27,8 +27,8 @@ import itertools
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from typing import Any, Literal, NotRequired, TypedDict, Unpack, cast
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal, NotRequired, TypedDict, TypeVar, Unpack, cast
 
 __all__ = [
     "AuthenticationError",
@@ -43,6 +43,7 @@ __all__ = [
     "MqttSvcClient",
     "MqttSvcError",
     "NotFound",
+    "Page",
     "RPCError",
     "Reading",
     "ResponseTooLarge",
@@ -68,6 +69,13 @@ SITE_TEST_TIMEOUT = 25.0
 
 #: The largest answer read, in bytes; anything longer is a transport error.
 MAX_RESPONSE = 64 * 1024 * 1024
+
+#: Items asked for per page by the C{iter_*} methods: the most the service
+#: gives (C{mqttsvc.rpc.paging.MAX_LIMIT}).
+PAGE_SIZE = 1000
+
+#: The C{since} of C{iter_readings} when none is given: before any reading.
+EARLIEST = "0001-01-01T00:00:00Z"
 
 # JSON-RPC error codes that have an exception class of their own.
 NOT_FOUND = -32001
@@ -435,6 +443,25 @@ class PurgeResult(TypedDict):
     purged: int
 
 
+_T = TypeVar("_T")
+
+
+class Page(list[_T]):
+    """
+    One page of a list method: a list of its items, and C{next_cursor},
+    which gives the next page when passed as C{cursor} (None after the
+    last page).  Being a list, code that loops over a list method's result
+    keeps working, over the first page.
+    """
+
+    def __init__(self, items: Iterable[_T], next_cursor: str | None) -> None:
+        super().__init__(items)
+        self.next_cursor = next_cursor
+
+    def __repr__(self) -> str:
+        return f"Page({list.__repr__(self)}, next_cursor={self.next_cursor!r})"
+
+
 # --- parameters ---------------------------------------------------------------
 
 
@@ -599,6 +626,33 @@ class MqttSvcClient:
         described = _json_field(detail, "error") or _excerpt(detail)
         raise TransportError(f"{self.url} answered HTTP {e.code}: {described}", e.code)
 
+    def _page(self, method: str, params: dict[str, Any], timeout: float | None) -> Page[Any]:
+        result = self.call(method, params, timeout=timeout)
+        if (
+            not isinstance(result, dict)
+            or not isinstance(result.get("items"), list)
+            or not isinstance(result.get("next_cursor", 0), str | None)
+        ):
+            answer = _excerpt(json.dumps(result).encode())
+            raise TransportError(f"{method} answered something other than a page: {answer}")
+        return Page(result["items"], result["next_cursor"])
+
+    def _every(self, method: str, params: dict[str, Any], timeout: float | None) -> Iterator[Any]:
+        """
+        Every item of a list method, a page at a time, following the cursors.
+        """
+        cursor = None
+        while True:
+            page = self._page(
+                method, {**params, **_present(cursor=cursor), "limit": PAGE_SIZE}, timeout
+            )
+            yield from page
+            # A page shorter than asked is the last (reading.list in receive
+            # order gives a cursor even then, to poll with later).
+            if page.next_cursor is None or len(page) < PAGE_SIZE:
+                return
+            cursor = page.next_cursor
+
     # --- the methods, one by one ------------------------------------------------
 
     def service_status(self, *, timeout: float | None = None) -> ServiceStatus:
@@ -607,11 +661,30 @@ class MqttSvcClient:
         """
         return cast(ServiceStatus, self.call("service.status", timeout=timeout))
 
-    def site_list(self, *, timeout: float | None = None) -> list[SiteWithStatus]:
+    def site_list(
+        self,
+        status: str | None = None,
+        *,
+        cursor: str | None = None,
+        limit: int | None = None,
+        timeout: float | None = None,
+    ) -> Page[SiteWithStatus]:
         """
-        Every site, with its configuration and status.
+        A page of the sites in site id order (C{limit}: 1 to 1000, the
+        service's default 100), with their configuration and status;
+        optionally only those in one C{status} (C{connected},
+        C{connecting}, C{disconnected}, C{error}).
         """
-        return cast(list[SiteWithStatus], self.call("site.list", timeout=timeout))
+        params = _present(status=status, cursor=cursor, limit=limit)
+        return self._page("site.list", params, timeout)
+
+    def iter_sites(
+        self, status: str | None = None, *, timeout: float | None = None
+    ) -> Iterator[SiteWithStatus]:
+        """
+        Every site (or those in C{status}), a page at a time.
+        """
+        return self._every("site.list", _present(status=status), timeout)
 
     def site_get(self, site_id: str, *, timeout: float | None = None) -> Site:
         """
@@ -713,17 +786,32 @@ class MqttSvcClient:
         kind: str | None = None,
         status: str | None = None,
         *,
+        cursor: str | None = None,
+        limit: int | None = None,
         timeout: float | None = None,
-    ) -> list[Device]:
+    ) -> Page[Device]:
         """
-        A site's devices, optionally only of one kind (C{gateway},
-        C{datalogger}, C{sensor}) or status (C{online}, C{offline},
-        C{unknown}).
+        A page of a site's devices (by kind, gateway and id), optionally
+        only of one kind (C{gateway}, C{datalogger}, C{sensor}) or status
+        (C{online}, C{offline}, C{unknown}).
+        """
+        params = _present(site_id=site_id, kind=kind, status=status, cursor=cursor, limit=limit)
+        return self._page("device.list", params, timeout)
 
-        @raise NotFound: there is no such site.
+    def iter_devices(
+        self,
+        site_id: str,
+        kind: str | None = None,
+        status: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[Device]:
         """
-        params = _present(site_id=site_id, kind=kind, status=status)
-        return cast(list[Device], self.call("device.list", params, timeout=timeout))
+        Every device of a site (of C{kind}, in C{status}), a page at a time.
+        """
+        return self._every(
+            "device.list", _present(site_id=site_id, kind=kind, status=status), timeout
+        )
 
     def device_counts(
         self, site_id: str | None = None, *, timeout: float | None = None
@@ -742,22 +830,74 @@ class MqttSvcClient:
         since: str | None = None,
         limit: int | None = None,
         *,
+        until: str | None = None,
+        order: Literal["ts", "received"] | None = None,
+        cursor: str | None = None,
         timeout: float | None = None,
-    ) -> list[Reading]:
+    ) -> Page[Reading]:
         """
-        A sensor's readings, after C{since} (ISO 8601, exclusive), at most
-        C{limit} of them.
-        """
-        params = _present(site_id=site_id, sensor_id=sensor_id, since=since, limit=limit)
-        return cast(list[Reading], self.call("reading.list", params, timeout=timeout))
+        A page of a sensor's readings, oldest first by C{order}: C{"ts"}
+        (the sensor's time, the default) or C{"received"} (when mqttsvc
+        received them).  After C{since} (ISO 8601, exclusive) up to
+        C{until} (inclusive), both on that same time, or from C{cursor};
+        with neither C{since} nor C{cursor}, the latest C{limit}.
 
-    def topic_list(self, site_id: str, *, timeout: float | None = None) -> list[DiscoveredTopic]:
+        To poll for new readings use C{order="received"}: its pages always
+        carry a C{next_cursor}; keep it and pass it as C{cursor} next time.
         """
-        The topics a site's broker has delivered, with counts.
-        """
-        return cast(
-            list[DiscoveredTopic], self.call("topic.list", {"site_id": site_id}, timeout=timeout)
+        params = _present(
+            site_id=site_id,
+            sensor_id=sensor_id,
+            since=since,
+            limit=limit,
+            until=until,
+            order=order,
+            cursor=cursor,
         )
+        return self._page("reading.list", params, timeout)
+
+    def iter_readings(
+        self,
+        site_id: str,
+        sensor_id: str,
+        since: str | None = None,
+        *,
+        until: str | None = None,
+        order: Literal["ts", "received"] | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Reading]:
+        """
+        Every reading of a sensor after C{since} (from the first, unless
+        given) up to C{until}, in C{order}, a page at a time.
+        """
+        params = _present(
+            site_id=site_id, sensor_id=sensor_id, since=since or EARLIEST, until=until, order=order
+        )
+        return self._every("reading.list", params, timeout)
+
+    def topic_list(
+        self,
+        site_id: str,
+        prefix: str | None = None,
+        *,
+        cursor: str | None = None,
+        limit: int | None = None,
+        timeout: float | None = None,
+    ) -> Page[DiscoveredTopic]:
+        """
+        A page of the topics a site's broker has delivered, with counts, in
+        code point order; only those that start with C{prefix}, if given.
+        """
+        params = _present(site_id=site_id, prefix=prefix, cursor=cursor, limit=limit)
+        return self._page("topic.list", params, timeout)
+
+    def iter_topics(
+        self, site_id: str, prefix: str | None = None, *, timeout: float | None = None
+    ) -> Iterator[DiscoveredTopic]:
+        """
+        Every topic of a site (that starts with C{prefix}), a page at a time.
+        """
+        return self._every("topic.list", _present(site_id=site_id, prefix=prefix), timeout)
 
     def event_list(
         self,
@@ -765,28 +905,71 @@ class MqttSvcClient:
         since: str | None = None,
         limit: int | None = None,
         *,
+        until: str | None = None,
+        event_type: Literal["connection", "device"] | None = None,
+        cursor: str | None = None,
         timeout: float | None = None,
-    ) -> list[Event]:
+    ) -> Page[Event]:
         """
-        Events, oldest first, after C{since} (ISO 8601, exclusive): pass the
-        last event's C{at} to read on from there.  C{limit} is 1 to 1000
-        (the service's default is 100).
+        A page of events, oldest first, after C{since} (ISO 8601, exclusive)
+        up to C{until} (inclusive), of one type if given.  C{limit} is 1 to
+        1000 (the service's default is 100).  Read on with C{next_cursor}
+        (events at the same instant as the last one are not lost, as they
+        would be by passing its C{at} as C{since}).
         """
-        params = _present(site_id=site_id, since=since, limit=limit)
-        return cast(list[Event], self.call("event.list", params, timeout=timeout))
+        params = _present(
+            site_id=site_id, since=since, limit=limit, until=until, type=event_type, cursor=cursor
+        )
+        return self._page("event.list", params, timeout)
+
+    def iter_events(
+        self,
+        site_id: str | None = None,
+        since: str | None = None,
+        *,
+        until: str | None = None,
+        event_type: Literal["connection", "device"] | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Event]:
+        """
+        Every event (of a site, between C{since} and C{until}, of a type),
+        oldest first, a page at a time.
+        """
+        params = _present(site_id=site_id, since=since, until=until, type=event_type)
+        return self._every("event.list", params, timeout)
 
     def deadletter_list(
         self,
         site_id: str | None = None,
         limit: int | None = None,
         *,
+        since: str | None = None,
+        until: str | None = None,
+        cursor: str | None = None,
         timeout: float | None = None,
-    ) -> list[DeadLetter]:
+    ) -> Page[DeadLetter]:
         """
-        Messages that could not be processed, with the reasons.
+        A page of the messages that could not be processed, with the
+        reasons, newest first; C{since} (exclusive) and C{until}
+        (inclusive) bound when they were received.
         """
-        params = _present(site_id=site_id, limit=limit)
-        return cast(list[DeadLetter], self.call("deadletter.list", params, timeout=timeout))
+        params = _present(site_id=site_id, limit=limit, since=since, until=until, cursor=cursor)
+        return self._page("deadletter.list", params, timeout)
+
+    def iter_deadletters(
+        self,
+        site_id: str | None = None,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[DeadLetter]:
+        """
+        Every dead letter (of a site, received between C{since} and
+        C{until}), newest first, a page at a time.
+        """
+        params = _present(site_id=site_id, since=since, until=until)
+        return self._every("deadletter.list", params, timeout)
 
     def deadletter_replay(
         self, ids: Sequence[int], *, timeout: float | None = None

@@ -3,14 +3,19 @@ What mqttsvc has observed, as the control plane reads it back: devices,
 readings, discovered topics, connection and device events, dead letters.
 
 Every function takes the control plane's connection pool and returns plain
-rows as dictionaries of JSON-ready values.
+rows as dictionaries of JSON-ready values; the lists return a L{Page} of
+them, read along an index from after the sort key of the page before
+(keyset pages: a page costs its own rows whatever the table holds).
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+
+import attrs
 
 from mqttsvc.pool import ConnectionPool
 
@@ -26,34 +31,114 @@ def iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+@attrs.frozen
+class Page:
+    """
+    One page of a list: its items, the sort key of the last item (None
+    when the page is empty), and whether more items follow it.
+    """
+
+    items: list[dict[str, Any]]
+    last: tuple[Any, ...] | None
+    more: bool
+
+
+def _page(
+    rows: list[Any], limit: int, key: Callable[[Any], tuple[Any, ...]], item: Callable[..., Any]
+) -> Page:
+    """
+    A page from up to C{limit} + 1 rows in order (the extra row only says
+    that more follow).
+    """
+    kept = rows[:limit]
+    return Page([item(*row) for row in kept], key(kept[-1]) if kept else None, len(rows) > limit)
+
+
+def _range(site_id: str | None, column: str, since: Any, until: Any) -> list[str]:
+    """
+    The conditions for one site (or every site, given None) and for
+    C{column} after C{since} (exclusive) up to C{until} (inclusive), as
+    the parameters C{s}, C{since} and C{until}.
+    """
+    where = ["TRUE"] if site_id is None else ["site_id = %(s)s"]
+    if since is not None:
+        where.append(f"{column} > %(since)s")
+    if until is not None:
+        where.append(f"{column} <= %(until)s")
+    return where
+
+
+#: Each kind of device: its table, its gateway column (or NULL) and its id
+#: column.  The kinds are listed in the order device.list gives them.
+_DEVICE_TABLES = {
+    "datalogger": ("datalogger", "gateway_id", "datalogger_id"),
+    "gateway": ("gateway", "NULL", "gateway_id"),
+    "sensor": ("sensor", "NULL", "sensor_id"),
+}
+
+
 async def devices(
-    pool: ConnectionPool, site_id: str, kind: str | None, status: str | None
-) -> list[dict[str, Any]]:
-    rows = await pool.query(
-        "SELECT * FROM ("
-        "  SELECT 'gateway' AS kind, gateway_id AS device_id, NULL AS gateway_id, status,"
-        "         reported_status, first_seen_at, last_seen_at FROM gateway WHERE site_id = %(s)s"
-        "  UNION ALL SELECT 'datalogger', datalogger_id, gateway_id, status, reported_status,"
-        "         first_seen_at, last_seen_at FROM datalogger WHERE site_id = %(s)s"
-        "  UNION ALL SELECT 'sensor', sensor_id, NULL, status, reported_status,"
-        "         first_seen_at, last_seen_at FROM sensor WHERE site_id = %(s)s"
-        ") d WHERE (%(k)s::text IS NULL OR kind = %(k)s)"
-        " AND (%(st)s::text IS NULL OR status = %(st)s)"
-        " ORDER BY kind, gateway_id NULLS FIRST, device_id",
-        {"s": site_id, "k": kind, "st": status},
-    )
-    return [
-        {
-            "kind": kind_,
-            "device_id": device_id,
-            "gateway_id": gateway_id,
-            "status": status_,
-            "reported_status": reported,
-            "first_seen_at": iso(first),
-            "last_seen_at": iso(last),
-        }
-        for kind_, device_id, gateway_id, status_, reported, first, last in rows
-    ]
+    pool: ConnectionPool,
+    site_id: str,
+    kind: str | None,
+    status: str | None,
+    after: tuple[str, str | None, str] | None,
+    limit: int,
+) -> Page:
+    """
+    A site's devices ordered by kind, gateway and id, from after the key
+    C{after} (C{(kind, gateway_id, device_id)}): one table after the other,
+    each read along its unique index, so that a page costs C{limit} rows
+    whatever the site holds (unless C{status} leaves out most of them).
+    """
+    rows: list[tuple[Any, ...]] = []
+    for kind_, (table, gateway, device) in _DEVICE_TABLES.items():
+        if len(rows) > limit:
+            break
+        if (kind is not None and kind_ != kind) or (after is not None and kind_ < after[0]):
+            continue
+        keys = f"{gateway}, {device}" if gateway != "NULL" else device
+        where = ["site_id = %(s)s"]
+        if status is not None:
+            where.append("status = %(st)s")
+        if after is not None and kind_ == after[0]:
+            where.append(f"({keys}) > (%(g)s, %(d)s)" if gateway != "NULL" else f"{device} > %(d)s")
+        rows.extend(
+            (kind_, *row)
+            for row in await pool.query(
+                f"SELECT {device}, {gateway}, status, reported_status, first_seen_at,"
+                f" last_seen_at FROM {table} WHERE {' AND '.join(where)}"
+                f" ORDER BY {keys} LIMIT %(n)s",
+                {
+                    "s": site_id,
+                    "st": status,
+                    "g": None if after is None else after[1],
+                    "d": None if after is None else after[2],
+                    "n": limit + 1 - len(rows),
+                },
+            )
+        )
+    return _page(rows, limit, lambda row: (row[0], row[2], row[1]), _device)
+
+
+def _device(
+    kind: str,
+    device_id: str,
+    gateway_id: str | None,
+    status: str,
+    reported: str | None,
+    first: datetime,
+    last: datetime,
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "device_id": device_id,
+        "gateway_id": gateway_id,
+        "status": status,
+        "reported_status": reported,
+        "first_seen_at": iso(first),
+        "last_seen_at": iso(last),
+    }
 
 
 async def device_counts(pool: ConnectionPool, site_id: str | None) -> list[dict[str, Any]]:
@@ -79,28 +164,57 @@ async def device_counts(pool: ConnectionPool, site_id: str | None) -> list[dict[
     ]
 
 
+#: The orders of reading.list: their key columns.
+READING_ORDERS = {"ts": ("ts", "name"), "received": ("received_at", "id")}
+
+
 async def readings(
-    pool: ConnectionPool, site_id: str, sensor_id: str, since: datetime | None, limit: int
-) -> list[dict[str, Any]]:
+    pool: ConnectionPool,
+    site_id: str,
+    sensor_id: str,
+    order: str,
+    since: datetime | None,
+    until: datetime | None,
+    after: tuple[datetime, Any] | None,
+    limit: int,
+) -> Page:
     """
-    Readings of one sensor after C{since} (exclusive), oldest first; without
-    C{since}, the latest C{limit}, still oldest first.
+    Readings of one sensor, oldest first by C{order}: C{"ts"} (the time the
+    sensor gave, key C{(ts, name)}) or C{"received"} (when mqttsvc received
+    it, key C{(received_at, id)}); C{since} (exclusive) and C{until}
+    (inclusive) bound that same column.  From after the key C{after}, or
+    after C{since}; with neither, the latest C{limit} (then none follow).
     """
-    if since is None:
-        rows = await pool.query(
-            "SELECT * FROM (SELECT ts, name, value, unit, received_at FROM sensor_reading "
-            "WHERE site_id = %s AND sensor_id = %s ORDER BY ts DESC, name LIMIT %s) r "
-            "ORDER BY ts, name",
-            (site_id, sensor_id, limit),
-        )
-    else:
-        rows = await pool.query(
-            "SELECT ts, name, value, unit, received_at FROM sensor_reading "
-            "WHERE site_id = %s AND sensor_id = %s AND ts > %s ORDER BY ts, name LIMIT %s",
-            (site_id, sensor_id, since, limit),
-        )
-    return [
+    time, tie = READING_ORDERS[order]
+    where = [*_range(site_id, time, since, until), "sensor_id = %(x)s"]
+    if after is not None:
+        where.append(f"({time}, {tie}) > (%(a)s, %(b)s)")
+    latest = after is None and since is None
+    direction = " DESC" if latest else ""
+    rows = await pool.query(
+        f"SELECT ts, name, value, unit, received_at, id FROM sensor_reading"
+        f" WHERE {' AND '.join(where)}"
+        f" ORDER BY {time}{direction}, {tie}{direction} LIMIT %(n)s",
         {
+            "s": site_id,
+            "x": sensor_id,
+            "since": since,
+            "until": until,
+            "a": None if after is None else after[0],
+            "b": None if after is None else after[1],
+            "n": limit if latest else limit + 1,
+        },
+    )
+    if latest:
+        rows.reverse()
+
+    def key(row: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (row[0], row[1]) if order == "ts" else (row[4], row[5])
+
+    def reading(
+        ts: datetime, name: str, value: float, unit: str | None, received: datetime, id_: int
+    ) -> dict[str, Any]:
+        return {
             "sensor_id": sensor_id,
             "ts": iso(ts),
             "name": name,
@@ -108,54 +222,125 @@ async def readings(
             "unit": unit,
             "received_at": iso(received),
         }
-        for ts, name, value, unit, received in rows
-    ]
+
+    return _page(rows, limit, key, reading)
 
 
-async def topics(pool: ConnectionPool, site_id: str) -> list[dict[str, Any]]:
+def prefix_end(prefix: str) -> str | None:
+    """
+    The least string after every string that starts with C{prefix}, in
+    code point order (the order of C{COLLATE "C"} on UTF-8); None when
+    there is none.
+    """
+    chars = list(prefix)
+    while chars:
+        point = ord(chars.pop()) + 1
+        if point <= 0x10FFFF:
+            if 0xD800 <= point <= 0xDFFF:
+                point = 0xE000
+            return "".join(chars) + chr(point)
+    return None
+
+
+async def topics(
+    pool: ConnectionPool, site_id: str, prefix: str | None, after: str | None, limit: int
+) -> Page:
+    """
+    A site's discovered topics in code point order (C{COLLATE "C"}, the
+    order in which the topics that share a prefix are together), those
+    that start with C{prefix} only, from after the topic C{after}.
+    """
+    where = ["site_id = %(s)s"]
+    if prefix:
+        where.append('topic_path COLLATE "C" >= %(p)s')
+        end = prefix_end(prefix)
+        if end is not None:
+            where.append('topic_path COLLATE "C" < %(e)s')
+    else:
+        end = None
+    if after is not None:
+        where.append('topic_path COLLATE "C" > %(a)s')
     rows = await pool.query(
-        "SELECT topic_path, first_seen_at, last_seen_at, message_count FROM discovered_topic "
-        "WHERE site_id = %s ORDER BY topic_path",
-        (site_id,),
+        "SELECT topic_path, first_seen_at, last_seen_at, message_count FROM discovered_topic"
+        f' WHERE {" AND ".join(where)} ORDER BY topic_path COLLATE "C" LIMIT %(n)s',
+        {"s": site_id, "p": prefix, "e": end, "a": after, "n": limit + 1},
     )
-    return [
-        {
+
+    def topic(path: str, first: datetime, last: datetime, count: int) -> dict[str, Any]:
+        return {
             "topic_path": path,
             "first_seen_at": iso(first),
             "last_seen_at": iso(last),
             "message_count": count,
         }
-        for path, first, last, count in rows
-    ]
+
+    return _page(rows, limit, lambda row: (row[0],), topic)
+
+
+#: The two kinds of event.list, in the order they take at the same instant,
+#: and what each one's row says.
+_EVENT_SOURCES = {
+    "connection": (
+        "connection_event",
+        "json_build_object('from', from_state, 'to', to_state, 'reason', reason)",
+    ),
+    "device": (
+        "device_event",
+        "json_build_object('kind', kind, 'device_id', device_id, 'gateway_id', gateway_id,"
+        " 'from', from_status, 'to', to_status, 'reason', reason)",
+    ),
+}
+
+_MAX_ID = 2**63 - 1
 
 
 async def events(
-    pool: ConnectionPool, site_id: str | None, since: datetime | None, limit: int
-) -> list[dict[str, Any]]:
+    pool: ConnectionPool,
+    site_id: str | None,
+    type_: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    after: tuple[datetime, str, int] | None,
+    limit: int,
+) -> Page:
     """
-    Connection and device events after C{since} (exclusive), oldest first.
+    Connection and device events, oldest first by C{(at, type, id)}, after
+    C{since} (exclusive) up to C{until} (inclusive), from after the key
+    C{after}.  Each table is read along its C{(site_id, at, id)} or
+    C{(at, id)} index, and the two merged.
     """
-    rows = await pool.query(
-        "SELECT * FROM ("
-        "  SELECT 'connection' AS type, id, site_id, at, json_build_object("
-        "      'from', from_state, 'to', to_state, 'reason', reason) AS data"
-        "  FROM connection_event"
-        "  WHERE (%(s)s::text IS NULL OR site_id = %(s)s)"
-        "    AND (%(since)s::timestamptz IS NULL OR at > %(since)s)"
-        "  UNION ALL"
-        "  SELECT 'device', id, site_id, at, json_build_object("
-        "      'kind', kind, 'device_id', device_id, 'gateway_id', gateway_id,"
-        "      'from', from_status, 'to', to_status, 'reason', reason)"
-        "  FROM device_event"
-        "  WHERE (%(s)s::text IS NULL OR site_id = %(s)s)"
-        "    AND (%(since)s::timestamptz IS NULL OR at > %(since)s)"
-        ") e ORDER BY at, type, id LIMIT %(limit)s",
-        {"s": site_id, "since": since, "limit": limit},
-    )
-    return [
-        {"id": id_, "type": type_, "site_id": site, "at": iso(at), "data": data}
-        for type_, id_, site, at, data in rows
-    ]
+    rows: list[tuple[Any, ...]] = []
+    for kind, (table, data) in _EVENT_SOURCES.items():
+        if type_ is not None and kind != type_:
+            continue
+        where = _range(site_id, "at", since, until)
+        bound = None
+        if after is not None:
+            # At the cursor's instant, a kind that sorts before the
+            # cursor's is done, one after it starts at its first id.
+            bound = after[2] if kind == after[1] else (0 if kind > after[1] else _MAX_ID)
+            where.append("(at, id) > (%(a)s, %(b)s)")
+        rows.extend(
+            await pool.query(
+                f"SELECT %(t)s, id, site_id, at, {data} FROM {table}"
+                f" WHERE {' AND '.join(where)} ORDER BY at, id LIMIT %(n)s",
+                {
+                    "t": kind,
+                    "s": site_id,
+                    "since": since,
+                    "until": until,
+                    "a": None if after is None else after[0],
+                    "b": bound,
+                    "n": limit + 1,
+                },
+            )
+        )
+    rows.sort(key=lambda row: (row[3], row[0], row[1]))
+
+    def event(type_: str, id_: int, site: str, at: datetime, data: Any) -> dict[str, Any]:
+        return {"id": id_, "type": type_, "site_id": site, "at": iso(at), "data": data}
+
+    return _page(rows[: limit + 1], limit, lambda row: (row[3], row[0], row[1]), event)
 
 
 def _payload(raw: bytes) -> tuple[str | None, str]:
@@ -167,35 +352,52 @@ def _payload(raw: bytes) -> tuple[str | None, str]:
 
 
 async def dead_letters(
-    pool: ConnectionPool, site_id: str | None, limit: int
-) -> list[dict[str, Any]]:
+    pool: ConnectionPool,
+    site_id: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    after: int | None,
+    limit: int,
+) -> Page:
     """
-    The latest dead letters, newest first.
+    Dead letters, newest first (by id), received after C{since} (exclusive)
+    up to C{until} (inclusive), from after (below) the id C{after}.
     """
+    where = _range(site_id, "received_at", since, until)
+    if after is not None:
+        where.append("id < %(a)s")
     rows = await pool.query(
         "SELECT id, site_id, topic, topic_raw, payload, payload_size, payload_sha256, reason, "
-        "received_at FROM dead_letter "
-        "WHERE (%(s)s::text IS NULL OR site_id = %(s)s) ORDER BY id DESC LIMIT %(limit)s",
-        {"s": site_id, "limit": limit},
+        f"received_at FROM dead_letter WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT %(n)s",
+        {"s": site_id, "since": since, "until": until, "a": after, "n": limit + 1},
     )
-    result = []
-    for id_, site, topic, topic_raw, payload, size, digest, reason, received in rows:
-        text, encoded = _payload(bytes(payload))
-        result.append(
-            {
-                "id": id_,
-                "site_id": site,
-                "topic": topic,
-                "topic_raw_base64": None
-                if topic_raw is None
-                else base64.b64encode(bytes(topic_raw)).decode(),
-                "payload": text,
-                "payload_base64": encoded,
-                "payload_size": size,
-                "payload_sha256": None if digest is None else bytes(digest).hex(),
-                "truncated": size > len(payload),
-                "reason": reason,
-                "received_at": iso(received),
-            }
-        )
-    return result
+    return _page(rows, limit, lambda row: (row[0],), _dead_letter)
+
+
+def _dead_letter(
+    id_: int,
+    site: str,
+    topic: str,
+    topic_raw: bytes | None,
+    payload: bytes,
+    size: int,
+    digest: bytes | None,
+    reason: str,
+    received: datetime,
+) -> dict[str, Any]:
+    text, encoded = _payload(bytes(payload))
+    return {
+        "id": id_,
+        "site_id": site,
+        "topic": topic,
+        "topic_raw_base64": None
+        if topic_raw is None
+        else base64.b64encode(bytes(topic_raw)).decode(),
+        "payload": text,
+        "payload_base64": encoded,
+        "payload_size": size,
+        "payload_sha256": None if digest is None else bytes(digest).hex(),
+        "truncated": size > len(payload),
+        "reason": reason,
+        "received_at": iso(received),
+    }

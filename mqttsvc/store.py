@@ -291,6 +291,17 @@ class Store(Service):
         )
         return self._rows(rows)
 
+    async def site_page(self, after: str | None, limit: int) -> list[SiteRow]:
+        """
+        Up to C{limit} sites in site id order, those after the id C{after}.
+        """
+        rows = await self.pool.query(
+            f"SELECT {_SITE_COLUMNS} FROM mqtt_connection c"
+            " WHERE %(a)s::text IS NULL OR c.site_id > %(a)s ORDER BY c.site_id LIMIT %(n)s",
+            {"a": after, "n": limit},
+        )
+        return self._rows(rows)
+
     def _rows(self, rows: list[tuple[Any, ...]]) -> list[SiteRow]:
         sites = [_site_row(r, self.secrets) for r in rows]
         # A password written in plain text by SQL is encrypted at once.

@@ -12,6 +12,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -207,14 +208,59 @@ def test_deadletters(mqttsvc_service: TwistdService, client: MqttSvcClient, live
         f"{live_site}/sensor/s1/data",
         f"{live_site}/sensor/s2/data",
     ]
-    one = json.loads(
-        ok("--json", "deadletters", "--site", live_site, "--limit", "1", service=mqttsvc_service)
+    first = run(
+        "--json", "deadletters", "--site", live_site, "--limit", "1", service=mqttsvc_service
     )
+    assert first.returncode == 0, first.stderr
+    one = json.loads(first.stdout)
     assert len(one) == 1
     assert one[0]["site_id"] == live_site
+    # More follow: a hint on stderr names the next page's cursor.
+    hint = first.stderr.split()
+    assert hint[:5] == ["mqttsvc:", "1", "shown,", "more", "follow:"], first.stderr
+    cursor = hint[hint.index("--cursor") + 1]
+    two = json.loads(
+        ok(
+            "--json",
+            "deadletters",
+            "--site",
+            live_site,
+            "--cursor",
+            cursor,
+            service=mqttsvc_service,
+        )
+    )
+    every = json.loads(
+        ok("--json", "deadletters", "--site", live_site, "--all", service=mqttsvc_service)
+    )
+    assert one + two == every and len(every) == 2
     assert ok("deadletters", "--site", "nothing-here", service=mqttsvc_service) == (
         "no dead letters\n"
     )
+
+
+def test_topics_page_by_page(mqttsvc_service: TwistdService, sql: Any, site_id: str) -> None:
+    """
+    `topics SITE` shows the first page as a table and names the next page
+    on stderr; --prefix filters on the server; --all follows every page.
+    """
+    with sql.cursor() as cur:
+        cur.execute(
+            "INSERT INTO discovered_topic (site_id, topic_path, first_seen_at, last_seen_at)"
+            " SELECT %s, 'a/' || lpad(i::text, 4, '0'), now(), now()"
+            " FROM generate_series(1, 1500) i",
+            (site_id,),
+        )
+    first = run("topics", site_id, service=mqttsvc_service)
+    lines = first.stdout.splitlines()
+    assert lines[0].split() == ["TOPIC", "MESSAGES", "LAST", "SEEN"]
+    assert [line.split()[0] for line in lines[1:]] == [f"a/{i:04d}" for i in range(1, 101)]
+    assert "more follow: add --cursor " in first.stderr
+    assert (
+        len(ok("topics", site_id, "--prefix", "a/14", service=mqttsvc_service).splitlines()) == 101
+    )
+    every = json.loads(ok("--json", "topics", site_id, "--all", service=mqttsvc_service))
+    assert [t["topic_path"] for t in every] == [f"a/{i:04d}" for i in range(1, 1501)]
 
 
 def test_call(mqttsvc_service: TwistdService, live_site: str) -> None:
@@ -331,6 +377,7 @@ def test_timeout_exits_1(silent_url: str) -> None:
         (["site", "start"], "the following arguments are required: SITE"),
         (["devices", "x", "--kind", "robot"], "argument --kind: invalid choice: 'robot'"),
         (["deadletters", "--limit", "0"], "argument --limit: must be at least 1, not 0"),
+        (["sites", "--all", "--limit", "5"], "--all reads every page"),
         (["--timeout", "-1", "status"], "argument --timeout: must be more than 0"),
         (["call", "site.get", "{not json"], "params are not JSON"),
         (["call", "site.get", '"x"'], "params must be a JSON object or array"),
@@ -355,5 +402,14 @@ def test_help_lists_the_commands() -> None:
     """
     result = run("--help")
     assert result.returncode == 0
-    for command in ("status", "sites", "site", "devices", "deadletters", "call", "migrate"):
+    for command in (
+        "status",
+        "sites",
+        "site",
+        "devices",
+        "topics",
+        "deadletters",
+        "call",
+        "migrate",
+    ):
         assert command in result.stdout

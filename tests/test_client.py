@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from mqttsvc.client import (
+    PAGE_SIZE,
     AuthenticationError,
     Conflict,
     InvalidParams,
@@ -27,12 +28,14 @@ from mqttsvc.client import (
     MqttSvcClient,
     MqttSvcError,
     NotFound,
+    Page,
     ResponseTooLarge,
     RPCError,
     Timeout,
     TransportError,
     Unavailable,
 )
+from mqttsvc.rpc.paging import MAX_LIMIT
 from tests.conftest import BROKER_HOST, BROKER_PORT, free_port
 from tests.twistd_process import TwistdService, wait_until
 
@@ -273,9 +276,67 @@ def test_discover_matches_the_client(client: MqttSvcClient) -> None:
     typed = {
         name.replace("_", ".", 1)
         for name in vars(MqttSvcClient)
-        if not name.startswith("_") and name not in ("call", "discover")
+        if not name.startswith(("_", "iter_")) and name not in ("call", "discover")
     }
     assert served == typed | {"rpc.discover"}
+    # Each iter_* helper follows the pages of a list method.
+    followed = {name for name in vars(MqttSvcClient) if name.startswith("iter_")}
+    assert followed == {
+        "iter_sites",
+        "iter_devices",
+        "iter_readings",
+        "iter_topics",
+        "iter_events",
+        "iter_deadletters",
+    }
+
+
+def test_pages_and_iterators(client: MqttSvcClient, sql: Any, site_id: str) -> None:
+    """
+    A list method answers one page (a list with next_cursor); its iter_*
+    helper follows the cursors and yields every item once; a poller of
+    reading_list in receive order keeps its cursor and gets only what
+    arrived since.
+    """
+    assert PAGE_SIZE == MAX_LIMIT
+    with sql.cursor() as cur:
+        cur.execute(
+            "INSERT INTO discovered_topic (site_id, topic_path, first_seen_at, last_seen_at)"
+            " SELECT %s, 't/' || lpad(i::text, 4, '0'), now(), now()"
+            " FROM generate_series(1, 2500) i",
+            (site_id,),
+        )
+        cur.execute(
+            "INSERT INTO sensor_reading (site_id, sensor_id, ts, name, value)"
+            " SELECT %s, 'x', '2020-01-01Z'::timestamptz + i * interval '1 s', 'v', i"
+            " FROM generate_series(1, 1500) i",
+            (site_id,),
+        )
+    first = client.topic_list(site_id)
+    assert isinstance(first, Page) and len(first) == 100
+    assert first.next_cursor is not None
+    second = client.topic_list(site_id, cursor=first.next_cursor, limit=1000)
+    assert second[0]["topic_path"] == "t/0101"
+    every = [t["topic_path"] for t in client.iter_topics(site_id)]
+    assert every == [f"t/{i:04d}" for i in range(1, 2501)]
+    assert len(list(client.iter_topics(site_id, prefix="t/2"))) == 501
+    values = [r["value"] for r in client.iter_readings(site_id, "x")]
+    assert values == list(range(1, 1501))
+
+    caught_up = client.reading_list(site_id, "x", order="received", limit=1)
+    assert caught_up.next_cursor is not None
+    assert client.reading_list(site_id, "x", order="received", cursor=caught_up.next_cursor) == []
+    with sql.cursor() as cur:
+        cur.execute(
+            "INSERT INTO sensor_reading (site_id, sensor_id, ts, name, value)"
+            " VALUES (%s, 'x', '1999-01-01Z', 'v', -1)",
+            (site_id,),
+        )
+    news = client.reading_list(site_id, "x", order="received", cursor=caught_up.next_cursor)
+    assert [r["value"] for r in news] == [-1]
+    with pytest.raises(InvalidParams) as bad:
+        client.topic_list(site_id, cursor=caught_up.next_cursor)
+    assert bad.value.field == "cursor"
 
 
 # --- errors from the service ---------------------------------------------------

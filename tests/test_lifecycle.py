@@ -159,7 +159,7 @@ async def test_invalid_rows_written_by_sql(running: RunningService, sql: Any, si
     )
     assert [s["topic"] for s in status["subscriptions"]] == [f"{site_id}/gateway/+/heartbeat"]
     assert (await running.call("service.status"))["connected"] == 1
-    assert [s["site_id"] for s in await running.call("site.list")] == [site_id]
+    assert [s["site_id"] for s in (await running.call("site.list"))["items"]] == [site_id]
     with pytest.raises(psycopg2.errors.CheckViolation):
         await write(
             sql, "INSERT INTO mqtt_connection (site_id, host) VALUES ('bad id', 'h') RETURNING id"
@@ -368,14 +368,16 @@ async def test_operator_actions_and_events(running: RunningService, sql: Any, si
         assert missing["error"]["code"] == -32001
         assert "no-such-site" in missing["error"]["message"]
 
-    events = await running.call("event.list", {"site_id": site_id})
+    events = (await running.call("event.list", {"site_id": site_id}))["items"]
     transitions = [(e["data"]["from"], e["data"]["to"]) for e in events]
     assert transitions[:2] == [("stopped", "connecting"), ("connecting", "connected")]
     assert ("connected", "restarting") in transitions
     assert ("stopping", "stopped") in transitions
     assert any(e["data"]["reason"] == "restart requested" for e in events)
     assert all(e["type"] == "connection" and e["site_id"] == site_id for e in events)
-    later = await running.call("event.list", {"site_id": site_id, "since": events[1]["at"]})
+    later = (await running.call("event.list", {"site_id": site_id, "since": events[1]["at"]}))[
+        "items"
+    ]
     assert later and all(e["at"] > events[1]["at"] for e in later)
     assert execute(sql, "SELECT count(*) FROM connection_event WHERE site_id = %s", site_id) == [
         (len(events),)

@@ -531,7 +531,7 @@ async def test_poison_through_the_broker_stalls_nothing(
     assert (status["status"], status["last_error"]) == ("connected", None)
     assert status["messages_rejected"] == len(poison)
     # The long topic is kept cut, with its bytes; it cannot be replayed.
-    letters = await running.call("deadletter.list", {"site_id": site_id})
+    letters = (await running.call("deadletter.list", {"site_id": site_id}))["items"]
     [long] = [d for d in letters if d["topic_raw_base64"] is not None]
     assert len(long["topic"]) == 1024
     assert base64.b64decode(long["topic_raw_base64"]) == poison[4][0].encode()[:4096]

@@ -21,6 +21,13 @@ def j(value: Any) -> bytes:
     return json.dumps(value).encode()
 
 
+async def items(running: RunningService, method: str, params: dict[str, Any]) -> list[Any]:
+    """The items of a list method's first page."""
+    page = await running.call(method, params)
+    result: list[Any] = page["items"]
+    return result
+
+
 async def connected(running: RunningService, site_id: str) -> None:
     async def up() -> bool:
         status = await running.call("site.status", [site_id])
@@ -77,7 +84,7 @@ async def test_site_test_reports_without_saving(running: RunningService) -> None
     assert (refused["ok"], refused["category"]) == (False, "refused")
     unknown = await running.call("site.test", {"host": "no-such-host.invalid"})
     assert unknown["category"] == "dns"
-    assert await running.call("site.list") == []
+    assert await running.call("site.list") == {"items": [], "next_cursor": None}
 
 
 @pytest_twisted.ensureDeferred
@@ -97,7 +104,7 @@ async def test_devices_readings_topics_events(running: RunningService, site_id: 
     )
 
     async def seven() -> Any:
-        topics = await running.call("topic.list", [site_id])
+        topics = (await running.call("topic.list", [site_id]))["items"]
         return topics if sum(t["message_count"] for t in topics) == 7 else None
 
     topics = await eventually(seven, what="seven messages")
@@ -108,23 +115,25 @@ async def test_devices_readings_topics_events(running: RunningService, site_id: 
             f"{site_id}/sensor/t/data",
         ]
     )
-    devices = await running.call("device.list", {"site_id": site_id})
+    devices = await items(running, "device.list", {"site_id": site_id})
     assert [(d["kind"], d["device_id"], d["gateway_id"], d["status"]) for d in devices] == [
         ("datalogger", "dl", "gw", "online"),
         ("gateway", "gw", None, "online"),
         ("sensor", "t", None, "online"),
     ]
     assert devices[1]["reported_status"] == "ok"
-    only = await running.call("device.list", {"site_id": site_id, "kind": "gateway"})
+    only = await items(running, "device.list", {"site_id": site_id, "kind": "gateway"})
     assert [d["device_id"] for d in only] == ["gw"]
-    assert await running.call("device.list", {"site_id": site_id, "status": "offline"}) == []
+    assert await items(running, "device.list", {"site_id": site_id, "status": "offline"}) == []
     wrong = await running.call_raw("device.list", {"site_id": site_id, "kind": "robot"})
     assert wrong["error"]["data"]["field"] == "kind"
 
-    latest = await running.call("reading.list", {"site_id": site_id, "sensor_id": "t", "limit": 2})
+    latest = await items(
+        running, "reading.list", {"site_id": site_id, "sensor_id": "t", "limit": 2}
+    )
     assert [r["value"] for r in latest] == [3.0, 4.0]
-    after = await running.call(
-        "reading.list", {"site_id": site_id, "sensor_id": "t", "since": latest[0]["ts"]}
+    after = await items(
+        running, "reading.list", {"site_id": site_id, "sensor_id": "t", "since": latest[0]["ts"]}
     )
     assert [r["value"] for r in after] == [4.0]
     bad_since = await running.call_raw(
@@ -132,7 +141,7 @@ async def test_devices_readings_topics_events(running: RunningService, site_id: 
     )
     assert bad_since["error"]["data"]["field"] == "since"
 
-    events = await running.call("event.list", {"site_id": site_id})
+    events = await items(running, "event.list", {"site_id": site_id})
     assert {e["type"] for e in events} == {"connection", "device"}
     device_events = [e for e in events if e["type"] == "device"]
     assert {(e["data"]["kind"], e["data"]["to"]) for e in device_events} == {
@@ -166,7 +175,7 @@ async def test_dead_letters_list_replay_purge(
     )
 
     async def two() -> Any:
-        letters = await running.call("deadletter.list", {"site_id": site_id})
+        letters = await items(running, "deadletter.list", {"site_id": site_id})
         return letters if len(letters) == 2 else None
 
     letters = await eventually(two, what="two dead letters")
@@ -188,7 +197,7 @@ async def test_dead_letters_list_replay_purge(
     assert await running.call("deadletter.purge", [[by_topic[f"{site_id}/in/b"]["id"]]]) == {
         "purged": 1
     }
-    assert await running.call("deadletter.list", {"site_id": site_id}) == []
+    assert await items(running, "deadletter.list", {"site_id": site_id}) == []
     bad = await running.call_raw("deadletter.purge", [[]])
     assert bad["error"]["data"]["field"] == "ids"
 

@@ -14,31 +14,26 @@ from mqttsvc import observations
 from mqttsvc.batch import write_effects
 from mqttsvc.events import record_operator_action
 from mqttsvc.processing import DeadLetter, Reading, Router, process
+from mqttsvc.rpc import paging
 from mqttsvc.rpc.dispatcher import Call, Method, Param, invalid_params
 from mqttsvc.store import Store
 
 KINDS = ("gateway", "datalogger", "sensor")
 DEVICE_STATUSES = ("online", "offline", "unknown")
+EVENT_TYPES = ("connection", "device")
 
 
-def _since(call: Call) -> datetime | None:
-    value = call.params.get("since")
+def _time(call: Call, name: str) -> datetime | None:
+    value = call.params.get(name)
     if value is None:
         return None
     try:
-        since = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise invalid_params("since", "must be an ISO 8601 timestamp") from None
-    if since.tzinfo is None:
-        raise invalid_params("since", "must include its UTC offset (for example Z)")
-    return since
-
-
-def _limit(call: Call, default: int, most: int) -> int:
-    limit: int = call.params.get("limit", default)
-    if not 1 <= limit <= most:
-        raise invalid_params("limit", f"must be from 1 to {most}")
-    return limit
+        raise invalid_params(name, "must be an ISO 8601 timestamp") from None
+    if moment.tzinfo is None:
+        raise invalid_params(name, "must include its UTC offset (for example Z)")
+    return moment
 
 
 def _one_of(call: Call, name: str, allowed: tuple[str, ...]) -> str | None:
@@ -73,7 +68,10 @@ class ObservationMethods:
         since = Param(
             "since", "string", required=False, nullable=True, description="ISO 8601, exclusive."
         )
-        limit = Param("limit", "integer", required=False)
+        until = Param(
+            "until", "string", required=False, nullable=True, description="ISO 8601, inclusive."
+        )
+        cursor, limit = paging.cursor_param(), paging.limit_param()
         ids = Param("ids", "array", description="Dead letter ids.")
         return [
             Method(
@@ -95,8 +93,10 @@ class ObservationMethods:
                         nullable=True,
                         description="online, offline or unknown.",
                     ),
+                    cursor,
+                    limit,
                 ),
-                summary="A site's devices and their status.",
+                summary="A page of a site's devices and their status, by kind, gateway and id.",
             ),
             Method(
                 "device.counts",
@@ -107,28 +107,67 @@ class ObservationMethods:
             Method(
                 "reading.list",
                 self.reading_list,
-                (site_id, Param("sensor_id", "string"), since, limit),
-                summary="A sensor's readings after `since`, or its latest (limit 100, at most "
-                "10000), oldest first.",
+                (
+                    site_id,
+                    Param("sensor_id", "string"),
+                    since,
+                    limit,
+                    until,
+                    Param(
+                        "order",
+                        "string",
+                        required=False,
+                        nullable=True,
+                        description="ts (the sensor's time, the default) or received "
+                        "(mqttsvc's receive time, for pollers); since and until bound it.",
+                    ),
+                    cursor,
+                ),
+                summary="A page of a sensor's readings, oldest first: after `since` or the "
+                "cursor, else the latest.",
             ),
             Method(
                 "topic.list",
                 self.topic_list,
-                (site_id,),
-                summary="Every exact topic seen on a site, with counts.",
+                (
+                    site_id,
+                    Param(
+                        "prefix",
+                        "string",
+                        required=False,
+                        nullable=True,
+                        description="Only the topics that start with it.",
+                    ),
+                    cursor,
+                    limit,
+                ),
+                summary="A page of the exact topics seen on a site, with counts.",
             ),
             Method(
                 "event.list",
                 self.event_list,
-                (some_site, since, limit),
-                summary="Connection and device events after `since`, oldest first (limit 100, "
-                "at most 1000).",
+                (
+                    some_site,
+                    since,
+                    limit,
+                    until,
+                    Param(
+                        "type",
+                        "string",
+                        required=False,
+                        nullable=True,
+                        description="connection or device.",
+                    ),
+                    cursor,
+                ),
+                summary="A page of connection and device events, oldest first.",
             ),
             Method(
                 "deadletter.list",
                 self.deadletter_list,
-                (some_site, limit),
-                summary="The latest dead letters, newest first (limit 100, at most 1000).",
+                (some_site, limit, since, until, cursor),
+                summary="A page of dead letters, newest first; since and until bound when "
+                "they were received.",
             ),
             Method(
                 "deadletter.replay",
@@ -145,13 +184,21 @@ class ObservationMethods:
             ),
         ]
 
-    async def device_list(self, call: Call) -> list[dict[str, Any]]:
-        return await observations.devices(
+    async def device_list(self, call: Call) -> dict[str, Any]:
+        after = paging.decode(call, "device")
+        if after is not None and (
+            after[0] not in KINDS or (after[0] == "datalogger") != (after[1] is not None)
+        ):
+            raise paging.bad_cursor(call)
+        page = await observations.devices(
             self._store.pool,
             call.params["site_id"],
             _one_of(call, "kind", KINDS),
             _one_of(call, "status", DEVICE_STATUSES),
+            after,
+            paging.limit(call),
         )
+        return paging.answer("device", page)
 
     async def device_counts(self, call: Call) -> list[dict[str, Any]]:
         return await observations.device_counts(self._store.pool, call.params.get("site_id"))
@@ -174,27 +221,66 @@ class ObservationMethods:
                 )
                 return
 
-    async def reading_list(self, call: Call) -> list[dict[str, Any]]:
-        return await observations.readings(
+    async def reading_list(self, call: Call) -> dict[str, Any]:
+        """
+        In receive order, the answer always has a C{next_cursor} once any
+        reading was seen: a poller keeps it and asks again later for the
+        readings received since (a page shorter than the limit means it
+        has caught up).
+        """
+        order = _one_of(call, "order", tuple(observations.READING_ORDERS)) or "ts"
+        tag = f"reading.{order}"
+        page = await observations.readings(
             self._store.pool,
             call.params["site_id"],
             call.params["sensor_id"],
-            _since(call),
-            _limit(call, 100, 10_000),
+            order,
+            _time(call, "since"),
+            _time(call, "until"),
+            paging.decode(call, tag),
+            paging.limit(call),
         )
+        answer = paging.answer(tag, page)
+        if order == "received":
+            answer["next_cursor"] = (
+                call.params.get("cursor") if page.last is None else paging.encode(tag, page.last)
+            )
+        return answer
 
-    async def topic_list(self, call: Call) -> list[dict[str, Any]]:
-        return await observations.topics(self._store.pool, call.params["site_id"])
-
-    async def event_list(self, call: Call) -> list[dict[str, Any]]:
-        return await observations.events(
-            self._store.pool, call.params.get("site_id"), _since(call), _limit(call, 100, 1000)
+    async def topic_list(self, call: Call) -> dict[str, Any]:
+        after = paging.decode(call, "topic")
+        page = await observations.topics(
+            self._store.pool,
+            call.params["site_id"],
+            call.params.get("prefix"),
+            None if after is None else after[0],
+            paging.limit(call),
         )
+        return paging.answer("topic", page)
 
-    async def deadletter_list(self, call: Call) -> list[dict[str, Any]]:
-        return await observations.dead_letters(
-            self._store.pool, call.params.get("site_id"), _limit(call, 100, 1000)
+    async def event_list(self, call: Call) -> dict[str, Any]:
+        page = await observations.events(
+            self._store.pool,
+            call.params.get("site_id"),
+            _one_of(call, "type", EVENT_TYPES),
+            _time(call, "since"),
+            _time(call, "until"),
+            paging.decode(call, "event"),
+            paging.limit(call),
         )
+        return paging.answer("event", page)
+
+    async def deadletter_list(self, call: Call) -> dict[str, Any]:
+        after = paging.decode(call, "deadletter")
+        page = await observations.dead_letters(
+            self._store.pool,
+            call.params.get("site_id"),
+            _time(call, "since"),
+            _time(call, "until"),
+            None if after is None else after[0],
+            paging.limit(call),
+        )
+        return paging.answer("deadletter", page)
 
     async def deadletter_purge(self, call: Call) -> dict[str, Any]:
         rows = await self._store.pool.query(

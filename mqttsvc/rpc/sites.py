@@ -20,7 +20,8 @@ from mqttsvc.config import (
 )
 from mqttsvc.connection_check import check_connection
 from mqttsvc.events import record_operator_action
-from mqttsvc.observations import iso
+from mqttsvc.observations import Page, iso
+from mqttsvc.rpc import paging
 from mqttsvc.rpc.dispatcher import (
     CONFLICT,
     NOT_FOUND,
@@ -106,7 +107,22 @@ class SiteMethods:
                 self.service_status,
                 summary="Counts of sites by connection status.",
             ),
-            Method("site.list", self.site_list, summary="Every site with its status."),
+            Method(
+                "site.list",
+                self.site_list,
+                (
+                    Param(
+                        "status",
+                        "string",
+                        required=False,
+                        nullable=True,
+                        description="Only the sites in this status: " + ", ".join(STATUSES) + ".",
+                    ),
+                    paging.cursor_param(),
+                    paging.limit_param(),
+                ),
+                summary="A page of the sites, in site id order, with their status.",
+            ),
             Method("site.get", self.site_get, (site_id,), summary="A site's configuration."),
             Method(
                 "site.create",
@@ -311,9 +327,30 @@ class SiteMethods:
     async def site_get(self, call: Call) -> dict[str, Any]:
         return self._config(await self._row(call.params["site_id"]))
 
-    async def site_list(self, call: Call) -> list[dict[str, Any]]:
-        rows = await self._store.list_sites()
-        return [{**self._config(row), "status": self._status(row)} for row in rows]
+    async def site_list(self, call: Call) -> dict[str, Any]:
+        wanted: str | None = call.params.get("status")
+        if wanted is not None and wanted not in STATUSES:
+            raise invalid_params("status", f"must be one of {', '.join(STATUSES)}")
+        after = paging.decode(call, "site")
+        limit = paging.limit(call)
+        # The status filter is the live status, which only this process
+        # knows: read the sites a page at a time and keep those in it.
+        found: list[dict[str, Any]] = []
+        more = True
+        while more and len(found) <= limit:
+            rows = await self._store.site_page(None if after is None else after[0], limit + 1)
+            more = len(rows) > limit
+            for row in rows:
+                status = self._status(row)
+                if wanted is None or status["status"] == wanted:
+                    found.append({**self._config(row), "status": status})
+            if rows:
+                after = (rows[-1].config.site_id,)
+        kept = found[:limit]
+        return paging.answer(
+            "site",
+            Page(kept, (kept[-1]["site_id"],) if kept else None, len(found) > limit),
+        )
 
     async def site_status(self, call: Call) -> dict[str, Any]:
         site_id: str = call.params["site_id"]
