@@ -2,12 +2,13 @@
 Alerts: the events that need a human, posted to webhooks.
 
 A site that gives up connecting (enters C{error}), the same site once it is
-connected again, and (with C{--alert-device-offline}) a device going
-offline.  Each alert is a JSON POST to every C{--alert-webhook} URL, retried
-with exponential backoff when the receiver fails, and limited per site so
-that a flapping site cannot flood anyone: at most C{limit} alerts per site
-per C{window} seconds; the rest are counted and summarised in one
-C{alerts_suppressed} alert as soon as the window allows.
+connected again, a site that reaches its device limit, and (with
+C{--alert-device-offline}) a device going offline.  Each alert is a JSON
+POST to every C{--alert-webhook} URL, retried with exponential backoff when
+the receiver fails, and limited per site so that a flapping site cannot
+flood anyone: at most C{limit} alerts per site per C{window} seconds; the
+rest are counted and summarised in one C{alerts_suppressed} alert as soon
+as the window allows.
 
 Deliveries live in memory: an alert still being retried when mqttsvc stops
 is lost (and logged).
@@ -66,8 +67,8 @@ class Alert:
     """
     Something a human should hear about.
 
-    @ivar kind: C{site_gave_up}, C{site_recovered}, C{device_offline} or
-        C{alerts_suppressed}.
+    @ivar kind: C{site_gave_up}, C{site_recovered}, C{device_limit},
+        C{device_offline} or C{alerts_suppressed}.
     @ivar text: one line saying it, for chat receivers.
     """
 
@@ -128,7 +129,24 @@ class AlertRules:
             if data.get("to") == "connected" and site in self._given_up:
                 self._given_up.discard(site)
                 return Alert("site_recovered", site, f"site {site} is connected again", event)
+        elif event.type == "service" and data.get("problem") == "device_limit_reached":
+            return Alert(
+                "device_limit",
+                site,
+                f"site {site} has reached its limit of {data.get('limit')} devices: messages of "
+                f"new device ids are dead letters (the first: {data.get('kind')} "
+                f"{data.get('device_id')})",
+                event,
+            )
         elif event.type == "device" and self._device_offline and data.get("to") == "offline":
+            if data.get("kind") == "site":
+                return Alert(
+                    "device_offline",
+                    site,
+                    f"{data.get('devices')} devices of site {site} are offline"
+                    + (f": {data['reason']}" if data.get("reason") else ""),
+                    event,
+                )
             device = data.get("device_id")
             if data.get("gateway_id"):
                 device = f"{device} (gateway {data['gateway_id']})"

@@ -24,6 +24,7 @@ from mqttsvc.processing import (
     DeviceStatus,
     Effect,
     Reading,
+    SiteDevicesStatus,
     TopicSeen,
 )
 
@@ -78,14 +79,19 @@ def device_ids(key: DeviceKey) -> tuple[str, ...]:
 def _upsert_devices(table: str, ids: tuple[str, ...]) -> str:
     id_columns = ", ".join(ids)
     id_arrays = ", ".join(["%s::text[]"] * len(ids))
-    newer = f"EXCLUDED.last_seen_at >= {table}.last_seen_at"
+    # What the device says follows its own newest ts (a row from before
+    # reported_at existed counts its receive time); a tie goes to the later
+    # batch, which holds the later arrival.
+    newer = (
+        f"EXCLUDED.reported_at >= COALESCE({table}.reported_at, {table}.last_seen_at, '-infinity')"
+    )
     return f"""
 INSERT INTO {table} (site_id, {id_columns}, status, first_seen_at, last_seen_at, last_payload,
-                     reported_status, heartbeat_interval)
-SELECT s, {id_columns}, 'online', f, l, p::jsonb, rs, hi
+                     reported_status, heartbeat_interval, reported_at)
+SELECT s, {id_columns}, 'online', f, l, p::jsonb, rs, hi, ra
 FROM unnest(%s::text[], {id_arrays}, %s::timestamptz[], %s::timestamptz[], %s::text[],
-            %s::text[], %s::float8[])
-    AS t(s, {id_columns}, f, l, p, rs, hi)
+            %s::text[], %s::float8[], %s::timestamptz[])
+    AS t(s, {id_columns}, f, l, p, rs, hi, ra)
 ON CONFLICT (site_id, {id_columns}) DO UPDATE SET
     first_seen_at = LEAST({table}.first_seen_at, EXCLUDED.first_seen_at),
     last_payload = CASE WHEN {newer} THEN EXCLUDED.last_payload ELSE {table}.last_payload END,
@@ -95,6 +101,7 @@ ON CONFLICT (site_id, {id_columns}) DO UPDATE SET
     heartbeat_interval = CASE WHEN {newer} THEN COALESCE(EXCLUDED.heartbeat_interval,
                                                          {table}.heartbeat_interval)
                               ELSE {table}.heartbeat_interval END,
+    reported_at = CASE WHEN {newer} THEN EXCLUDED.reported_at ELSE {table}.reported_at END,
     last_seen_at = GREATEST({table}.last_seen_at, EXCLUDED.last_seen_at)
 """
 
@@ -112,6 +119,19 @@ WHERE {matches}
 
 _UPSERT_DEVICES = {kind: _upsert_devices(*spec) for kind, spec in DEVICE_TABLES.items()}
 _UPDATE_DEVICE_STATUS = {kind: _update_device_status(*spec) for kind, spec in DEVICE_TABLES.items()}
+
+
+def _update_site_devices(table: str) -> str:
+    # Set-based: a site of 300,000 devices is one statement per table
+    # (rows already in the status are left alone), not arrays of ids.
+    return f"""
+UPDATE {table} AS d SET status = u.status, known_status = d.status
+FROM unnest(%s::text[], %s::text[]) AS u(site_id, status)
+WHERE d.site_id = u.site_id AND d.status <> u.status
+"""
+
+
+_UPDATE_SITE_DEVICES = {kind: _update_site_devices(spec[0]) for kind, spec in DEVICE_TABLES.items()}
 
 _UPSERT_TOPICS = """
 INSERT INTO discovered_topic (site_id, topic_path, first_seen_at, last_seen_at, message_count)
@@ -143,9 +163,10 @@ MAX_REASON = 1000
 TOPIC_RAW_KEEP = 4 * MAX_TOPIC_BYTES
 
 _INSERT_DEVICE_EVENTS = """
-INSERT INTO device_event (site_id, kind, device_id, gateway_id, at, from_status, to_status, reason)
+INSERT INTO device_event (site_id, kind, device_id, gateway_id, at, from_status, to_status, reason,
+                          devices)
 SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[],
-                     %s::text[], %s::text[], %s::text[])
+                     %s::text[], %s::text[], %s::text[], %s::integer[])
 """
 
 _INSERT_EVENTS = """
@@ -295,6 +316,9 @@ class _Fold:
         self.topics: dict[tuple[str, str], list[Any]] = {}
         self.devices: dict[str, dict[tuple[str, ...], list[Any]]] = {k: {} for k in DEVICE_TABLES}
         self.statuses: dict[str, dict[tuple[str, ...], str]] = {k: {} for k in DEVICE_TABLES}
+        #: Site-wide changes (the latest per site), written before the
+        #: per-device ones, which came after them.
+        self.site_statuses: dict[str, str] = {}
         self.device_events: list[tuple[Any, ...]] = []
         # sensor_reading's columns.
         self.r_site: list[str] = []
@@ -337,41 +361,64 @@ class _Fold:
                 key = (effect.site_id, effect.device_id)
             rows = self.devices[effect.kind]
             row = rows.get(key)
+            at = effect.at
+            ts = effect.ts or at
             if row is None:
-                rows[key] = [
-                    effect.at,
-                    effect.at,
-                    effect.payload,
-                    effect.reported_status,
-                    effect.interval,
-                ]
+                rows[key] = [at, at, effect.payload, effect.reported_status, effect.interval, ts]
             else:
-                if effect.at < row[0]:
-                    row[0] = effect.at
-                if effect.at >= row[1]:
-                    # A heartbeat that does not repeat its status or interval
-                    # leaves the last known ones, as the upsert does.
-                    row[1:] = [
-                        effect.at,
+                if at < row[0]:
+                    row[0] = at
+                if at > row[1]:
+                    row[1] = at
+                if ts >= row[5]:
+                    # The device's own newest ts wins (a tie: the later
+                    # arrival).  A heartbeat that does not repeat its status
+                    # or interval leaves the last known ones, as the upsert
+                    # does.
+                    row[2:] = [
                         effect.payload,
                         effect.reported_status or row[3],
                         effect.interval or row[4],
+                        ts,
                     ]
         elif kind is DeviceStatus:
             assert isinstance(effect, DeviceStatus)
             device = effect.key
             # Effects arrive in the order they happened: the last one wins.
             self.statuses[device.kind][(device.site_id, *device_ids(device))] = effect.status
+            if effect.recorded:
+                self.device_events.append(
+                    (
+                        device.site_id,
+                        device.kind,
+                        device.device_id,
+                        device.gateway_id,
+                        effect.at,
+                        effect.from_status,
+                        effect.status,
+                        effect.reason,
+                        None,
+                    )
+                )
+        elif kind is SiteDevicesStatus:
+            assert isinstance(effect, SiteDevicesStatus)
+            site_id = effect.site_id
+            # It overrides the site's per-device changes before it.
+            for changes in self.statuses.values():
+                for ids in [ids for ids in changes if ids[0] == site_id]:
+                    del changes[ids]
+            self.site_statuses[site_id] = effect.status
             self.device_events.append(
                 (
-                    device.site_id,
-                    device.kind,
-                    device.device_id,
-                    device.gateway_id,
+                    site_id,
+                    "site",
+                    None,
+                    None,
                     effect.at,
-                    effect.from_status,
+                    None,
                     effect.status,
                     effect.reason,
+                    effect.devices,
                 )
             )
         else:
@@ -433,8 +480,15 @@ def batch_statements(
                 text_array(r[2] for r in rows),
                 text_array(r[3] for r in rows),
                 number_array(r[4] for r in rows),
+                times(r[5] for r in rows),
             )
-    # After the upserts, so that a device first seen in this batch exists.
+    # After the upserts, so that a device first seen in this batch exists;
+    # site-wide changes first, since the per-device ones left are later.
+    if fold.site_statuses:
+        sites = text_array(fold.site_statuses)
+        to_status = text_array(fold.site_statuses.values())
+        for kind in DEVICE_TABLES:
+            statement(_UPDATE_SITE_DEVICES[kind], sites, to_status)
     for kind, changes in fold.statuses.items():
         if changes:
             statement(
@@ -443,7 +497,7 @@ def batch_statements(
                 text_array(changes.values()),
             )
     if fold.device_events:
-        s, k, d, g, at, fr, to, why = _columns(fold.device_events)
+        s, k, d, g, at, fr, to, why, n = _columns(fold.device_events)
         statement(
             _INSERT_DEVICE_EVENTS,
             text_array(s),
@@ -454,6 +508,7 @@ def batch_statements(
             text_array(fr),
             text_array(to),
             text_array(why),
+            number_array(n),
         )
     if fold.r_site:
         statement(

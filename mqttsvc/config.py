@@ -221,6 +221,19 @@ DEFAULT_GRACE = 2.5
 #: The largest payload processed, in bytes; larger ones are dead-lettered.
 DEFAULT_MAX_PAYLOAD = 256 * 1024
 
+#: Seconds a message's own C{ts} may be ahead of its receive time (clocks
+#: drift); a message further in the future is a dead letter, never clamped.
+DEFAULT_MAX_CLOCK_SKEW = 300.0
+
+#: Devices a site may have unless its C{max_devices} says otherwise; a new
+#: device id beyond it is a dead letter.  Each known device costs about
+#: 330 bytes of the service's memory (the offline detector's entry, measured
+#: by C{python -m bench device-memory}).
+DEFAULT_MAX_DEVICES = 100_000
+
+#: The largest device limit a site (or --max-devices) may set.
+MAX_DEVICES_LIMIT = 100_000_000
+
 #: The most of a dead letter's payload that is kept, in bytes; its full size
 #: and SHA-256 are kept beside it.  Also what the transport keeps of a
 #: payload over the limit while it discards the rest unread into memory.
@@ -378,6 +391,14 @@ class SiteConfig:
     status_topic: str | None = attrs.field(default=None, validator=_check_topic_name)
     offline: OfflinePolicy = attrs.field(factory=OfflinePolicy)
     tls: TlsSettings | None = attrs.field(default=None)
+    #: How many devices the site may have; None: the service's
+    #: C{--max-devices} (L{DEFAULT_MAX_DEVICES}).
+    max_devices: int | None = attrs.field(default=None)
+
+    @max_devices.validator
+    def _check_max_devices(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            _check_int_range(1, MAX_DEVICES_LIMIT)(self, attribute, value)
 
     @topics.validator
     def _check_topics(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -404,9 +425,10 @@ class SiteConfig:
     def connection_differs(self, other: SiteConfig) -> bool:
         """
         Whether going from this configuration to C{other} needs a new
-        connection (anything but the subscriptions changed).
+        connection (anything but the subscriptions and the device limit
+        changed).
         """
-        return attrs.evolve(self, topics=other.topics) != other
+        return attrs.evolve(self, topics=other.topics, max_devices=other.max_devices) != other
 
 
 def topics_from_params(site_id: str, raw: Iterable[Any] | None) -> tuple[TopicSubscription, ...]:

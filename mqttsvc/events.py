@@ -117,18 +117,21 @@ async def record_operator_action(
     )
 
 
-async def record_service_event(pool: ConnectionPool, problem: str, **details: Any) -> None:
+async def record_service_event(
+    pool: ConnectionPool, problem: str, site_id: str | None = None, **details: Any
+) -> None:
     """
     Record something the service itself ran into (a write lane that cannot
-    commit, and its recovery) as a C{service} event.
+    commit, and its recovery; a site that reached its device limit) as a
+    C{service} event, of one site or of none.
 
     Written through C{pool}, not through the writer whose trouble it may
     report.
     """
     data = {"problem": problem, **details}
     await pool.operation(
-        "INSERT INTO event_log (type, site_id, at, data) VALUES ('service', NULL, %s, %s)",
-        (datetime.now(UTC), Json(data)),
+        "INSERT INTO event_log (type, site_id, at, data) VALUES ('service', %s, %s, %s)",
+        (site_id, datetime.now(UTC), Json(data)),
     )
 
 

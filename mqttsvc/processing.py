@@ -17,7 +17,13 @@ from typing import Any, NamedTuple
 
 import attrs
 
-from mqttsvc.config import DEFAULT_MAX_PAYLOAD, KIND_IDS, MAX_TOPIC_BYTES, TopicSubscription
+from mqttsvc.config import (
+    DEFAULT_MAX_CLOCK_SKEW,
+    DEFAULT_MAX_PAYLOAD,
+    KIND_IDS,
+    MAX_TOPIC_BYTES,
+    TopicSubscription,
+)
 
 #: Device kind of each message kind that has one.
 DEVICE_KIND = {
@@ -58,6 +64,9 @@ class DeviceSeen:
     @ivar payload: the message's JSON object, as the text it came in.
     @ivar reported_status: the heartbeat's own C{status} field.
     @ivar interval: seconds until the next heartbeat is due, if it said.
+    @ivar ts: the message's own time, when it gave one (else the receive
+        time stands for it): the stored payload and reported status follow
+        the newest; liveness follows the receive time C{at}.
     """
 
     site_id: str
@@ -68,6 +77,7 @@ class DeviceSeen:
     payload: str
     reported_status: str | None = None
     interval: float | None = None
+    ts: datetime | None = None
 
     @property
     def key(self) -> DeviceKey:
@@ -93,6 +103,10 @@ class DeviceKey(NamedTuple):
 class DeviceStatus:
     """
     A device's liveness changed (online, offline or unknown), and why.
+
+    @ivar recorded: whether it is an event; not when a device only returns
+        to the status it had before its site made it unknown (its row is
+        updated all the same).
     """
 
     key: DeviceKey
@@ -100,6 +114,24 @@ class DeviceStatus:
     status: str
     at: datetime
     reason: str
+    recorded: bool = True
+
+
+@attrs.frozen
+class SiteDevicesStatus:
+    """
+    Every device of a site changed to one status at once (unknown, when
+    its connection is lost or mqttsvc starts), and why: one event and one
+    statement per table, however many devices the site has.
+
+    @ivar devices: how many devices changed.
+    """
+
+    site_id: str
+    status: str
+    at: datetime
+    reason: str
+    devices: int
 
 
 @attrs.frozen
@@ -141,7 +173,7 @@ class DeadLetter:
     sha256: bytes | None = None
 
 
-Effect = TopicSeen | DeviceSeen | Reading | DeadLetter | DeviceStatus
+Effect = TopicSeen | DeviceSeen | Reading | DeadLetter | DeviceStatus | SiteDevicesStatus
 
 
 class _Compiled:
@@ -405,10 +437,29 @@ def _heartbeat(fields: dict[str, Any]) -> tuple[str | None, float | None]:
     return status, None if interval is None else float(interval)
 
 
+def _message_ts(fields: dict[str, Any], received: datetime, max_skew: float) -> datetime:
+    """
+    A message's own time (see L{parse_ts}), refused when it is more than
+    C{max_skew} seconds ahead of the receive time: a clock that far ahead
+    is wrong, and its readings would sort after every true one.
+    """
+    value = fields.get("ts")
+    if value is None:
+        return received
+    ts = parse_ts(value, received)
+    if ts > received:
+        ahead = (ts - received).total_seconds()
+        if ahead > max_skew:
+            raise Rejected(
+                f"ts {_quote(value)} is {ahead:.0f}s ahead of the receive time; at most "
+                f"{max_skew:g}s is allowed (--max-clock-skew)"
+            )
+    return ts
+
+
 def _readings(
-    site_id: str, sensor_id: str, fields: dict[str, Any], received: datetime
+    site_id: str, sensor_id: str, fields: dict[str, Any], received: datetime, ts: datetime
 ) -> list[Reading]:
-    ts = parse_ts(fields.get("ts"), received)
     unit = fields.get("unit")
     if unit is not None and (not isinstance(unit, str) or len(unit) > 32):
         raise Rejected("unit must be a string of at most 32 characters")
@@ -448,6 +499,7 @@ def process(
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     size: int | None = None,
     sha256: bytes | None = None,
+    max_skew: float = DEFAULT_MAX_CLOCK_SKEW,
 ) -> list[Effect]:
     """
     The effects of one message received at C{at}.
@@ -459,6 +511,7 @@ def process(
     @param size: the payload's full size when C{payload} is only its
         beginning (the transport discards the rest of a payload over the
         limit as it reads it); C{sha256} is then the full payload's hash.
+    @param max_skew: seconds a message's C{ts} may be ahead of C{at}.
     """
     problem = topic_problem(topic)
     if problem is not None:
@@ -487,17 +540,20 @@ def process(
         if len(payload) > max_payload:
             raise Rejected(f"payload of {len(payload)} bytes is over the limit of {max_payload}")
         fields, text = _decode_object(payload)
+        ts = _message_ts(fields, at, max_skew)
+        own_ts = None if ts is at else ts
         if device_kind == "sensor":
             sensor_id = ids["sensor_id"]
-            readings = _readings(site_id, sensor_id, fields, at)
+            readings = _readings(site_id, sensor_id, fields, at, ts)
             if retained and "ts" not in fields:
                 readings = []
             if not retained:
-                effects.append(DeviceSeen(site_id, "sensor", None, sensor_id, at, text))
+                effects.append(
+                    DeviceSeen(site_id, "sensor", None, sensor_id, at, text, None, None, own_ts)
+                )
             effects.extend(readings)
         else:
             status, interval = _heartbeat(fields)
-            parse_ts(fields.get("ts"), at)  # validated; liveness uses the receive time
             if not retained:
                 effects.append(
                     DeviceSeen(
@@ -509,6 +565,7 @@ def process(
                         text,
                         status,
                         interval,
+                        own_ts,
                     )
                 )
     except Rejected as e:

@@ -30,8 +30,14 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mqttsvc.batch import ConnectionEvent, StatusUpdate
-from mqttsvc.config import DEFAULT_MAX_PAYLOAD, SiteConfig, TopicSubscription
-from mqttsvc.offline import OfflineDetector
+from mqttsvc.config import (
+    DEFAULT_MAX_CLOCK_SKEW,
+    DEFAULT_MAX_DEVICES,
+    DEFAULT_MAX_PAYLOAD,
+    SiteConfig,
+    TopicSubscription,
+)
+from mqttsvc.offline import DeviceLimit, OfflineDetector
 from mqttsvc.processing import DeadLetter, DeviceSeen, Router, TopicSeen, process, topic_problem
 from mqttsvc.summary import Summary
 from mqttsvc.transport import (
@@ -559,6 +565,11 @@ class SiteService(Service):
     @param max_payload: payloads larger than this (bytes) are dead letters;
         the transport holds no more of one than
         L{mqttsvc.config.DEAD_LETTER_KEEP}.
+    @param max_clock_skew: seconds a message's C{ts} may be ahead of its
+        receive time; further ahead it is a dead letter.
+    @param max_devices: devices the site may have unless its own
+        C{max_devices} says; a message of a new device beyond it is a dead
+        letter.
     @param connect_threads: the pool for the blocking connect (the
         L{mqttsvc.transport.ConnectThreads} pool; the reactor's when None).
     """
@@ -580,10 +591,15 @@ class SiteService(Service):
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         client_factory: Callable[..., BrokerClient] = MQTTClient,
         connect_threads: ThreadPool | None = None,
+        max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
+        max_devices: int = DEFAULT_MAX_DEVICES,
     ) -> None:
         self.name = config.site_id
         self._devices = devices
         self._max_payload = max_payload
+        self._max_clock_skew = max_clock_skew
+        self._default_max_devices = max_devices
+        self._max_devices = config.max_devices or max_devices
         self.config = config
         self._clock: IReactorTime = reactor
         self._writer = writer
@@ -735,6 +751,15 @@ class SiteService(Service):
         elif self.running and not self._pressed:
             self._core.client.resume()
 
+    def set_max_devices(self, max_devices: int | None) -> None:
+        """
+        Change the site's device limit (None: the service's); devices
+        already tracked stay.
+        """
+        self.config = attrs.evolve(self.config, max_devices=max_devices)
+        self._core.config = self.config
+        self._max_devices = max_devices or self._default_max_devices
+
     def update_topics(self, topics: tuple[TopicSubscription, ...]) -> None:
         """
         Change the subscriptions without reconnecting: drop the removed
@@ -777,6 +802,7 @@ class SiteService(Service):
                 # Only a cut payload (it has a hash) has a size of its own.
                 size=message.size if message.sha256 is not None else None,
                 sha256=message.sha256,
+                max_skew=self._max_clock_skew,
             )
         except Exception as e:
             # A bug, not bad input (that is a dead letter already): keep the
@@ -793,6 +819,23 @@ class SiteService(Service):
             effects = [DeadLetter(self.config.site_id, message.topic, message.payload, reason, now)]
             if topic_problem(message.topic) is None:
                 effects.insert(0, TopicSeen(self.config.site_id, message.topic, now))
+        if self._devices is not None and type(effects[-1]) is not DeadLetter:
+            policy = self.config.offline
+            try:
+                for effect in list(effects):
+                    if isinstance(effect, DeviceSeen):
+                        interval = effect.interval or policy.interval(effect.kind)
+                        change = self._devices.seen(
+                            effect.key, interval, policy.grace, self._max_devices
+                        )
+                        if change is not None:
+                            effects.append(change)
+            except DeviceLimit as e:
+                # No device, no readings, not even the topic: a site that
+                # invents device ids must not grow anything but dead letters.
+                effects = [
+                    DeadLetter(self.config.site_id, message.topic, message.payload, str(e), now)
+                ]
         last = effects[-1]
         if type(last) is DeadLetter:
             self.messages_rejected += 1
@@ -805,14 +848,6 @@ class SiteService(Service):
                     reason=last.reason,
                 )
             )
-        elif self._devices is not None:
-            policy = self.config.offline
-            for effect in list(effects):
-                if isinstance(effect, DeviceSeen):
-                    interval = effect.interval or policy.interval(effect.kind)
-                    change = self._devices.seen(effect.key, interval, policy.grace)
-                    if change is not None:
-                        effects.append(change)
         self.uncommitted += 1
         self._writer.queue(effects, self, message, len(message.payload) + len(message.topic))
 

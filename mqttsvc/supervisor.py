@@ -18,7 +18,7 @@ in each connection status, updated on every reconcile and state change.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -29,9 +29,14 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mqttsvc.batch import ConnectionEvent
-from mqttsvc.config import DEFAULT_MAX_PAYLOAD, OfflinePolicy
+from mqttsvc.config import (
+    DEFAULT_MAX_CLOCK_SKEW,
+    DEFAULT_MAX_DEVICES,
+    DEFAULT_MAX_PAYLOAD,
+    OfflinePolicy,
+)
 from mqttsvc.offline import OfflineDetector
-from mqttsvc.processing import DeviceKey, DeviceStatus
+from mqttsvc.processing import DeviceKey, Effect
 from mqttsvc.site import PROBE_INTERVAL, SiteService, SiteState
 from mqttsvc.store import SiteRow, Store
 
@@ -75,6 +80,8 @@ class SiteSupervisor(MultiService):
 
     @param instance: this mqttsvc instance's name, part of every client id.
     @param connect_threads: the pool the sites' blocking connects run in.
+    @param max_clock_skew: seconds a message's C{ts} may be ahead.
+    @param max_devices: devices a site may have unless it says otherwise.
     """
 
     log = Logger()
@@ -91,11 +98,15 @@ class SiteSupervisor(MultiService):
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         site_factory: Callable[..., SiteService] = SiteService,
         connect_threads: ThreadPool | None = None,
+        max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
+        max_devices: int = DEFAULT_MAX_DEVICES,
     ) -> None:
         super().__init__()
         self._max_payload = max_payload
+        self._max_clock_skew = max_clock_skew
+        self._max_devices = max_devices
         self._connect_threads = connect_threads
-        self.devices = OfflineDetector(reactor, self._devices_changed)
+        self.devices = OfflineDetector(reactor, self._devices_changed, self._device_limit)
         # The devices are loaded once, before any site is started, however
         # many reconciliations ask for them at once (the monitor's first
         # pass, the configuration listener's resync, a notification).
@@ -217,10 +228,10 @@ class SiteSupervisor(MultiService):
         """
         default = OfflinePolicy()
         known = []
-        for key, status, interval in await self._store.load_devices():
+        for key, status, interval, before in await self._store.load_devices():
             row = rows.get(key.site_id)
             policy = row.config.offline if row is not None else default
-            known.append((key, status, interval or policy.interval(key.kind)))
+            known.append((key, status, interval or policy.interval(key.kind), before))
         self._devices_changed(self.devices.load(known, "mqttsvc started"))
         self._devices_loaded = True
         self.log.info("tracking {count} known devices", count=len(known))
@@ -239,7 +250,17 @@ class SiteSupervisor(MultiService):
             else:
                 site.resume_reading()
 
-    def _devices_changed(self, changes: list[DeviceStatus]) -> None:
+    def _device_limit(self, site_id: str, limit: int, device: DeviceKey) -> None:
+        self.log.error(
+            "site {site_id} has reached its limit of {limit} devices: new device ids are dead "
+            "letters from now on (the first: {device})",
+            site_id=site_id,
+            limit=limit,
+            device=device,
+        )
+        self._store.device_limit_reached(site_id, limit, device)
+
+    def _devices_changed(self, changes: Sequence[Effect]) -> None:
         if not changes:
             return
         written = self._store.writer.submit(list(changes))
@@ -308,9 +329,12 @@ class SiteSupervisor(MultiService):
                 self.log.info("site {site_id} changed: reconnecting", site_id=site_id)
                 await current.disownServiceParent()
                 self._attach(row, resume=False)
-            elif current.config.topics != row.config.topics:
-                self.log.info("site {site_id} subscriptions changed", site_id=site_id)
-                current.update_topics(row.config.topics)
+            else:
+                if current.config.topics != row.config.topics:
+                    self.log.info("site {site_id} subscriptions changed", site_id=site_id)
+                    current.update_topics(row.config.topics)
+                if current.config.max_devices != row.config.max_devices:
+                    current.set_max_devices(row.config.max_devices)
         finally:
             self._recount(site_id)
             lock.release()
@@ -373,6 +397,8 @@ class SiteSupervisor(MultiService):
             devices=self.devices,
             max_payload=self._max_payload,
             connect_threads=self._connect_threads,
+            max_clock_skew=self._max_clock_skew,
+            max_devices=self._max_devices,
         )
         site.setServiceParent(self)
         if self._store.writer.lane(row.config.site_id).pressing:
@@ -393,9 +419,9 @@ class SiteSupervisor(MultiService):
             grace = site.config.offline.grace if site is not None else OfflinePolicy().grace
             self.devices.site_up(event.site_id, grace)
         elif event.from_state == "connected":
-            self._devices_changed(
-                self.devices.site_down(event.site_id, f"site connection {event.to_state}")
-            )
+            down = self.devices.site_down(event.site_id, f"site connection {event.to_state}")
+            if down is not None:
+                self._devices_changed([down])
 
     def site(self, site_id: str) -> SiteService | None:
         """

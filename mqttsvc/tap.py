@@ -24,7 +24,13 @@ from twisted.python import usage
 
 from mqttsvc import database, logs
 from mqttsvc.alerts import LIMIT, AlertDispatcher, AlertRules, describe_url, http_post
-from mqttsvc.config import DEFAULT_MAX_PAYLOAD, ConfigError
+from mqttsvc.config import (
+    DEFAULT_MAX_CLOCK_SKEW,
+    DEFAULT_MAX_DEVICES,
+    DEFAULT_MAX_PAYLOAD,
+    MAX_DEVICES_LIMIT,
+    ConfigError,
+)
 from mqttsvc.events import EventHub
 from mqttsvc.eventstream import HEARTBEAT, MAX_STREAMS, EventStreams
 from mqttsvc.health import readiness
@@ -71,6 +77,8 @@ _ENV = {
     "probe-interval": "MQTTSVC_PROBE_INTERVAL",
     "shutdown-deadline": "MQTTSVC_SHUTDOWN_DEADLINE",
     "max-payload": "MQTTSVC_MAX_PAYLOAD",
+    "max-clock-skew": "MQTTSVC_MAX_CLOCK_SKEW",
+    "max-devices": "MQTTSVC_MAX_DEVICES",
     "batch-size": "MQTTSVC_BATCH_SIZE",
     "batch-delay-ms": "MQTTSVC_BATCH_DELAY_MS",
     "write-connections": "MQTTSVC_WRITE_CONNECTIONS",
@@ -95,6 +103,8 @@ _NUMBERS = {
     "probe-interval": str(PROBE_INTERVAL),
     "shutdown-deadline": f"{SHUTDOWN_DEADLINE:g}",
     "max-payload": str(DEFAULT_MAX_PAYLOAD),
+    "max-clock-skew": f"{DEFAULT_MAX_CLOCK_SKEW:g}",
+    "max-devices": str(DEFAULT_MAX_DEVICES),
     "batch-size": "1000",
     "batch-delay-ms": "10",
     "write-connections": "2",
@@ -167,6 +177,20 @@ class Options(usage.Options):
             None,
             f"Largest payload processed, in bytes; larger ones are dead letters "
             f"[env MQTTSVC_MAX_PAYLOAD; default {DEFAULT_MAX_PAYLOAD}].",
+        ],
+        [
+            "max-clock-skew",
+            None,
+            None,
+            f"Seconds a message's ts may be ahead of its receive time; further ahead it is a "
+            f"dead letter [env MQTTSVC_MAX_CLOCK_SKEW; default {DEFAULT_MAX_CLOCK_SKEW:g}].",
+        ],
+        [
+            "max-devices",
+            None,
+            None,
+            f"Devices a site may have unless its max_devices says otherwise; a new device id "
+            f"beyond it is a dead letter [env MQTTSVC_MAX_DEVICES; default {DEFAULT_MAX_DEVICES}].",
         ],
         [
             "batch-size",
@@ -451,6 +475,7 @@ def check_values(options: Options) -> None:
         options[name] = _positive_number(name, options[name])
     for name in (
         "max-payload",
+        "max-devices",
         "batch-size",
         "alert-limit",
         "write-connections",
@@ -460,6 +485,8 @@ def check_values(options: Options) -> None:
         if options[name] != int(options[name]):
             raise ConfigError(name, "must be a whole number")
         options[name] = int(options[name])
+    if options["max-devices"] > MAX_DEVICES_LIMIT:
+        raise ConfigError("max-devices", f"must be a whole number from 1 to {MAX_DEVICES_LIMIT}")
     if options["alert-limit"] < 1:
         raise ConfigError("alert-limit", "must be a whole number of at least 1")
     if not 1 <= options["write-connections"] <= 16:
@@ -516,6 +543,8 @@ def buildService(
         probe_interval=options["probe-interval"],
         max_payload=options["max-payload"],
         connect_threads=connect_threads.pool,
+        max_clock_skew=options["max-clock-skew"],
+        max_devices=options["max-devices"],
     )
     supervisor.setServiceParent(root)
     ConfigListener(reactor, options["db"], supervisor.notified, supervisor.resync).setServiceParent(

@@ -43,7 +43,14 @@ from twisted.logger import Logger
 
 from mqttsvc.batch import ConnectionEvent, StatusUpdate, batch_statements
 from mqttsvc.pool import ConnectionPool, is_rejection
-from mqttsvc.processing import DeadLetter, DeviceSeen, DeviceStatus, Effect, TopicSeen
+from mqttsvc.processing import (
+    DeadLetter,
+    DeviceSeen,
+    DeviceStatus,
+    Effect,
+    SiteDevicesStatus,
+    TopicSeen,
+)
 
 #: The most bytes of messages written in one batch (their payloads and
 #: topics, plus L{MESSAGE_OVERHEAD} each): every statement stays far below
@@ -637,6 +644,8 @@ def _text_size(effect: Effect) -> int:
         return len(effect.device_id) + len(effect.payload)
     if isinstance(effect, TopicSeen | DeadLetter):
         return len(effect.topic) + len(effect.payload)
+    if isinstance(effect, SiteDevicesStatus):
+        return len(effect.reason)
     return 0
 
 

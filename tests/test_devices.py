@@ -211,11 +211,27 @@ async def test_offline_then_unknown_then_grace(
 
     private_broker.stop()
     await eventually(lambda: len(transitions()) == 3, what="unknown while disconnected")
-    assert transitions()[2][:2] == ("offline", "unknown")
+    # A site-wide change: one summary row (no device, no former status).
+    assert transitions()[2][:2] == (None, "unknown")
+    assert query(
+        sql,
+        "SELECT kind, device_id, devices FROM device_event WHERE site_id = %s AND id = "
+        "(SELECT max(id) FROM device_event WHERE site_id = %s)",
+        site_id,
+        site_id,
+    ) == [("site", None, 1)]
     assert query(sql, "SELECT status FROM gateway WHERE site_id = %s", site_id) == [("unknown",)]
     private_broker.start()
-    await eventually(lambda: len(transitions()) == 4, within=15, what="offline after the grace")
-    assert transitions()[3][:2] == ("unknown", "offline")
+    # Offline again after its grace: the status it had before its site went,
+    # so its row changes without an event of its own.
+    await eventually(
+        lambda: (
+            query(sql, "SELECT status FROM gateway WHERE site_id = %s", site_id) == [("offline",)]
+        ),
+        within=15,
+        what="offline after the grace",
+    )
+    assert len(transitions()) == 3
 
 
 @pytest_twisted.ensureDeferred
@@ -345,7 +361,14 @@ async def test_restart_rebuilds_deadlines(
             "ORDER BY id",
             site_id,
         )
-        assert reasons == [("message received",), ("site connection stopping",)]
+        assert reasons == [("message received",)]
+        # Its change to unknown at the stop is in the site's summary.
+        assert query(
+            sql,
+            "SELECT kind, to_status, reason, devices FROM device_event WHERE site_id = %s "
+            "AND device_id IS NULL ORDER BY id",
+            site_id,
+        ) == [("site", "unknown", "site connection stopping", 2)]
     finally:
         await second.stop()
 
@@ -358,7 +381,10 @@ async def test_known_devices_go_offline_after_every_restart(
     20,000 known devices (inserted by SQL) and a probe that speaks go
     offline on time after each of three restarts, with a resync racing the
     first reconciliation: the devices are loaded once, before the site
-    connects, and none is left without a deadline.
+    connects, and none is left without a deadline.  Each restart is one
+    summary event for the site (and its stop another), not one per
+    device: a device offline before and offline again after its grace has
+    no event of its own.
     """
     from twisted.internet import reactor
 
@@ -401,13 +427,22 @@ async def test_known_devices_go_offline_after_every_restart(
             await service.supervisor.whenLoaded()
             await publish([(f"{site_id}/gateway/probe/heartbeat", j({"status": "ok"}))])
             await eventually(
-                lambda expected=(restart + 1) * count: went_offline() == expected,
+                lambda: offline() == count + 1,
                 within=30,
-                what=f"every known device offline again (restart {restart})",
+                what=f"every known device and the probe offline again (restart {restart})",
             )
-            await eventually(
-                lambda: offline() == count + 1, within=30, what=f"the probe offline too ({restart})"
+            assert went_offline() == 0
+            summaries = query(
+                sql,
+                "SELECT reason, devices FROM device_event WHERE site_id = %s AND kind = 'site' "
+                "ORDER BY id",
+                site_id,
             )
+            # The first start makes every device unknown (one row); each
+            # stop makes them unknown again (one row), and the next start
+            # finds them unknown already (no row).
+            assert summaries[0] == ("mqttsvc started", count)
+            assert summaries[1:] == [("site connection stopping", count + 1)] * restart
             assert service.supervisor.devices_repaired == 0
             assert service.supervisor.devices.counts()["offline"] == count + 1
         finally:

@@ -5,10 +5,11 @@ disconnected, grace after reconnecting, restart rebuild, and scale.
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.task import Clock
 
-from mqttsvc.offline import OfflineDetector
-from mqttsvc.processing import DeviceKey, DeviceStatus
+from mqttsvc.offline import DeviceLimit, OfflineDetector
+from mqttsvc.processing import DeviceKey, DeviceStatus, SiteDevicesStatus
 
 GW = DeviceKey("s", "gateway", None, "gw-1")
 DL = DeviceKey("s", "datalogger", "gw-1", "dl-1")
@@ -57,7 +58,8 @@ def test_site_down_makes_devices_unknown_without_deadlines() -> None:
     d.seen(GW, 60, 2)
     d.seen(OTHER, 60, 2)
     down = d.site_down("s", "site connection waiting")
-    assert [(c.key, c.from_status, c.status) for c in down] == [(GW, "online", "unknown")]
+    assert down == SiteDevicesStatus("s", "unknown", down.at, "site connection waiting", 1)
+    assert d.site_down("s", "again") is None  # nothing changed: nothing to record
     clock.advance(10_000)
     assert [c.key for c in changes] == [OTHER]
     assert d.status(GW) == "unknown"
@@ -79,11 +81,14 @@ def test_reconnect_gives_a_grace_period() -> None:
 def test_rebuilt_after_a_restart() -> None:
     """Devices loaded from the database are watched once their site connects."""
     d, clock, changes = detector()
-    down = d.load([(GW, "online", 60.0), (DL, "offline", 300.0)], "mqttsvc started")
-    assert {(c.key, c.from_status, c.status) for c in down} == {
-        (GW, "online", "unknown"),
-        (DL, "offline", "unknown"),
-    }
+    down = d.load(
+        [(GW, "online", 60.0, None), (DL, "offline", 300.0, None), (OTHER, "unknown", 60.0, None)],
+        "mqttsvc started",
+    )
+    # One summary per site whose devices changed, with how many did.
+    assert [(c.site_id, c.status, c.reason, c.devices) for c in down] == [
+        ("s", "unknown", "mqttsvc started", 2)
+    ]
     d.site_up("s", 2)
     clock.advance(120)
     assert [c.key for c in changes] == [GW]
@@ -103,7 +108,7 @@ def test_a_late_load_merges_with_what_happened_since() -> None:
     d.site_up("s", 2)
     d.seen(GW, 60, 2)
     clock.advance(10)
-    down = d.load([(GW, "offline", 60.0), (other, "online", 100.0)], "mqttsvc started")
+    down = d.load([(GW, "offline", 60.0, None), (other, "online", 100.0, None)], "mqttsvc started")
     assert down == []
     assert d.status(GW) == "online" and d.deadline(GW) == clock.seconds() - 10 + 120
     assert d.deadline(other) == clock.seconds() + 200
@@ -122,7 +127,7 @@ def test_repair_finds_devices_of_a_site_up_without_a_deadline() -> None:
     d.site_up("s", 2)
     d.seen(GW, 60, 2)
     d.seen(DL, 60, 2)
-    d._devices[GW].deadline = None  # the bug: a deadline lost
+    d._sites["s"][GW].deadline = None  # the bug: a deadline lost
     found: list[DeviceKey] = []
     sweeps = list(d.repair(found, chunk=1))
     assert found == [GW] and len(sweeps) >= 1
@@ -188,3 +193,98 @@ def test_later_deadlines_leave_the_timer_alone() -> None:
         d.seen(DeviceKey("s", "sensor", None, f"s{i % 10}"), 60, 2)
     assert len(scheduled) == 1
     assert len(clock.getDelayedCalls()) == 1
+
+
+def test_a_site_is_capped_at_its_device_limit() -> None:
+    """
+    A new device of a site that has its limit of devices is refused (and
+    not tracked), the first refusal is reported once; devices already
+    known still speak, and other sites are not affected.
+    """
+    clock = Clock()
+    reached: list[tuple[str, int, DeviceKey]] = []
+    d = OfflineDetector(clock, lambda changes: None, lambda *args: reached.append(args))
+    keys = [DeviceKey("s", "sensor", None, f"x{i}") for i in range(3)]
+    for key in keys:
+        d.seen(key, 60, 2, limit=3)
+    extra = DeviceKey("s", "sensor", None, "x3")
+    for _ in range(2):
+        with pytest.raises(DeviceLimit, match="site has reached its limit of 3 devices"):
+            d.seen(extra, 60, 2, limit=3)
+    assert reached == [("s", 3, extra)]
+    assert d.status(extra) is None and d.site_count("s") == 3 and len(d) == 3
+    assert d.seen(keys[0], 60, 2, limit=3) is None  # known: still tracked
+    d.seen(OTHER, 60, 2, limit=3)
+    assert len(d) == 4
+    d.forget_site("s")
+    assert len(d) == 1
+    d.stop()
+
+
+def test_device_memory_is_bounded_per_device() -> None:
+    """
+    What one tracked device costs, measured: a key, its entry, a deadline
+    in the heap; strings shared as the store's load shares them.  It was
+    529 bytes (a set per site beside the dict, a sequence number per heap
+    entry, a fresh status string per device); the bound catches a return.
+    """
+    import gc
+    import tracemalloc
+
+    n = 20_000
+    gc.collect()
+    tracemalloc.start()
+    try:
+        d = OfflineDetector(Clock(), lambda changes: None)
+        site, kind = "site-" + str(1), "sen" + "sor"
+        d.load(
+            [
+                (DeviceKey(site, kind, None, f"sensor-{i:08d}"), "online", 900.0, None)
+                for i in range(n)
+            ],
+            "start",
+        )
+        d.site_up(site, 2.5)
+        gc.collect()
+        per_device = tracemalloc.get_traced_memory()[0] / n
+    finally:
+        tracemalloc.stop()
+    assert per_device < 380, per_device
+    d.stop()
+
+
+def test_returning_to_the_status_before_the_site_went_is_not_an_event() -> None:
+    """
+    After a site-wide unknown (its link lost, or a restart), a device that
+    comes back to the status it had before (online again, or offline again
+    at its deadline) changes its row without an event of its own; one that
+    comes back to another status is an event, as is every change after.
+    """
+    d, clock, changes = detector()
+    quiet = DeviceKey("s", "gateway", None, "quiet")
+    d.seen(GW, 60, 2)
+    d.seen(quiet, 60, 2)
+    clock.advance(120)  # both offline, recorded
+    assert [c.recorded for c in changes] == [True, True]
+    d.seen(GW, 60, 2)  # GW online again
+    changes.clear()
+    assert d.site_down("s", "down").devices == 2  # type: ignore[union-attr]
+    d.site_up("s", 2)
+    back = d.seen(GW, 60, 2)
+    assert back is not None and (back.from_status, back.status, back.recorded) == (
+        "unknown",
+        "online",
+        False,
+    )
+    clock.advance(120)
+    # quiet is offline again (no event); GW, silent, goes offline: an event.
+    assert {(c.key, c.from_status, c.recorded) for c in changes} == {
+        (quiet, "unknown", False),
+        (GW, "online", True),
+    }
+    # Restored from the database: stored unknown, offline before.
+    d2, clock2, changes2 = detector()
+    d2.load([(quiet, "unknown", 60.0, "offline"), (DL, "unknown", 60.0, None)], "started")
+    d2.site_up("s", 2)
+    clock2.advance(120)
+    assert {(c.key, c.recorded) for c in changes2} == {(quiet, False), (DL, True)}

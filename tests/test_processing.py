@@ -109,7 +109,7 @@ def test_sensor_value_and_values() -> None:
     """A single value is named 'value'; each entry of values is a reading of its own."""
     single = run("s/sensor/t1/data", {"ts": 1767225600, "value": 21.5, "unit": "°C"})
     ts = datetime(2026, 1, 1, tzinfo=UTC)
-    assert single[1] == DeviceSeen("s", "sensor", None, "t1", AT, single[1].payload)
+    assert single[1] == DeviceSeen("s", "sensor", None, "t1", AT, single[1].payload, None, None, ts)
     assert single[2:] == [Reading("s", "t1", ts, "value", 21.5, "°C", AT)]
     several = run("s/sensor/t2/data", {"ts": 1767225600000, "values": {"t": 1, "h": 55.5}})
     assert [(r.name, r.value, r.ts) for r in several[2:]] == [("t", 1.0, ts), ("h", 55.5, ts)]
@@ -307,3 +307,31 @@ def test_any_payload_is_processed_or_dead_lettered(topic: str) -> None:
                 assert reading.value == reading.value  # finite, never NaN
 
     check()
+
+
+def test_a_ts_too_far_ahead_is_a_dead_letter() -> None:
+    """
+    A ts more than max_skew seconds ahead of the receive time is a dead
+    letter saying by how much, for heartbeats and sensor data alike (never
+    clamped); one within the tolerance, or in the past, is the device's
+    own time, kept beside the receive time.
+    """
+    ahead = AT.timestamp() + 301
+    for topic, fields in (
+        ("s/sensor/t/data", {"value": 1}),
+        ("s/gateway/g/heartbeat", {"status": "ok"}),
+    ):
+        effects = run(topic, {**fields, "ts": ahead})
+        assert [type(e) for e in effects] == [TopicSeen, DeadLetter]
+        assert effects[1].reason == (
+            f"ts {ahead!r} is 301s ahead of the receive time; at most 300s is allowed "
+            "(--max-clock-skew)"
+        )
+        assert [type(e) for e in run(topic, {**fields, "ts": ahead}, max_skew=400)][1] is (
+            DeviceSeen
+        )
+        within = run(topic, {**fields, "ts": AT.timestamp() + 299})[1]
+        assert within.ts == datetime.fromtimestamp(AT.timestamp() + 299, UTC)
+        old = run(topic, {**fields, "ts": 3600})[1]
+        assert old.ts == datetime.fromtimestamp(3600, UTC) and old.at == AT
+        assert run(topic, fields)[1].ts is None  # no ts of its own: the receive time

@@ -452,3 +452,52 @@ def test_a_flooding_site_is_held_alone_and_a_quiet_one_never_pauses() -> None:
     assert flood.holds[-1] is False and flood.committed_count == flooded
     assert quiet.committed_count == 200
     assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_state_follows_the_newest_ts(db_dsn: str, sql: Any, site_id: str) -> None:
+    """
+    A heartbeat with an older ts (an hour old, or 1971) that arrives later
+    does not overwrite the payload and reported status of a newer one,
+    whether they meet in one batch or in two; liveness (last_seen_at)
+    still follows the receive time, and a tie in ts goes to the later
+    arrival.
+    """
+    from twisted.internet import reactor
+
+    pool = ConnectionPool(reactor, db_dsn, size=1)
+    writer = BatchWriter(reactor, pool)
+
+    def beat(device: str, at: datetime, ts: datetime | None, status: str) -> DeviceSeen:
+        return DeviceSeen(
+            site_id, "gateway", None, device, at, json.dumps({"s": status}), status, None, ts
+        )
+
+    hour_ago, y1971 = T0 - timedelta(hours=1), datetime(1971, 1, 1, tzinfo=UTC)
+    # Two batches: the newer ts first, the older ones later.
+    await writer.submit([beat("two", T0, T0, "new")])
+    await writer.submit([beat("two", T0 + timedelta(seconds=5), hour_ago, "old")])
+    await writer.submit([beat("two", T0 + timedelta(seconds=9), y1971, "older")])
+    # One batch: folded the same way.
+    await writer.submit(
+        [
+            beat("one", T0, T0, "new"),
+            beat("one", T0 + timedelta(seconds=5), hour_ago, "old"),
+            beat("one", T0 + timedelta(seconds=9), None, "no ts"),  # receive time: newest
+            beat("one", T0 + timedelta(seconds=9), y1971, "older"),
+        ]
+    )
+    # Equal ts: the later arrival wins.
+    await writer.submit([beat("tie", T0, T0, "first")])
+    await writer.submit([beat("tie", T0 + timedelta(seconds=1), T0, "second")])
+    pool.close()
+    assert rows(
+        sql,
+        "SELECT gateway_id, last_payload, reported_status, reported_at, last_seen_at "
+        "FROM gateway WHERE site_id = %s ORDER BY gateway_id",
+        site_id,
+    ) == [
+        ("one", {"s": "no ts"}, "no ts", T0 + timedelta(seconds=9), T0 + timedelta(seconds=9)),
+        ("tie", {"s": "second"}, "second", T0, T0 + timedelta(seconds=1)),
+        ("two", {"s": "new"}, "new", T0, T0 + timedelta(seconds=9)),
+    ]

@@ -1,0 +1,286 @@
+"""
+Device state at scale (issue 14) against the real broker and database:
+the per-site device limit (dead letters, one event, an alert), site-wide
+transitions as one summary event while every device's row still changes,
+device state that follows the newest ts, and ts too far ahead.
+
+Known devices are inserted by SQL: publishing tens of thousands would take
+longer than the behaviour under test.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest_twisted
+
+from mqttsvc.alerts import AlertRules
+from mqttsvc.events import Event
+from tests.conftest import BROKER_HOST, BROKER_PORT, PrivateBroker
+from tests.publish import publish
+from tests.service import RunningService
+from tests.test_devices import j, query
+from tests.waiting import eventually
+
+
+async def create_site(service: RunningService, site_id: str, **params: Any) -> None:
+    params = {"host": BROKER_HOST, "port": BROKER_PORT, **params}
+    await service.call("site.create", {"site_id": site_id, **params})
+
+
+async def site_with_known_devices(
+    db_dsn: str, sql: Any, site_id: str, table: str, status: str, count: int, **params: Any
+) -> None:
+    """
+    Create a site (with a service that then stops) and give it C{count}
+    known devices of one table, inserted by SQL.
+    """
+    from twisted.internet import reactor
+
+    first = RunningService(reactor, db_dsn)
+    await first.start()
+    await create_site(first, site_id, **params)
+    await first.stop()
+    with sql.cursor() as cur:
+        cur.execute(
+            f"INSERT INTO {table} (site_id, {table}_id, status, first_seen_at, last_seen_at) "
+            "SELECT %s, left(%s, 1) || i, %s, now(), now() FROM generate_series(1, %s) AS i",
+            (site_id, table, status, count),
+        )
+
+
+async def subscribed(service: RunningService, site_id: str) -> None:
+    async def up() -> bool:
+        status = await service.call("site.status", [site_id])
+        return bool(status["state"] == "connected" and status["subscriptions"])
+
+    await eventually(up, what=f"{site_id} connected and subscribed")
+
+
+def test_device_limit_and_site_summaries_raise_alerts() -> None:
+    """
+    A site that reaches its device limit raises a device_limit alert
+    naming the limit and the first refused device; with
+    --alert-device-offline, a site-wide change to offline is one alert
+    with the count, while a site-wide unknown (the link lost, which has
+    alerts of its own) raises none.
+    """
+    now = datetime.now(UTC)
+    limit = Event(
+        1,
+        "service",
+        "s",
+        now,
+        {"problem": "device_limit_reached", "limit": 5, "kind": "sensor", "device_id": "x6"},
+    )
+    alert = AlertRules().alert_for(limit)
+    assert alert is not None and alert.kind == "device_limit"
+    assert alert.text == (
+        "site s has reached its limit of 5 devices: messages of new device ids are dead letters "
+        "(the first: sensor x6)"
+    )
+    summary = {"kind": "site", "device_id": None, "gateway_id": None, "from": None}
+    unknown = Event(2, "device", "s", now, {**summary, "to": "unknown", "devices": 300_000})
+    assert AlertRules(device_offline=True).alert_for(unknown) is None
+    offline = Event(3, "device", "s", now, {**summary, "to": "offline", "devices": 7})
+    alert = AlertRules(device_offline=True).alert_for(offline)
+    assert alert is not None and alert.text == "7 devices of site s are offline"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_site_at_its_device_limit(
+    db_dsn: str, no_sites: None, sql: Any, site_id: str
+) -> None:
+    """
+    A site with 20,000 known sensors (inserted by SQL) and max_devices
+    20,000 (the service's --max-devices is larger): a message of a new
+    sensor is a dead letter saying so, with no device, reading or
+    discovered topic; the first refusal is one service event (and so an
+    alert), however many follow; known sensors still report.
+    """
+    from twisted.internet import reactor
+
+    count = 20_000
+    await site_with_known_devices(db_dsn, sql, site_id, "sensor", "offline", count)
+    with sql.cursor() as cur:
+        cur.execute(
+            "UPDATE mqtt_connection SET max_devices = %s WHERE site_id = %s", (count, site_id)
+        )
+    service = RunningService(reactor, db_dsn, "--max-devices", "50000")
+    started = time.monotonic()
+    await service.start()
+    try:
+        assert service.supervisor.devices.site_count(site_id) == count
+        await subscribed(service, site_id)
+        load_seconds = time.monotonic() - started
+        await publish(
+            [
+                (f"{site_id}/sensor/new-1/data", j({"value": 1})),
+                (f"{site_id}/sensor/new-2/data", j({"value": 2})),
+                (f"{site_id}/sensor/s7/data", j({"value": 7})),
+            ]
+        )
+
+        def landed() -> bool:
+            readings = query(
+                sql, "SELECT sensor_id FROM sensor_reading WHERE site_id = %s", site_id
+            )
+            dead = query(sql, "SELECT count(*) FROM dead_letter WHERE site_id = %s", site_id)
+            return readings == [("s7",)] and dead == [(2,)]
+
+        await eventually(landed, what="the known sensor's reading and two dead letters")
+        assert query(
+            sql, "SELECT topic, reason FROM dead_letter WHERE site_id = %s ORDER BY id", site_id
+        ) == [
+            (f"{site_id}/sensor/new-{i}/data", f"site has reached its limit of {count} devices")
+            for i in (1, 2)
+        ]
+        assert query(
+            sql,
+            "SELECT count(*) FROM sensor WHERE site_id = %s AND sensor_id LIKE 'new%%'",
+            site_id,
+        ) == [(0,)]
+        assert query(
+            sql,
+            "SELECT topic_path FROM discovered_topic WHERE site_id = %s",
+            site_id,
+        ) == [(f"{site_id}/sensor/s7/data",)]
+
+        def limit_events() -> list[tuple[Any, ...]]:
+            text = "SELECT data FROM event_log WHERE type = 'service' AND site_id = %s"
+            return query(sql, text, site_id)
+
+        await eventually(lambda: len(limit_events()) == 1, what="the device_limit_reached event")
+        [(data,)] = limit_events()
+        assert data == {
+            "problem": "device_limit_reached",
+            "limit": count,
+            "kind": "sensor",
+            "device_id": "new-1",
+            "gateway_id": None,
+        }
+        print(f"start-up with {count} known devices: {load_seconds:.2f}s")
+    finally:
+        await service.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_site_wide_change_is_one_event(
+    db_dsn: str, no_sites: None, sql: Any, site_id: str, private_broker: PrivateBroker
+) -> None:
+    """
+    30,000 known gateways (by SQL) online at a start: one summary event
+    ('mqttsvc started', 30,000 devices) in device_event and in the event
+    log, not 30,000, and every row unknown.  A gateway that speaks again
+    is online without an event of its own (it was online before); when
+    the link is lost, the site's devices that were online are one more
+    summary.
+    """
+    from twisted.internet import reactor
+
+    count = 30_000
+    await site_with_known_devices(
+        db_dsn, sql, site_id, "gateway", "online", count, port=private_broker.port
+    )
+    service = RunningService(reactor, db_dsn)
+    await service.start()
+    try:
+
+        def summaries() -> list[tuple[Any, ...]]:
+            return query(
+                sql,
+                "SELECT kind, device_id, from_status, to_status, reason, devices "
+                "FROM device_event WHERE site_id = %s ORDER BY id",
+                site_id,
+            )
+
+        def statuses() -> dict[str, int]:
+            return dict(
+                query(
+                    sql,
+                    "SELECT status, count(*) FROM gateway WHERE site_id = %s GROUP BY status",
+                    site_id,
+                )
+            )
+
+        await eventually(lambda: statuses() == {"unknown": count}, what="every gateway unknown")
+        assert summaries() == [("site", None, None, "unknown", "mqttsvc started", count)]
+        logged = query(
+            sql, "SELECT data FROM event_log WHERE type = 'device' AND site_id = %s", site_id
+        )
+        assert logged == [
+            (
+                {
+                    "kind": "site",
+                    "device_id": None,
+                    "gateway_id": None,
+                    "from": None,
+                    "to": "unknown",
+                    "reason": "mqttsvc started",
+                    "devices": count,
+                },
+            )
+        ]
+        await subscribed(service, site_id)
+        await publish([(f"{site_id}/gateway/g1/heartbeat", j({}))], port=private_broker.port)
+        await eventually(
+            lambda: statuses() == {"unknown": count - 1, "online": 1}, what="g1 online again"
+        )
+        assert len(summaries()) == 1  # back to its status from before: no event of its own
+        private_broker.stop()
+        await eventually(lambda: len(summaries()) == 2, what="the link-loss summary")
+        assert summaries()[1] == (
+            "site",
+            None,
+            None,
+            "unknown",
+            "site connection waiting",
+            1,
+        )
+        await eventually(lambda: statuses() == {"unknown": count}, what="g1 unknown again")
+    finally:
+        await service.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_state_follows_the_newest_ts_through_the_broker(
+    running: RunningService, sql: Any, site_id: str
+) -> None:
+    """
+    Heartbeats published newest first: the ones with an older ts (an hour
+    old, 1971) arrive later and do not overwrite the newest payload and
+    reported status; one a day ahead of the receive time is a dead letter
+    (--max-clock-skew, 300 s), as is a reading a day ahead.
+    """
+    await create_site(running, site_id)
+    await subscribed(running, site_id)
+    now = datetime.now(UTC)
+    topic = f"{site_id}/gateway/g/heartbeat"
+    await publish(
+        [
+            (topic, j({"ts": now.timestamp(), "status": "newest"})),
+            (topic, j({"ts": (now - timedelta(hours=1)).timestamp(), "status": "hour old"})),
+            (topic, j({"ts": "1971-01-01T00:00:00Z", "status": "1971"})),
+            (topic, j({"ts": (now + timedelta(days=1)).timestamp(), "status": "future"})),
+            (
+                f"{site_id}/sensor/t/data",
+                j({"ts": (now + timedelta(days=1)).isoformat(), "value": 1}),
+            ),
+        ]
+    )
+
+    def dead() -> list[tuple[Any, ...]]:
+        return query(sql, "SELECT reason FROM dead_letter WHERE site_id = %s ORDER BY id", site_id)
+
+    await eventually(lambda: len(dead()) == 2, what="two dead letters")
+    assert all("ahead of the receive time; at most 300s" in r for (r,) in dead())
+    [(payload, reported, reported_at)] = query(
+        sql,
+        "SELECT last_payload, reported_status, reported_at FROM gateway WHERE site_id = %s",
+        site_id,
+    )
+    assert (payload["status"], reported) == ("newest", "newest")
+    assert abs((reported_at - now).total_seconds()) < 0.001
+    assert query(sql, "SELECT count(*) FROM sensor_reading WHERE site_id = %s", site_id) == [(0,)]
