@@ -5,7 +5,18 @@ txpostgres runs one query at a time per connection and its own
 C{ConnectionPool} never replaces a connection that the server dropped.  This
 pool hands out idle connections in turn, opens them lazily, and throws a
 connection away when a query fails with a connection-level error, so that
-the next query gets a fresh one once the database is back.
+the next query gets a fresh one once the database is back.  An idle
+connection that the server closes (C{pg_terminate_backend}, a restart) is
+noticed as soon as its socket says so, and dropped; a read that still meets
+a dead connection is tried once more on a fresh one.  Connection-level
+failures leave the pool as L{DatabaseUnavailable}, whatever psycopg2 raised.
+
+txpostgres' C{reconnection.DeadConnectionDetector} is not used: it revives
+one long-lived connection in place, retrying forever on its own timers
+(against the global reactor unless given one) even when nobody needs the
+database.  A pool does better to forget a dead connection and open a new
+one on the next use; the listeners, which hold one connection for good,
+reconnect on their own terms (L{mqttsvc.notifications}).
 """
 
 from __future__ import annotations
@@ -60,6 +71,33 @@ def is_rejection(e: BaseException) -> bool:
     return isinstance(e, ValueError | TypeError | ArithmeticError)
 
 
+class _PooledConnection(txpostgres.Connection):  # type: ignore[misc]
+    """
+    A txpostgres connection that tells its pool when the server closes it
+    while it is idle.  Left to txpostgres, the error surfaces from the
+    reactor as an "Unhandled Error" traceback and the dead connection stays
+    in the pool until a caller meets it.
+    """
+
+    def __init__(
+        self, reactor: Any, cooperator: Cooperator, died: Callable[[Any, BaseException], None]
+    ) -> None:
+        super().__init__(reactor=reactor, cooperator=cooperator)
+        self._died = died
+
+    def doRead(self) -> None:
+        try:
+            super().doRead()
+        except Exception as e:
+            if not is_connection_error(e):
+                raise
+            self._died(self, e)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self._died(self, reason.value)
+
+
 class ConnectionPool:
     """
     Up to C{size} txpostgres connections to one database.
@@ -82,16 +120,31 @@ class ConnectionPool:
         self._closed = False
         self._all: set[txpostgres.Connection] = set()
 
-    async def _acquire(self) -> txpostgres.Connection:
-        if self._idle:
-            return self._idle.popleft()
-        conn = txpostgres.Connection(reactor=self._reactor, cooperator=self._cooperator)
+    async def _acquire(self, fresh: bool) -> tuple[txpostgres.Connection, bool]:
+        """
+        An idle connection (unless C{fresh}) or a new one, and whether it
+        was idle.
+        """
+        if self._idle and not fresh:
+            return self._idle.popleft(), True
+        conn = _PooledConnection(self._reactor, self._cooperator, self._idle_died)
         try:
             await conn.connect(self._dsn)
         except Exception as e:
             raise DatabaseUnavailable(_first_line(e)) from e
         self._all.add(conn)
-        return conn
+        return conn, False
+
+    def _idle_died(self, conn: txpostgres.Connection, error: BaseException) -> None:
+        if conn not in self._idle:
+            # In use (the caller hears of it) or already let go.
+            return
+        self._idle.remove(conn)
+        self.log.info(
+            "the database closed an idle connection ({error}); a new one opens when needed",
+            error=_first_line(error),
+        )
+        self._discard(conn)
 
     def _release(self, conn: txpostgres.Connection, broken: bool) -> None:
         if broken or self._closed:
@@ -107,25 +160,44 @@ class ConnectionPool:
             # Already closed underneath us: nothing left to release.
             pass
 
-    async def run(self, work: Callable[[txpostgres.Connection], Awaitable[T]]) -> T:
+    async def run(
+        self, work: Callable[[txpostgres.Connection], Awaitable[T]], retry: bool = False
+    ) -> T:
         """
         Run C{work} with a connection of its own.
 
-        @raise DatabaseUnavailable: when no connection could be opened.
+        @param retry: whether C{work} may run twice (it only reads): when an
+            idle connection turns out to be dead, it runs once more on a
+            fresh one.
+        @raise DatabaseUnavailable: when no connection could be opened, or
+            the connection broke.
         """
         if self._closed:
             raise DatabaseUnavailable("the connection pool is closed")
         await self._slots.acquire()
         try:
-            conn = await self._acquire()
-            broken = False
-            try:
-                return await work(conn)
-            except BaseException as e:
-                broken = is_connection_error(e)
-                raise
-            finally:
-                self._release(conn, broken)
+            fresh = False
+            while True:
+                conn, reused = await self._acquire(fresh)
+                broken = False
+                try:
+                    return await work(conn)
+                except BaseException as e:
+                    broken = is_connection_error(e)
+                    if not broken:
+                        raise
+                    if retry and reused and not self._closed:
+                        self.log.info(
+                            "a pooled connection was dead ({error}); reading again on a new one",
+                            error=_first_line(e),
+                        )
+                        fresh = True
+                        continue
+                    if isinstance(e, DatabaseUnavailable):
+                        raise
+                    raise DatabaseUnavailable(_first_line(e)) from e
+                finally:
+                    self._release(conn, broken)
         finally:
             self._slots.release()
 
@@ -138,7 +210,10 @@ class ConnectionPool:
             rows: list[tuple[Any, ...]] = await conn.runQuery(sql, params)
             return rows
 
-        return await self.run(work)
+        # Only a plain read may run twice: a DELETE ... RETURNING that did
+        # its work before the connection broke would answer "nothing" the
+        # second time.
+        return await self.run(work, retry=sql.lstrip()[:6].upper() == "SELECT")
 
     async def operation(self, sql: str, params: Any = None) -> None:
         """
