@@ -286,3 +286,46 @@ async def test_strings_are_checked_at_any_depth(value: Any) -> None:
     assert calls == []
     fine = await bounded({"jsonrpc": "2.0", "method": "notify", "params": [{"k": ["é ü 中"]}]})
     assert fine is None and calls == [Call("notify", {"what": {"k": ["é ü 中"]}}, "tester")]
+
+
+class Unavailable(Exception):
+    pass
+
+
+class ConnectionGone(Unavailable):
+    pass
+
+
+class ServerGone(ConnectionGone):
+    pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_registered_errors_are_mapped_by_class_hierarchy() -> None:
+    """
+    A subclass of a registered error gets its nearest registered base's RPC
+    error (it was a KeyError, hence -32603, when mapped by exact type).
+    """
+
+    async def fail_with(call: Call) -> Any:
+        raise {"base": Unavailable, "sub": ConnectionGone, "subsub": ServerGone}[
+            call.params["kind"]
+        ]("gone")
+
+    dispatcher = Dispatcher(
+        [Method("fail", fail_with, (Param("kind", "string"),))],
+        errors={
+            Unavailable: lambda e: RPCError(-32003, "Database unavailable"),
+            ConnectionGone: lambda e: RPCError(-32005, "Connection gone"),
+        },
+    )
+
+    async def code(kind: str) -> int:
+        body = {"jsonrpc": "2.0", "method": "fail", "params": {"kind": kind}, "id": 1}
+        answer = json.loads(await dispatcher.handle(json.dumps(body).encode(), "tester"))
+        result: int = answer["error"]["code"]
+        return result
+
+    assert await code("base") == -32003
+    assert await code("sub") == -32005
+    assert await code("subsub") == -32005

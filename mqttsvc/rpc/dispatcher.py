@@ -380,7 +380,7 @@ class Dispatcher:
         except tuple(self._errors) as e:
             if is_notification:
                 return None
-            return _error_response(id_, self._errors[type(e)](e))
+            return _error_response(id_, self._mapped(e))
         except Exception:
             self.log.failure(
                 "JSON-RPC method {method} failed (called by {caller})",
@@ -395,6 +395,17 @@ class Dispatcher:
         if is_notification:
             return None
         return {"jsonrpc": "2.0", "result": result, "id": id_}
+
+    def _mapped(self, e: Exception) -> RPCError:
+        """
+        The RPC error for C{e}: that of its nearest class (or base class)
+        among the registered ones, as C{except} picks its clause.
+        """
+        for cls in type(e).__mro__:
+            convert = self._errors.get(cls)
+            if convert is not None:
+                return convert(e)
+        raise AssertionError(f"{type(e).__name__} is not a registered error")
 
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
