@@ -71,7 +71,7 @@ def is_rejection(e: BaseException) -> bool:
     return isinstance(e, ValueError | TypeError | ArithmeticError)
 
 
-class _PooledConnection(txpostgres.Connection):  # type: ignore[misc]
+class _PooledConnection(txpostgres.Connection):
     """
     A txpostgres connection that tells its pool when the server closes it
     while it is idle.  Left to txpostgres, the error surfaces from the
