@@ -17,10 +17,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application import strports
-from twisted.application.service import IService
+from twisted.application.service import Application, IService
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from mqttsvc import database, logs
 from mqttsvc.alerts import LIMIT, AlertDispatcher, AlertRules, describe_url, http_post
@@ -353,7 +354,26 @@ class Options(usage.Options):
         if not self["no-gc-freeze"]:
             freeze = self._environ.get("MQTTSVC_GC_FREEZE", "1").strip().lower()
             self["no-gc-freeze"] = freeze in ("0", "false", "no")
+        if not self["migrate"]:
+            # Read here, not with the logger (which twistd may not let us
+            # install): tac/service.tac ignored MQTTSVC_MIGRATE (issue 15).
+            self["migrate"] = _truthy(self._environ.get("MQTTSVC_MIGRATE"))
         self._install_logger()
+
+    def log_settings(self) -> tuple[str, str | None, int, int]:
+        """
+        The log format, file (None: standard output), size and number of
+        old files these options ask for.
+
+        @raise usage.UsageError: for a bad format or number.
+        """
+        if self["log-format"] not in logs.FORMATS:
+            raise usage.UsageError(f"--log-format must be one of {', '.join(logs.FORMATS)}")
+        try:
+            max_bytes, keep = int(self["log-max-bytes"]), int(self["log-keep"])
+        except ValueError:
+            raise usage.UsageError("--log-max-bytes and --log-keep must be whole numbers") from None
+        return self["log-format"], self["log-file"] or None, max_bytes, keep
 
     def _install_logger(self) -> None:
         """
@@ -363,18 +383,11 @@ class Options(usage.Options):
         parent = getattr(self, "parent", None)
         if parent is None or parent.get("logger"):
             return
-        if self["log-format"] not in logs.FORMATS:
-            raise usage.UsageError(f"--log-format must be one of {', '.join(logs.FORMATS)}")
-        try:
-            max_bytes, keep = int(self["log-max-bytes"]), int(self["log-keep"])
-        except ValueError:
-            raise usage.UsageError("--log-max-bytes and --log-keep must be whole numbers") from None
-        path = self["log-file"] or parent.get("logfile") or None
+        log_format, path, max_bytes, keep = self.log_settings()
+        path = path or parent.get("logfile") or None
         if path is None and not parent.get("nodaemon"):
             path = "twistd.log"
-        parent["logger"] = logs.configure(self["log-format"], path, max_bytes, keep)
-        if not self["migrate"]:
-            self["migrate"] = self._environ.get("MQTTSVC_MIGRATE", "") in ("1", "true", "yes")
+        parent["logger"] = logs.configure(log_format, path, max_bytes, keep)
 
 
 def _truthy(value: str | None) -> bool:
@@ -611,6 +624,23 @@ def buildService(
             tree_namespace(root, reactor),
         ).setServiceParent(root)
     return root
+
+
+def tac_application(environ: Mapping[str, str] | None = None) -> Componentized:
+    """
+    The application of C{tac/service.tac}: the options C{twistd mqttsvc}
+    would build from the same environment (and no arguments), the same
+    service tree, and, when C{MQTTSVC_LOG_FORMAT} or C{MQTTSVC_LOG_FILE} is
+    set, the same logging (to standard output without a file); otherwise
+    twistd's own (C{-l}).
+    """
+    options = Options(environ)
+    options.parseOptions([])
+    application = Application("mqttsvc")
+    if options._environ.get("MQTTSVC_LOG_FORMAT") or options._environ.get("MQTTSVC_LOG_FILE"):
+        application.setComponent(ILogObserver, logs.make_observer(*options.log_settings()))
+    makeService(options).setServiceParent(application)
+    return application
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
