@@ -38,9 +38,18 @@ class ConfigError(ValueError):
 
 
 def _check_site_id(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    check_site_id(value, attribute.name)
+
+
+def check_site_id(value: Any, field: str = "site_id") -> None:
+    """
+    @raise ConfigError: naming C{field} when C{value} cannot be a site id.
+    Checked before anything is built from it (the default topics), so that
+    a bad site id is reported as itself, not as a bad topic.
+    """
     if not isinstance(value, str) or not _SITE_ID.match(value):
         raise ConfigError(
-            attribute.name,
+            field,
             "must be 1-64 characters of letters, digits, '_', '-' or '.', "
             "starting with a letter or digit",
         )
@@ -59,8 +68,14 @@ KIND_IDS: dict[str, tuple[str, ...]] = {
 
 
 def _check_topic_pattern(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if not isinstance(value, str) or not value or len(value.encode()) > 65535:
+    if not isinstance(value, str) or not value:
         raise ConfigError(attribute.name, "must be a non-empty MQTT topic filter")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > 65535:
+        raise ConfigError(
+            attribute.name,
+            f"is {size:,} bytes of UTF-8; an MQTT topic filter holds at most 65,535",
+        )
     levels = value.split("/")
     for i, level in enumerate(levels):
         if "#" in level and (level != "#" or i != len(levels) - 1):
@@ -115,11 +130,33 @@ def _check_host(instance: object, attribute: attrs.Attribute[Any], value: Any) -
             labels = value.removesuffix(".").split(".")
             if all(_HOST_LABEL.fullmatch(label) for label in labels):
                 return
-    raise ConfigError(
-        attribute.name,
+    raise ConfigError(attribute.name, _host_problem(value))
+
+
+def _host_problem(value: Any) -> str:
+    """
+    What is wrong with a host, in the terms of the mistake: a URL, a port
+    written into it, a space (each of which would retry forever on a DNS
+    error, as they did before issue 13).
+    """
+    rule = (
         "must be a host name (dot-separated letters, digits, '-' and '_') or an IP address, "
-        "at most 253 characters",
+        "at most 253 characters"
     )
+    if not isinstance(value, str) or not value:
+        return rule
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.\-]*)://", value)
+    if scheme:
+        return (
+            f"must be the broker's host name or address alone, without a scheme "
+            f"({scheme.group(0)!r}); put the port in port, and TLS settings in tls"
+        )
+    host, colon, port = value.rpartition(":")
+    if colon and host and port.isdigit() and ":" not in host:
+        return f"must not hold a port ({':' + port!r}): give the host alone and the port as port"
+    if any(c.isspace() for c in value):
+        return "must not contain spaces (a host name is dot-separated letters, digits, '-' and '_')"
+    return rule
 
 
 _CLIENT_ID_PREFIX = re.compile(r"[A-Za-z0-9_.\-]{0,64}")
@@ -359,7 +396,10 @@ class TlsSettings:
 def default_topics(site_id: str) -> tuple[TopicSubscription, ...]:
     """
     The subscriptions a site gets when it is created without C{topics}.
+
+    @raise ConfigError: naming C{site_id} when it cannot be one.
     """
+    check_site_id(site_id)
     return (
         TopicSubscription(f"{site_id}/gateway/+/heartbeat", "gateway_heartbeat"),
         TopicSubscription(f"{site_id}/datalogger/+/+/heartbeat", "datalogger_heartbeat"),
@@ -438,6 +478,7 @@ def topics_from_params(site_id: str, raw: Iterable[Any] | None) -> tuple[TopicSu
 
     @raise ConfigError: naming C{topics[i].field} for a malformed entry.
     """
+    check_site_id(site_id)
     if raw is None:
         return default_topics(site_id)
     if isinstance(raw, str | bytes | dict):

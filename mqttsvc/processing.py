@@ -481,7 +481,14 @@ def _readings(
     for name, value in values.items():
         if not _number(value):
             where = "value" if name == "value" and "value" in fields else f"values.{name}"
-            raise Rejected(f"{where} must be a finite number, not a JSON {_json_type(value)}")
+            kind = _json_type(value)
+            if kind == "number":
+                # 1e999 parses as infinity: "not a JSON number" was wrong.
+                raise Rejected(
+                    f"{where} is out of range: it must be a finite number within ±1.8e308 "
+                    "(what a float8 column holds)"
+                )
+            raise Rejected(f"{where} must be a finite number, not a JSON {kind}")
     return [
         Reading(site_id, sensor_id, ts, name, float(value), unit, received)
         for name, value in values.items()

@@ -261,7 +261,9 @@ class SiteMethods:
     def _can_store(self, config: SiteConfig) -> None:
         if config.password is not None and self._store.secrets is None:
             raise invalid_params(
-                "password", "mqttsvc runs without --secret-key-file, so it cannot store passwords"
+                "password",
+                "cannot be stored: mqttsvc runs without --secret-key-file. Start it with one "
+                "(see docs/security.md), or leave the password out.",
             )
 
     async def site_create(self, call: Call) -> dict[str, Any]:
