@@ -183,7 +183,7 @@ sys.exit(0 if ok else 1)
 EOF
 
 sites_connected() {
-    "${MQTTSVC[@]}" call site.list '{"limit": 1000}' 2>/dev/null | "$VENV/bin/python" -c "$SITES_PY" "$@"
+    "${MQTTSVC[@]}" call site.list '{"limit": 100}' 2>/dev/null | "$VENV/bin/python" -c "$SITES_PY" "$@"
 }
 
 connected=0

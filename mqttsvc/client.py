@@ -71,8 +71,10 @@ SITE_TEST_TIMEOUT = 25.0
 MAX_RESPONSE = 64 * 1024 * 1024
 
 #: Items asked for per page by the C{iter_*} methods: the most the service
-#: gives (C{mqttsvc.rpc.paging.MAX_LIMIT}).
+#: gives (C{mqttsvc.rpc.paging.MAX_LIMIT}), and of sites
+#: (C{mqttsvc.rpc.paging.MAX_SITE_LIMIT}).
 PAGE_SIZE = 1000
+SITE_PAGE_SIZE = 100
 
 #: The C{since} of C{iter_readings} when none is given: before any reading.
 EARLIEST = "0001-01-01T00:00:00Z"
@@ -637,19 +639,27 @@ class MqttSvcClient:
             raise TransportError(f"{method} answered something other than a page: {answer}")
         return Page(result["items"], result["next_cursor"])
 
-    def _every(self, method: str, params: dict[str, Any], timeout: float | None) -> Iterator[Any]:
+    def _every(
+        self,
+        method: str,
+        params: dict[str, Any],
+        timeout: float | None,
+        feed: bool = False,
+        page_size: int = PAGE_SIZE,
+    ) -> Iterator[Any]:
         """
-        Every item of a list method, a page at a time, following the cursors.
+        Every item of a list method, a page at a time, following the cursors
+        until there is none; for a C{feed} (reading.list in receive order,
+        which always gives a cursor to poll with later), until a page is
+        shorter than asked.
         """
         cursor = None
         while True:
             page = self._page(
-                method, {**params, **_present(cursor=cursor), "limit": PAGE_SIZE}, timeout
+                method, {**params, **_present(cursor=cursor), "limit": page_size}, timeout
             )
             yield from page
-            # A page shorter than asked is the last (reading.list in receive
-            # order gives a cursor even then, to poll with later).
-            if page.next_cursor is None or len(page) < PAGE_SIZE:
+            if page.next_cursor is None or (feed and len(page) < page_size):
                 return
             cursor = page.next_cursor
 
@@ -670,7 +680,7 @@ class MqttSvcClient:
         timeout: float | None = None,
     ) -> Page[SiteWithStatus]:
         """
-        A page of the sites in site id order (C{limit}: 1 to 1000, the
+        A page of the sites in site id order (C{limit}: 1 to 100, the
         service's default 100), with their configuration and status;
         optionally only those in one C{status} (C{connected},
         C{connecting}, C{disconnected}, C{error}).
@@ -684,7 +694,7 @@ class MqttSvcClient:
         """
         Every site (or those in C{status}), a page at a time.
         """
-        return self._every("site.list", _present(status=status), timeout)
+        return self._every("site.list", _present(status=status), timeout, page_size=SITE_PAGE_SIZE)
 
     def site_get(self, site_id: str, *, timeout: float | None = None) -> Site:
         """
@@ -873,7 +883,7 @@ class MqttSvcClient:
         params = _present(
             site_id=site_id, sensor_id=sensor_id, since=since or EARLIEST, until=until, order=order
         )
-        return self._every("reading.list", params, timeout)
+        return self._every("reading.list", params, timeout, feed=order == "received")
 
     def topic_list(
         self,

@@ -21,6 +21,7 @@ import pytest
 
 from mqttsvc.client import (
     PAGE_SIZE,
+    SITE_PAGE_SIZE,
     AuthenticationError,
     Conflict,
     InvalidParams,
@@ -35,7 +36,7 @@ from mqttsvc.client import (
     TransportError,
     Unavailable,
 )
-from mqttsvc.rpc.paging import MAX_LIMIT
+from mqttsvc.rpc.paging import MAX_LIMIT, MAX_SITE_LIMIT
 from tests.conftest import BROKER_HOST, BROKER_PORT, free_port
 from tests.twistd_process import TwistdService, wait_until
 
@@ -298,7 +299,7 @@ def test_pages_and_iterators(client: MqttSvcClient, sql: Any, site_id: str) -> N
     reading_list in receive order keeps its cursor and gets only what
     arrived since.
     """
-    assert PAGE_SIZE == MAX_LIMIT
+    assert (PAGE_SIZE, SITE_PAGE_SIZE) == (MAX_LIMIT, MAX_SITE_LIMIT)
     with sql.cursor() as cur:
         cur.execute(
             "INSERT INTO discovered_topic (site_id, topic_path, first_seen_at, last_seen_at)"

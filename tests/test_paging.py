@@ -17,8 +17,9 @@ import pytest
 import pytest_twisted
 
 from mqttsvc import observations
-from mqttsvc.observations import iso
-from mqttsvc.rpc.paging import MAX_LIMIT, encode
+from mqttsvc.observations import DEAD_LETTER_PAGE_BYTES, iso
+from mqttsvc.rpc.dispatcher import MAX_RESPONSE
+from mqttsvc.rpc.paging import MAX_LIMIT, MAX_SITE_LIMIT, encode
 from tests.service import RunningService
 
 #: Far from "now", so that only this test's rows fall between since and until.
@@ -324,6 +325,39 @@ async def test_dead_letter_pages_newest_first(
 
 
 @pytest_twisted.ensureDeferred
+async def test_dead_letter_pages_are_bounded_in_bytes(
+    running: RunningService, sql: Any, site_id: str
+) -> None:
+    """
+    Dead letters that kept their whole 64 KiB: a page stops at
+    DEAD_LETTER_PAGE_BYTES of payload (fewer items than its limit, with a
+    cursor), so its answer stays under the 4 MiB answer limit; following
+    the cursors still gives every letter once.
+    """
+    with sql.cursor() as cur:
+        cur.execute(
+            "INSERT INTO dead_letter (site_id, topic, payload, reason, received_at)"
+            " SELECT %s, 't', convert_to(repeat(chr(97 + i %% 26), 65536), 'UTF8'), 'big', now()"
+            " FROM generate_series(1, 40) i",
+            (site_id,),
+        )
+    per_page = DEAD_LETTER_PAGE_BYTES // 65536
+    first = await running.call_raw("deadletter.list", {"site_id": site_id, "limit": MAX_LIMIT})
+    assert len(first["result"]["items"]) == per_page
+    assert len(json.dumps(first)) < MAX_RESPONSE
+    seen = first["result"]["items"]
+    cursor = first["result"]["next_cursor"]
+    while cursor is not None:
+        page = await running.call(
+            "deadletter.list", {"site_id": site_id, "cursor": cursor, "limit": MAX_LIMIT}
+        )
+        seen.extend(page["items"])
+        cursor = page["next_cursor"]
+    assert len(seen) == len({d["id"] for d in seen}) == 40
+    assert {len(d["payload"]) for d in seen} == {65536}
+
+
+@pytest_twisted.ensureDeferred
 async def test_site_pages_with_a_status_filter(running: RunningService, sql: Any) -> None:
     """
     1,200 sites written by SQL: the pages give each once in site id order;
@@ -337,11 +371,11 @@ async def test_site_pages_with_a_status_filter(running: RunningService, sql: Any
             (ids,),
         )
     try:
-        sites, pages = await every_page(running, "site.list", {}, 500)
+        sites, pages = await every_page(running, "site.list", {}, MAX_SITE_LIMIT)
         assert [s["site_id"] for s in sites] == ids
-        assert pages == 3
+        assert pages == 12
         assert {s["status"]["status"] for s in sites} == {"disconnected"}
-        disconnected, _ = await every_page(running, "site.list", {"status": "disconnected"}, 1000)
+        disconnected, _ = await every_page(running, "site.list", {"status": "disconnected"}, 77)
         assert len(disconnected) == 1200
         none = await running.call("site.list", {"status": "connected"})
         assert none == {"items": [], "next_cursor": None}
@@ -394,23 +428,25 @@ async def test_a_bad_cursor_names_the_cursor(
     assert response["error"]["data"]["field"] == "cursor"
 
 
-@pytest.mark.parametrize("limit", [0, -1, MAX_LIMIT + 1])
 @pytest_twisted.ensureDeferred
-async def test_limits_are_bounded(running: RunningService, limit: int) -> None:
+async def test_limits_are_bounded(running: RunningService) -> None:
     """
-    Every list method refuses a page of fewer than 1 or more than
-    MAX_LIMIT items, naming the limit.
+    Every list method refuses a page of fewer than 1 or more than its
+    most (MAX_SITE_LIMIT sites, MAX_LIMIT of anything else) items, naming
+    the limit, and gives a page of exactly its most.
     """
-    for method, params in (
-        ("site.list", {}),
-        ("device.list", {"site_id": "s"}),
-        ("topic.list", {"site_id": "s"}),
-        ("reading.list", {"site_id": "s", "sensor_id": "x"}),
-        ("event.list", {}),
-        ("deadletter.list", {}),
+    for method, params, most in (
+        ("site.list", {}, MAX_SITE_LIMIT),
+        ("device.list", {"site_id": "s"}, MAX_LIMIT),
+        ("topic.list", {"site_id": "s"}, MAX_LIMIT),
+        ("reading.list", {"site_id": "s", "sensor_id": "x"}, MAX_LIMIT),
+        ("event.list", {}, MAX_LIMIT),
+        ("deadletter.list", {}, MAX_LIMIT),
     ):
-        response = await running.call_raw(method, {**params, "limit": limit})
-        assert response["error"]["data"]["field"] == "limit", (method, response)
+        for limit in (0, -1, most + 1):
+            response = await running.call_raw(method, {**params, "limit": limit})
+            assert response["error"]["data"]["field"] == "limit", (method, response)
+        assert "result" in await running.call_raw(method, {**params, "limit": most})
 
 
 class _ExplainingPool:

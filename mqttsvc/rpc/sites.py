@@ -119,7 +119,7 @@ class SiteMethods:
                         description="Only the sites in this status: " + ", ".join(STATUSES) + ".",
                     ),
                     paging.cursor_param(),
-                    paging.limit_param(),
+                    paging.limit_param(paging.MAX_SITE_LIMIT),
                 ),
                 summary="A page of the sites, in site id order, with their status.",
             ),
@@ -334,7 +334,7 @@ class SiteMethods:
         if wanted is not None and wanted not in STATUSES:
             raise invalid_params("status", f"must be one of {', '.join(STATUSES)}")
         after = paging.decode(call, "site")
-        limit = paging.limit(call)
+        limit = paging.limit(call, paging.MAX_SITE_LIMIT)
         # The status filter is the live status, which only this process
         # knows: read the sites a page at a time and keep those in it.
         found: list[dict[str, Any]] = []
