@@ -73,14 +73,21 @@ DISCONNECT_TIMEOUT = 3.0
 DRAIN_TIMEOUT = 3.0
 
 
+#: The longest wait between two attempts, jitter included.
+MAX_RETRY_DELAY = 300.0
+
+
 def retry_delay(retry_count: int, jitter: float = 0.0) -> float:
     """
     The old service's backoff: C{min(5 s * 2^retry_count, 300 s)}, spread by
-    a relative C{jitter} in [-1, 1] times 20%, so that many sites that lost
-    the same broker do not come back in lockstep.
+    a relative C{jitter} in [-1, 1] over 20% either side, so that many sites
+    that lost the same broker do not come back in lockstep; never past
+    L{MAX_RETRY_DELAY} (jitter at the cap reached 360 s).  At the cap only
+    the shorter half of the spread is left, which is enough: the jittered
+    waits before it have spread the sites' attempts out already.
     """
-    base = min(5.0 * 2 ** min(retry_count, 16), 300.0)
-    return base * (1.0 + 0.2 * max(-1.0, min(1.0, jitter)))
+    base = min(5.0 * 2 ** min(retry_count, 16), MAX_RETRY_DELAY)
+    return min(base * (1.0 + 0.2 * max(-1.0, min(1.0, jitter))), MAX_RETRY_DELAY)
 
 
 @attrs.frozen

@@ -187,11 +187,21 @@ def refused() -> ConnectFailed:
 
 
 def test_backoff_schedule_matches_the_old_service() -> None:
-    """min(5 s * 2^n, 300 s), with jitter of at most 20% either way."""
-    assert [retry_delay(n) for n in range(9)] == [5, 10, 20, 40, 80, 160, 300, 300, 300]
+    """
+    min(5 s * 2^n, 300 s), with jitter of at most 20% either way, and never
+    past 300 s (jitter at the cap reached 360 s): at the cap only its
+    shorter half is left.
+    """
+    assert [retry_delay(n) for n in range(6)] == [5, 10, 20, 40, 80, 160]
     assert retry_delay(0, 1.0) == pytest.approx(6.0)
     assert retry_delay(0, -1.0) == pytest.approx(4.0)
-    assert retry_delay(50, 5.0) == pytest.approx(360.0)
+    assert retry_delay(5, 1.0) == pytest.approx(192.0)
+    assert retry_delay(50, 5.0) == pytest.approx(300.0)
+    assert retry_delay(50, -1.0) == pytest.approx(240.0)
+    worst = max(retry_delay(n, j / 10) for n in range(20) for j in range(-10, 11))
+    assert worst == pytest.approx(300.0)
+    at_cap = {round(retry_delay(10, j / 10), 6) for j in range(-10, 11)}
+    assert len(at_cap) == 11 and min(at_cap) == 240 and max(at_cap) == 300
 
 
 def test_jitter_spreads_retries_within_bounds() -> None:
