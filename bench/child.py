@@ -354,6 +354,23 @@ async def ingest_mqttsvc(reactor: Any, p: Params) -> Params:
     return result
 
 
+def _stand_between(writer: Any, stand_in: Callable[[Any], Any]) -> None:
+    """
+    Put C{stand_in(site)} between the writer and each site, to hear of its
+    commits and holds first.
+    """
+    queue = writer.queue
+    stand_ins: dict[Any, Any] = {}
+
+    def queue_through(effects: list[Any], listener: Any, message: Any, size: int = 0) -> None:
+        between = stand_ins.get(listener)
+        if between is None:
+            between = stand_ins[listener] = stand_in(listener)
+        queue(effects, between, message, size)
+
+    writer.queue = queue_through
+
+
 async def latency_mqttsvc(reactor: Any, p: Params) -> Params:
     """
     Publish-to-commit latency at a steady rate: the send time rides in
@@ -384,7 +401,6 @@ async def latency_mqttsvc(reactor: Any, p: Params) -> Params:
     await writer.whenIdle()
     commits = _observe_commits(writer)
     batches_before, written_before = writer.batches_written, writer.messages_written
-    queue = writer.queue
     samples = array("d")
 
     class Timed:
@@ -406,15 +422,7 @@ async def latency_mqttsvc(reactor: Any, p: Params) -> Params:
         def hold(self, holding: bool) -> None:
             self.site.hold(holding)
 
-    timed: dict[Any, Timed] = {}
-
-    def timed_queue(effects: list[Any], listener: Any, message: Any, size: int = 0) -> None:
-        stand_in = timed.get(listener)
-        if stand_in is None:
-            stand_in = timed[listener] = Timed(listener)
-        queue(effects, stand_in, message, size)
-
-    writer.queue = timed_queue  # type: ignore[method-assign]
+    _stand_between(writer, Timed)
     cpu = time.process_time()
     started = time.perf_counter()
     publisher = _spawn("publish-steady", p)
@@ -640,6 +648,140 @@ async def offline(reactor: Any, p: Params) -> Params:
     return result
 
 
+async def known_devices(reactor: Any, p: Params) -> Params:
+    """
+    Start mqttsvc on a database that knows C{devices} devices (inserted by
+    SQL over C{sites} sites, all online as after a crash): the start-up
+    time until the sites are reconciled (the devices loaded), the RSS it
+    adds, the device events the start writes (one summary per site), and
+    the offline detector's memory per known device, measured with
+    tracemalloc on a second detector loaded through the same store path.
+    """
+    import gc
+    import tracemalloc
+
+    from twisted.internet.task import Clock
+
+    from bench.service import Tree
+    from mqttsvc.offline import OfflineDetector
+
+    count = p["devices"]
+    rss_before = proc_status("VmRSS")
+    tree = Tree(reactor, p["dsn"])
+    started = time.perf_counter()
+    await tree.start()
+    start_seconds = time.perf_counter() - started
+    rss = proc_status("VmRSS")
+    tracked = len(tree.supervisor.devices)
+    await tree.store.writer.whenIdle()
+    [(events,)] = await tree.store.pool.query("SELECT count(*) FROM device_event")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        rows = await tree.store.load_devices()
+        detector = OfflineDetector(Clock(), lambda changes: None)
+        detector.load(((k, s, i or 900.0, b) for k, s, i, b in rows), "measured")
+        # Connected sites: every device has a deadline in the heap.
+        for site_id in {key.site_id for key, *_ in rows}:
+            detector.site_up(site_id, 2.5)
+        del rows
+        # The pool's connection holds its last result until its next
+        # query (not the detector's memory, and gone a moment later).
+        for _ in range(4):
+            await tree.store.pool.query("SELECT 1")
+        gc.collect()
+        traced = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    detector.stop()
+    await tree.stop()
+    return {
+        "devices": count,
+        "tracked": tracked,
+        "start_seconds": start_seconds,
+        "rss_increase_mb": (rss - rss_before) / 2**20,
+        "rss_kb_per_device": (rss - rss_before) / 1024 / count,
+        "detector_bytes_per_device": traced / count,
+        "device_events_at_start": events,
+        "sites": p["sites"],
+    }
+
+
+async def fairness(reactor: Any, p: Params) -> Params:
+    """
+    Two sites in one write lane: one floods (a backlog of C{flood}
+    messages, each from a new device id, queued before mqttsvc starts),
+    the other publishes C{rate} messages a second.  The quiet site's
+    publish-to-commit latency while the flood drains, and how often each
+    site was paused.
+    """
+    from bench.service import Tree, until
+
+    flood_site, quiet_site = p["flood_site"], p["quiet_site"]
+    tree = Tree(reactor, p["dsn"])
+    writer = tree.store.writer
+    samples = array("d")
+    holds: dict[str, int] = {flood_site: 0, quiet_site: 0}
+    flooded = [0]
+
+    class Timed:
+        def __init__(self, site: Any) -> None:
+            self.site = site
+
+        def committed(self, messages: list[Any]) -> None:
+            now = time.time()
+            if self.site.name == quiet_site:
+                # Only what committed while the flood was still draining.
+                if flooded[0] < p["flood"]:
+                    samples.extend(now - workload.sent_at(m.payload) for m in messages)
+            else:
+                flooded[0] += len(messages)
+            self.site.committed(messages)
+
+        def hold(self, holding: bool) -> None:
+            if holding:
+                holds[self.site.name] += 1
+            self.site.hold(holding)
+
+    _stand_between(writer, Timed)
+    pressed = [0]
+    lane_pressure = writer.on_pressure
+
+    def on_pressure(lane: int, pressing: bool) -> None:
+        pressed[0] += pressing
+        if lane_pressure is not None:
+            lane_pressure(lane, pressing)
+
+    writer.on_pressure = on_pressure
+    started = time.perf_counter()
+    await tree.start()
+    await until(reactor, lambda: tree.subscribed() >= 2, 30, "both sites subscribed")
+    # The flood (queued on the broker) drains from the moment its site
+    # connects; the quiet site publishes meanwhile.
+    quiet = _spawn("publish-steady", {**p, "sites": [quiet_site]})
+    await until(
+        reactor,
+        lambda: flooded[0] >= p["flood"],
+        120 + p["flood"] / 1000,
+        "the flood committed",
+        interval=0.05,
+    )
+    flood_seconds = time.perf_counter() - started
+    published = _result_of(quiet, "publish-steady")
+    await tree.stop()
+    return {
+        **stats.distribution(samples),
+        "quiet_sent": published["sent"],
+        "quiet_messages": len(samples),
+        "flood_messages": flooded[0],
+        "flood_seconds": flood_seconds,
+        "flood_rate": flooded[0] / flood_seconds,
+        "flood_holds": holds[flood_site],
+        "quiet_holds": holds[quiet_site],
+        "lane_pressed": pressed[0],
+    }
+
+
 def micro(p: Params) -> Params:
     from bench.micro import measure
 
@@ -661,6 +803,8 @@ REACTOR: dict[str, Callable[[Any, Params], Awaitable[Params]]] = {
     "latency-mqttsvc": latency_mqttsvc,
     "many-sites": many_sites,
     "offline": offline,
+    "known-devices": known_devices,
+    "fairness": fairness,
 }
 
 

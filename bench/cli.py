@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,17 @@ from bench.environment import Broker, Database
 
 Params = dict[str, Any]
 
-SCENARIOS = ("ingest", "latency", "sites", "offline", "control", "profile", "micro")
+SCENARIOS = (
+    "ingest",
+    "latency",
+    "sites",
+    "offline",
+    "control",
+    "profile",
+    "micro",
+    "devices",
+    "fairness",
+)
 
 #: Scenario sizes: C{full} is what C{make bench} runs and the issue's
 #: targets refer to; C{quick} for a faster look; C{tiny} for the smoke test.
@@ -46,6 +57,11 @@ SIZES: dict[str, Params] = {
         "control_concurrency": 16,
         "profile_messages": 30_000,
         "micro_batch": 1000,
+        "known_devices": 300_000,
+        "known_sites": 10,
+        "flood_messages": 60_000,
+        "quiet_rate": 20,
+        "fairness_seconds": 5,
     },
     "quick": {
         "ingest_sites": 10,
@@ -64,6 +80,11 @@ SIZES: dict[str, Params] = {
         "control_concurrency": 16,
         "profile_messages": 10_000,
         "micro_batch": 1000,
+        "known_devices": 100_000,
+        "known_sites": 10,
+        "flood_messages": 30_000,
+        "quiet_rate": 20,
+        "fairness_seconds": 3,
     },
     "tiny": {
         "ingest_sites": 5,
@@ -82,6 +103,11 @@ SIZES: dict[str, Params] = {
         "control_concurrency": 2,
         "profile_messages": 200,
         "micro_batch": 50,
+        "known_devices": 2000,
+        "known_sites": 2,
+        "flood_messages": 20_000,
+        "quiet_rate": 20,
+        "fairness_seconds": 0.5,
     },
 }
 
@@ -361,6 +387,88 @@ def profile_run(run: Runner, size: Params) -> Params:
     return result
 
 
+def devices_rep(run: Runner, size: Params, rep: int) -> Params:
+    """
+    Start-up with many known devices (inserted by SQL, all online as after
+    a crash) and the memory each costs.
+    """
+    sites = workload.site_ids(size["known_sites"])
+    count = size["known_devices"]
+    with Database("devices") as db:
+        # A port nothing listens on: the start-up measured is the load,
+        # not the connects.
+        workload.insert_sites(db.dsn, sites, environment.free_port())
+        conn = psycopg2.connect(db.dsn)
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(
+                    "INSERT INTO sensor (site_id, sensor_id, status, first_seen_at, "
+                    "last_seen_at, last_payload) "
+                    "SELECT (%s::text[])[1 + i %% %s], 'sn-' || i, 'online', now(), now(), "
+                    "'{\"value\": 1}' FROM generate_series(1, %s) AS i",
+                    (sites, len(sites), count),
+                )
+        finally:
+            conn.close()
+        params = {"dsn": db.dsn, "devices": count, "sites": len(sites)}
+        result: Params = run.child("known-devices", params, 120 + count / 1000)
+    run.say(
+        f"devices {rep}: {count} known, started in {result['start_seconds']:.2f}s, "
+        f"{result['detector_bytes_per_device']:.0f} bytes each, "
+        f"{result['device_events_at_start']} device events"
+    )
+    return result
+
+
+def _same_lane(lanes: int = 2) -> tuple[str, str]:
+    """
+    A flooding and a quiet site id that the writer puts in one lane.
+    """
+    for i in range(100):
+        flood, quiet = f"bench-flood-{i}", f"bench-quiet-{i}"
+        if zlib.crc32(flood.encode()) % lanes == zlib.crc32(quiet.encode()) % lanes:
+            return flood, quiet
+    raise AssertionError("no pair of site ids in one lane")
+
+
+def fairness_rep(run: Runner, size: Params, rep: int) -> Params:
+    """
+    A site flooding its lane with new device ids beside a quiet site in
+    the same lane.
+    """
+    flood, quiet = _same_lane()
+    count = size["flood_messages"]
+    with Broker(run.workdir / f"fairness-{rep}") as broker, Database("fairness") as db:
+        workload.insert_sites(db.dsn, [flood, quiet], broker.port)
+        _prime(broker.port, [workload.mqttsvc_client_id(s) for s in (flood, quiet)], [flood, quiet])
+        now = time.time()
+        packets = [
+            wire.publish_packet(
+                f"{flood}/sensor/new-{i:07d}/data".encode(),
+                b'{"ts":%.6f,"value":1}' % (now + i / 1e6),
+                i % 65535 + 1,
+            )
+            for i in range(count)
+        ]
+        wire.publish_all(broker.port, packets, timeout=60 + count / 1000)
+        params = {
+            "dsn": db.dsn,
+            "port": broker.port,
+            "flood": count,
+            "flood_site": flood,
+            "quiet_site": quiet,
+            "rate": size["quiet_rate"],
+            "seconds": size["fairness_seconds"],
+        }
+        result: Params = run.child("fairness", params, 180 + count / 500)
+    run.say(
+        f"fairness {rep}: {count} new devices at {result['flood_rate']:.0f}/s; quiet site "
+        f"p99 {result['p99_ms']:.0f} ms, max {result['max_ms']:.0f} ms, held "
+        f"{result['quiet_holds']} times; lane pressed {result['lane_pressed']} times"
+    )
+    return result
+
+
 def micro_rep(run: Runner, size: Params) -> Params:
     with Database("micro") as db:
         result: Params = run.child("micro", {"dsn": db.dsn, "batch": size["micro_batch"]}, 300)
@@ -394,6 +502,10 @@ def run_scenarios(names: list[str], size: Params, reps: int, run: Runner) -> dic
         results["profile"] = profile_run(run, size)
     if "micro" in names:
         results["micro"] = [micro_rep(run, size) for _ in range(reps)]
+    if "devices" in names:
+        results["devices"] = [devices_rep(run, size, r) for r in range(reps)]
+    if "fairness" in names:
+        results["fairness"] = [fairness_rep(run, size, r) for r in range(reps)]
     return results
 
 

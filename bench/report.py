@@ -236,6 +236,49 @@ def _offline(results: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _devices(results: dict[str, Any]) -> list[Row]:
+    reps = results["devices"]
+    return [
+        ("known devices (inserted by SQL, all online)", "", _get(reps, "devices"), "", None),
+        ("**start-up until every site is reconciled**", "s", _get(reps, "start_seconds"), "", None),
+        ("RSS added by the start-up", "MB", _get(reps, "rss_increase_mb"), "", None),
+        (
+            "**offline detector memory per known device**",
+            "bytes",
+            _get(reps, "detector_bytes_per_device"),
+            "< 529 (before issue 14)",
+            lambda v: v < 529,
+        ),
+        (
+            "device events written by the start-up (one per site)",
+            "",
+            _get(reps, "device_events_at_start"),
+            "",
+            None,
+        ),
+    ]
+
+
+def _fairness(results: dict[str, Any]) -> list[Row]:
+    reps = results["fairness"]
+    return [
+        ("flood: messages of new device ids", "", _get(reps, "flood_messages"), "", None),
+        ("flood drained at", "msg/s", _get(reps, "flood_rate"), "", None),
+        ("quiet site: messages during the flood", "", _get(reps, "quiet_messages"), "", None),
+        ("quiet site publish-to-commit: p50", "ms", _get(reps, "p50_ms"), "", None),
+        ("**quiet site publish-to-commit: p99**", "ms", _get(reps, "p99_ms"), "", None),
+        ("quiet site publish-to-commit: max", "ms", _get(reps, "max_ms"), "", None),
+        ("flooding site held alone", "times", _get(reps, "flood_holds"), "", None),
+        (
+            "**quiet site paused (held, or its lane pressed)**",
+            "times",
+            [r["quiet_holds"] + r["lane_pressed"] for r in reps],
+            "0",
+            lambda v: v == 0,
+        ),
+    ]
+
+
 def _control(results: dict[str, Any]) -> list[Row]:
     reps = results["control"]
     rows: list[Row] = [
@@ -500,6 +543,14 @@ measurement.
   next request when the last answer is in (closed loop). Baseline: `GET /healthz` the same
   way — the HTTP stack with no method behind it.
 - **Profile.** cProfile of a separate ingest run of {profile_messages:,} messages.
+- **Known devices.** {known_devices:,} sensors over {known_sites} sites inserted by SQL,
+  all `online` (as after a crash); mqttsvc starts (its sites cannot connect, so the
+  start-up is the load): the time until every site is reconciled, the RSS it adds, the
+  device events it writes, and the offline detector's memory per device (tracemalloc, a
+  second detector loaded through the store, every site up so every device has a deadline).
+- **Fairness.** {flood_messages:,} messages, each from a new device id, queued for one site;
+  a second site in the same write lane publishes {quiet_rate} msg/s meanwhile: its
+  publish-to-commit latency while the flood drains, and how often each site was paused.
 
 Each figure below is the median of the repetitions with min and max; ratios are computed
 within each repetition, against the baseline measured in the same repetition.
@@ -553,6 +604,8 @@ def render(document: dict[str, Any], previous: Path | None = None) -> str:
         ("sites", "Many sites (scenario 4)", _sites),
         ("offline", "Offline detection (scenario 5)", _offline),
         ("control", "Control plane (scenario 6)", _control),
+        ("devices", "Known devices: start-up and memory", _devices),
+        ("fairness", "A flooding site beside a quiet one in its lane", _fairness),
     ]
     lines += ["## Results", ""]
     for key, title, rows in sections:

@@ -64,6 +64,8 @@ def test_every_scenario_runs_at_a_tiny_size(tmp_path: Path) -> None:
         "control",
         "profile",
         "micro",
+        "devices",
+        "fairness",
     }
     assert all(math.isfinite(n) for n in _numbers(results))
 
@@ -94,6 +96,14 @@ def test_every_scenario_runs_at_a_tiny_size(tmp_path: Path) -> None:
 
     assert results["profile"]["profile"]["by_own"]
     assert results["micro"][0]["statements"] > 0
+
+    [devices] = results["devices"]
+    assert devices["tracked"] == devices["devices"]
+    assert devices["device_events_at_start"] == devices["sites"]  # one summary per site
+
+    [fairness] = results["fairness"]
+    assert fairness["flood_messages"] > 0 and fairness["quiet_sent"] > 0
+    assert fairness["quiet_holds"] == 0  # the flooding site is held, never the quiet one
 
     text = report.read_text()
     for heading in ("## Machine and versions", "## Method", "### Ingest throughput", "## Profile"):

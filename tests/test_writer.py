@@ -411,7 +411,7 @@ def test_a_flooding_site_is_held_alone_and_a_quiet_one_never_pauses() -> None:
     """
     One lane, a database that answers only when told: a site that floods
     it with messages is held once it has more than its share of the
-    lane's high water (half), before the lane presses every site; a quiet
+    lane's high water (a tenth), before the lane presses every site; a quiet
     site in the same lane keeps reading the whole time, and the flooding
     one is released once its backlog is committed.
     """
@@ -442,7 +442,7 @@ def test_a_flooding_site_is_held_alone_and_a_quiet_one_never_pauses() -> None:
             pool.answer_all()  # the database commits one batch in two ticks
         clock.advance(0.01)
     assert flood.holds[0] is True
-    assert first_held_at == 1001  # held past its share: half of the lane's high water
+    assert first_held_at == 201  # held past its share: a tenth of the lane's high water
     assert flood.holds.count(True) > 1  # released as it drains, and held again
     assert quiet.holds == []
     assert pressure == []  # the lane never pressed everyone
