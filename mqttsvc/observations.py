@@ -286,8 +286,12 @@ _EVENT_SOURCES = {
     ),
     "device": (
         "device_event",
-        "json_build_object('kind', kind, 'device_id', device_id, 'gateway_id', gateway_id,"
-        " 'from', from_status, 'to', to_status, 'reason', reason)",
+        # A site-wide summary (kind 'site') also says how many devices it
+        # changed, as its event_log event does.
+        "jsonb_build_object('kind', kind, 'device_id', device_id, 'gateway_id', gateway_id,"
+        " 'from', from_status, 'to', to_status, 'reason', reason)"
+        " || CASE WHEN devices IS NULL THEN '{}'::jsonb"
+        " ELSE jsonb_build_object('devices', devices) END",
     ),
 }
 

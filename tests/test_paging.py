@@ -242,9 +242,9 @@ async def test_event_pages_merge_both_kinds(
     running: RunningService, sql: Any, site_id: str
 ) -> None:
     """
-    20,000 connection and device events, many at the same instant: the
-    pages give each once in (at, type, id) order, for the site or for all
-    sites between since and until, and of one type.
+    20,000 connection and device events, many at the same instant, and a
+    site-wide summary: the pages give each once in (at, type, id) order,
+    for the site or for all sites between since and until, and of one type.
     """
     with sql.cursor() as cur:
         cur.execute(
@@ -258,6 +258,11 @@ async def test_event_pages_merge_both_kinds(
             " SELECT %(s)s, 'sensor', 's' || i, %(base)s + (i / 2) * interval '1 second',"
             " 'unknown', 'online' FROM generate_series(1, 10000) i",
             {"s": site_id, "base": BASE},
+        )
+        cur.execute(
+            "INSERT INTO device_event (site_id, kind, at, to_status, reason, devices)"
+            " VALUES (%s, 'site', %s, 'unknown', 'mqttsvc started', 300000)",
+            (site_id, BASE + timedelta(days=1)),
         )
 
     def expected(where: str = "TRUE") -> list[tuple[Any, ...]]:
@@ -274,8 +279,19 @@ async def test_event_pages_merge_both_kinds(
         return [(e["type"], e["id"]) for e in events]
 
     events, _ = await every_page(running, "event.list", {"site_id": site_id}, MAX_LIMIT)
-    assert len(events) == 20_000
+    assert len(events) == 20_001
     assert keys(events) == expected()
+    # A site-wide summary says how many devices it changed.
+    assert events[-1]["data"] == {
+        "kind": "site",
+        "device_id": None,
+        "gateway_id": None,
+        "from": None,
+        "to": "unknown",
+        "reason": "mqttsvc started",
+        "devices": 300_000,
+    }
+    assert "devices" not in events[0]["data"]
     everywhere, _ = await every_page(
         running,
         "event.list",

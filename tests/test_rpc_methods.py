@@ -300,3 +300,30 @@ async def test_every_documented_string_rule_is_enforced(running: RunningService)
                 assert response["error"]["data"]["field"] == param["name"]
                 checked += 1
     assert checked > 80
+
+
+@pytest_twisted.ensureDeferred
+async def test_documented_pages_are_what_the_lists_answer(running: RunningService) -> None:
+    """
+    rpc.discover describes the result of every list method as a page, and
+    each list method answers exactly that shape (issue 14).
+    """
+    doc = await running.call("rpc.discover")
+    paged = {
+        m["name"]: m
+        for m in doc["methods"]
+        if "next_cursor" in m["result"]["schema"].get("properties", {})
+    }
+    assert set(paged) == {
+        "site.list",
+        "device.list",
+        "reading.list",
+        "topic.list",
+        "event.list",
+        "deadletter.list",
+    }
+    for name, method in paged.items():
+        answer = await running.call(name, _required(method))
+        assert set(answer) == set(method["result"]["schema"]["required"]), name
+        assert isinstance(answer["items"], list)
+        assert answer["next_cursor"] is None or isinstance(answer["next_cursor"], str)

@@ -182,6 +182,8 @@ class Method:
     handler: Callable[[Call], Awaitable[Any]]
     params: tuple[Param, ...] = ()
     summary: str = ""
+    #: The JSON Schema of its result, for the OpenRPC document (None: any).
+    result: dict[str, Any] | None = None
     _names: frozenset[str] = attrs.field(
         init=False,
         repr=False,

@@ -97,6 +97,7 @@ class ObservationMethods:
                     limit,
                 ),
                 summary="A page of a site's devices and their status, by kind, gateway and id.",
+                result=paging.PAGE_SCHEMA,
             ),
             Method(
                 "device.counts",
@@ -125,6 +126,7 @@ class ObservationMethods:
                 ),
                 summary="A page of a sensor's readings, oldest first: after `since` or the "
                 "cursor, else the latest.",
+                result=paging.PAGE_SCHEMA,
             ),
             Method(
                 "topic.list",
@@ -142,6 +144,7 @@ class ObservationMethods:
                     limit,
                 ),
                 summary="A page of the exact topics seen on a site, with counts.",
+                result=paging.PAGE_SCHEMA,
             ),
             Method(
                 "event.list",
@@ -161,6 +164,7 @@ class ObservationMethods:
                     cursor,
                 ),
                 summary="A page of connection and device events, oldest first.",
+                result=paging.PAGE_SCHEMA,
             ),
             Method(
                 "deadletter.list",
@@ -168,6 +172,7 @@ class ObservationMethods:
                 (some_site, limit, since, until, cursor),
                 summary="A page of dead letters, newest first; since and until bound when "
                 "they were received.",
+                result=paging.PAGE_SCHEMA,
             ),
             Method(
                 "deadletter.replay",

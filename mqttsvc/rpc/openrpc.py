@@ -48,7 +48,7 @@ def document(methods: list[Method]) -> dict[str, Any]:
                     }
                     for p in m.params
                 ],
-                "result": {"name": "result", "schema": {}},
+                "result": {"name": "result", "schema": m.result or {}},
                 "errors": [
                     {"code": -32602, "message": "Invalid params"},
                     {"code": -32001, "message": "Not found"},

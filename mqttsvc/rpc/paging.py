@@ -56,6 +56,21 @@ KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The result of every list method, for the OpenRPC document.
+PAGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "items": {"type": "array", "items": {"type": "object"}},
+        "next_cursor": {
+            "type": ["string", "null"],
+            "description": "Pass it as cursor for the next page; null after the last.",
+        },
+    },
+    "required": ["items", "next_cursor"],
+    "additionalProperties": False,
+}
+
+
 def cursor_param() -> Param:
     return Param(
         "cursor",

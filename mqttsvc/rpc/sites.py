@@ -122,6 +122,7 @@ class SiteMethods:
                     paging.limit_param(paging.MAX_SITE_LIMIT),
                 ),
                 summary="A page of the sites, in site id order, with their status.",
+                result=paging.PAGE_SCHEMA,
             ),
             Method("site.get", self.site_get, (site_id,), summary="A site's configuration."),
             Method(
