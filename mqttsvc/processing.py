@@ -437,24 +437,20 @@ def _heartbeat(fields: dict[str, Any]) -> tuple[str | None, float | None]:
     return status, None if interval is None else float(interval)
 
 
-def _message_ts(fields: dict[str, Any], received: datetime, max_skew: float) -> datetime:
+def _check_skew(value: Any, ts: datetime, received: datetime, max_skew: float) -> None:
     """
-    A message's own time (see L{parse_ts}), refused when it is more than
-    C{max_skew} seconds ahead of the receive time: a clock that far ahead
-    is wrong, and its readings would sort after every true one.
+    Refuse a C{ts} (parsed from C{value}) ahead of the receive time by more
+    than C{max_skew} seconds: a clock that far ahead is wrong, and its
+    readings would sort after every true one.  Called only for a C{ts}
+    ahead at all, which keeps the usual message (sent before it arrived)
+    to one comparison.
     """
-    value = fields.get("ts")
-    if value is None:
-        return received
-    ts = parse_ts(value, received)
-    if ts > received:
-        ahead = (ts - received).total_seconds()
-        if ahead > max_skew:
-            raise Rejected(
-                f"ts {_quote(value)} is {ahead:.0f}s ahead of the receive time; at most "
-                f"{max_skew:g}s is allowed (--max-clock-skew)"
-            )
-    return ts
+    ahead = (ts - received).total_seconds()
+    if ahead > max_skew:
+        raise Rejected(
+            f"ts {_quote(value)} is {ahead:.0f}s ahead of the receive time; at most "
+            f"{max_skew:g}s is allowed (--max-clock-skew)"
+        )
 
 
 def _readings(
@@ -547,8 +543,13 @@ def process(
         if len(payload) > max_payload:
             raise Rejected(f"payload of {len(payload)} bytes is over the limit of {max_payload}")
         fields, text = _decode_object(payload)
-        ts = _message_ts(fields, at, max_skew)
-        own_ts = None if ts is at else ts
+        value = fields.get("ts")
+        if value is None:
+            ts, own_ts = at, None
+        else:
+            ts = own_ts = parse_ts(value, at)
+            if ts > at:
+                _check_skew(value, ts, at, max_skew)
         if device_kind == "sensor":
             sensor_id = ids["sensor_id"]
             readings = _readings(site_id, sensor_id, fields, at, ts)
