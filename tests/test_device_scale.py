@@ -2,7 +2,8 @@
 Device state at scale (issue 14) against the real broker and database:
 the per-site device limit (dead letters, one event, an alert), site-wide
 transitions as one summary event while every device's row still changes,
-device state that follows the newest ts, and ts too far ahead.
+device state that follows the newest ts, ts too far ahead, and a foreign
+topic from a scripted non-compliant broker.
 
 Known devices are inserted by SQL: publishing tens of thousands would take
 longer than the behaviour under test.
@@ -18,10 +19,13 @@ import pytest_twisted
 
 from mqttsvc.alerts import AlertRules
 from mqttsvc.events import Event
+from mqttsvc.processing import FOREIGN_TOPIC, DeadLetter, DeviceSeen, Reading, TopicSeen
 from tests.conftest import BROKER_HOST, BROKER_PORT, PrivateBroker
+from tests.fakebroker import FakeBroker, publish_header
 from tests.publish import publish
 from tests.service import RunningService
 from tests.test_devices import j, query
+from tests.test_hostile_broker import listening, running_site
 from tests.waiting import eventually
 
 
@@ -284,3 +288,33 @@ async def test_device_state_follows_the_newest_ts_through_the_broker(
     assert (payload["status"], reported) == ("newest", "newest")
     assert abs((reported_at - now).total_seconds()) < 0.001
     assert query(sql, "SELECT count(*) FROM sensor_reading WHERE site_id = %s", site_id) == [(0,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_foreign_topic_from_a_non_compliant_broker_creates_no_state() -> None:
+    """
+    A broker that sends a topic none of the site's filters match (real
+    Mosquitto never does; a scripted one does) gets a dead letter for it
+    with the reason and nothing else (no discovered topic, no device),
+    counted as rejected; a subscribed topic beside it is processed as
+    usual.
+    """
+    from twisted.internet import reactor
+
+    payload = b'{"value": 1}'
+    topics = [b"elsewhere/sensor/x/data", b"hostile/sensor/s1/data"]
+
+    def send(connection: Any) -> None:
+        for mid, topic in enumerate(topics, 1):
+            connection.send(publish_header(topic, len(payload), mid=mid) + payload)
+
+    async with listening(FakeBroker(after_suback=send)) as port:
+        async with running_site(port) as (site, _states, writer):
+            while len(writer.queued) < 2:
+                await writer.next().addTimeout(5, reactor)
+    foreign, subscribed = (effects for effects, _, _ in writer.queued)
+    assert foreign == [
+        DeadLetter("hostile", "elsewhere/sensor/x/data", payload, FOREIGN_TOPIC, foreign[0].at)
+    ]
+    assert [type(e) for e in subscribed] == [TopicSeen, DeviceSeen, Reading]
+    assert site.messages_rejected == 1
