@@ -194,7 +194,7 @@ class _SiteCore:
     config: SiteConfig
     clock: IReactorTime
     client: BrokerClient
-    report: Callable[[SiteState, ConnectionEvent], None]
+    report: Callable[[SiteState, ConnectionEvent | None], None]
     jitter: Callable[[], float]
     probe_interval: float
     retry_count: int = 0
@@ -235,22 +235,37 @@ class _SiteCore:
     def enter(self, state: str) -> None:
         """
         Take a new snapshot and report it (with the pending reason) when
-        anything an operator can see changed.
+        anything an operator can see changed: with a L{ConnectionEvent} when
+        the state changed, without one when only what it shows did (the
+        subscriptions granted, the retry count reset by a proven connection).
+        One transition, one event, named the same in the log.
         """
         snapshot = self.snapshot(state)
         previous = self.state
         reason, self.reason = self.reason, None
         if previous is not None and attrs.evolve(previous, since=snapshot.since) == snapshot:
             return
+        why = f" ({reason})" if reason else ""
         if previous is not None and previous.state == state:
-            snapshot = attrs.evolve(snapshot, since=previous.since)
+            self.state = attrs.evolve(snapshot, since=previous.since)
+            self.log.info(
+                "site {site_id}: still {state}{why}",
+                site_id=self.config.site_id,
+                state=state,
+                why=why,
+                reason=reason,
+                retry_count=self.retry_count,
+            )
+            self.report(self.state, None)
+            return
         self.state = snapshot
+        from_state = previous.state if previous is not None else "stopped"
         self.log.info(
             "site {site_id}: {from_state} -> {to_state}{why}",
             site_id=self.config.site_id,
-            from_state=previous.state if previous else "new",
+            from_state=from_state,
             to_state=state,
-            why=f" ({reason})" if reason else "",
+            why=why,
             reason=reason,
             retry_count=self.retry_count,
         )
@@ -258,8 +273,8 @@ class _SiteCore:
             snapshot,
             ConnectionEvent(
                 site_id=self.config.site_id,
-                at=snapshot.since if previous is None or previous.state != state else self.now(),
-                from_state=previous.state if previous else "stopped",
+                at=snapshot.since,
+                from_state=from_state,
                 to_state=state,
                 reason=reason,
             ),
@@ -563,7 +578,8 @@ class SiteService(Service):
     @param config: the site.
     @param writer: where message effects go (the L{mqttsvc.writer.WriterLanes}).
     @param report: called with a L{SiteState} and the L{ConnectionEvent} on
-        every state change.
+        every state change, and with the state and None when only what the
+        state shows changed.
     @param instance: this mqttsvc instance's name, part of the client id.
     @param resume: the connection state the database remembers; a site in
         error stays in error, a waiting site waits for its next retry.
@@ -588,7 +604,7 @@ class SiteService(Service):
         reactor: Any,
         config: SiteConfig,
         writer: MessageSink,
-        report: Callable[[SiteState, ConnectionEvent], None],
+        report: Callable[[SiteState, ConnectionEvent | None], None],
         *,
         instance: str = "local",
         resume: ResumeState | None = None,

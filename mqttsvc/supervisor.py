@@ -405,14 +405,14 @@ class SiteSupervisor(MultiService):
             site.pause_reading()
         return site
 
-    def _report(self, state: SiteState, event: ConnectionEvent) -> None:
+    def _report(self, state: SiteState, event: ConnectionEvent | None) -> None:
         self._store.writer.set_status(state.as_update(), event)
-        known = self._known.get(event.site_id)
+        known = self._known.get(state.site_id)
         if known is not None:
             known.status = state.status
             known.reported = True
-            self._recount(event.site_id)
-        if event.to_state == event.from_state:
+            self._recount(state.site_id)
+        if event is None or event.to_state == event.from_state:
             return
         if event.to_state == "connected":
             site = self.site(event.site_id)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 
 from mqttsvc.batch import ConnectionEvent
 from mqttsvc.config import SiteConfig, TopicSubscription, default_topics
@@ -135,9 +136,10 @@ class Harness:
             assert isinstance(clients[-1], BrokerClient), "the fake lacks a method of the client"
             return clients[-1]
 
-        def report(state: SiteState, event: ConnectionEvent) -> None:
+        def report(state: SiteState, event: ConnectionEvent | None) -> None:
             self.states.append(state)
-            self.events.append(event)
+            if event is not None:
+                self.events.append(event)
 
         self.site = SiteService(
             self.clock,
@@ -184,6 +186,40 @@ class Harness:
 
 def refused() -> ConnectFailed:
     return ConnectFailed("refused", "connection refused")
+
+
+def test_one_transition_one_event_named_alike_in_the_log() -> None:
+    """
+    Connecting, the SUBACKs and the proof make two events (stopped ->
+    connecting -> connected), never a connected -> connected one; the log
+    names the first transition as the event does (it said "new").
+    """
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "mqttsvc.site":
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        h = Harness()
+        h.site.startService()
+        h.connect()
+        h.suback()
+        h.clock.advance(PROVING_TIME)
+        h.prove()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert [(e.from_state, e.to_state) for e in h.events] == [
+        ("stopped", "connecting"),
+        ("connecting", "connected"),
+    ]
+    assert h.states[-1].subscriptions and h.states[-1].state == "connected"
+    assert lines[:2] == [
+        "site north: stopped -> connecting",
+        "site north: connecting -> connected (new session)",
+    ]
+    assert not any("connected -> connected" in line or "new ->" in line for line in lines)
 
 
 def test_backoff_schedule_matches_the_old_service() -> None:
@@ -287,7 +323,9 @@ def test_connect_subscribes_and_checks_every_suback() -> None:
         "subscription refused: north/datalogger/+/+/heartbeat (Unspecified error)"
     )
     assert [r.granted for r in h.state.subscriptions] == [True, False, True]
-    assert h.events[-1].reason == h.state.last_error
+    # Written as the site's last_error; not an event: the state is the same.
+    assert h.states[-1].last_error == h.state.last_error
+    assert h.events[-1].to_state == "connected" and h.events[-1].reason == "new session"
 
 
 def test_resumed_session_is_not_resubscribed() -> None:
@@ -563,7 +601,9 @@ def test_proof_needs_the_suback_and_a_packet_after_the_proving_time() -> None:
     assert h.state.retry_count == 2
     h.prove()
     assert (h.state.state, h.state.retry_count) == ("connected", 0)
-    assert h.events[-1].reason == "the connection proved itself"
+    # The reset is reported as a state (to be written), not as an event.
+    assert h.states[-1].retry_count == 0
+    assert (h.events[-1].from_state, h.events[-1].to_state) == ("connecting", "connected")
     h.client.on_lost(ConnectFailed("network", "connection lost"))
     assert (h.state.state, h.state.retry_count) == ("waiting", 1)
     assert h.wait() == 5
