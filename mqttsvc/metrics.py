@@ -53,14 +53,18 @@ class _LiveCollector(Collector):
             "Successful connections (the first and every reconnect)",
             labels=["site_id"],
         )
-        for site in sites:
-            current = site.state.state
+        # Every site the database has: a stopped or disabled one (no
+        # service) shows as stopped, with the counts of its earlier runs.
+        current = {site.config.site_id: site.state.state for site in sites}
+        current.update(dict.fromkeys(self._supervisor.idle_sites(), "stopped"))
+        for site_id in sorted(current):
             for name in STATES:
-                state.add_metric([site.config.site_id, name], 1.0 if name == current else 0.0)
-            received.add_metric([site.config.site_id], site.messages_received)
-            rejected.add_metric([site.config.site_id], site.messages_rejected)
-            committed.add_metric([site.config.site_id], site.messages_committed)
-            connects.add_metric([site.config.site_id], site.connects)
+                state.add_metric([site_id, name], 1.0 if name == current[site_id] else 0.0)
+            counts = self._supervisor.counters(site_id)
+            received.add_metric([site_id], counts.messages_received)
+            rejected.add_metric([site_id], counts.messages_rejected)
+            committed.add_metric([site_id], counts.messages_committed)
+            connects.add_metric([site_id], counts.connects)
         yield from (state, received, rejected, committed, connects)
         yield GaugeMetricFamily(
             "mqttsvc_write_queue_depth",

@@ -37,7 +37,7 @@ from mqttsvc.config import (
 )
 from mqttsvc.offline import OfflineDetector
 from mqttsvc.processing import DeviceKey, Effect
-from mqttsvc.site import PROBE_INTERVAL, SiteService, SiteState
+from mqttsvc.site import PROBE_INTERVAL, SiteCounters, SiteService, SiteState
 from mqttsvc.store import SiteRow, Store
 
 #: Seconds between two full reconciliations (the old service's health check).
@@ -127,6 +127,8 @@ class SiteSupervisor(MultiService):
         self._monitor_interval = monitor_interval
         self._loaded: Deferred[None] = Deferred()
         self._known: dict[str, _Known] = {}
+        #: Each site's counters, kept across its services (see SiteCounters).
+        self._counters: dict[str, SiteCounters] = {}
         # Each known site's status as counted, and the counts: kept up to
         # date on every change so that service.status costs nothing.
         self._counted: dict[str, str] = {}
@@ -321,6 +323,7 @@ class SiteSupervisor(MultiService):
                     await current.disownServiceParent()
                 if row is None:
                     self._known.pop(site_id, None)
+                    self._counters.pop(site_id, None)
                     self.devices.forget_site(site_id)
                 return
             if current is None:
@@ -399,6 +402,7 @@ class SiteSupervisor(MultiService):
             connect_threads=self._connect_threads,
             max_clock_skew=self._max_clock_skew,
             max_devices=self._max_devices,
+            counters=self._counters.setdefault(row.config.site_id, SiteCounters()),
         )
         site.setServiceParent(self)
         if self._store.writer.lane(row.config.site_id).pressing:
@@ -432,6 +436,20 @@ class SiteSupervisor(MultiService):
 
     def sites(self) -> list[SiteService]:
         return [s for s in self if isinstance(s, SiteService)]
+
+    def counters(self, site_id: str) -> SiteCounters:
+        """
+        A site's counters since this process started (zero for a site that
+        has not run), whether it runs now or not.
+        """
+        return self._counters.get(site_id) or SiteCounters()
+
+    def idle_sites(self) -> list[str]:
+        """
+        The sites the database has that have no running service (stopped,
+        disabled), in site id order.
+        """
+        return sorted(site_id for site_id in self._known if self.site(site_id) is None)
 
     def stopService(self) -> Deferred[None]:
         """

@@ -203,6 +203,7 @@ class SiteMethods:
             # The running service knows more recent truth than the row,
             # which the batch writer may not have updated yet.
             return _live_status(site, config, row.config_error, self._write_problem(config.site_id))
+        counters = self._supervisor.counters(config.site_id)
         return {
             "site_id": config.site_id,
             "status": idle_status(row.status),
@@ -216,9 +217,9 @@ class SiteMethods:
             "state": "stopped",
             "state_since": iso(row.updated_at),
             "subscriptions": [],
-            "messages_received": 0,
-            "messages_rejected": 0,
-            "last_message_at": None,
+            "messages_received": counters.messages_received,
+            "messages_rejected": counters.messages_rejected,
+            "last_message_at": iso(counters.last_message_at),
         }
 
     @staticmethod
