@@ -678,13 +678,15 @@ async def known_devices(reactor: Any, p: Params) -> Params:
     gc.collect()
     tracemalloc.start()
     try:
-        rows = await tree.store.load_devices()
         detector = OfflineDetector(Clock(), lambda changes: None)
-        detector.load(((k, s, i or 900.0, b) for k, s, i, b in rows), "measured")
+        site_ids: set[str] = set()
+        async for page in tree.store.device_pages():
+            detector.load(((k, s, i or 900.0, b) for k, s, i, b in page), "measured")
+            site_ids.update(key.site_id for key, *_ in page)
+        page = []  # the last one is not the detector's
         # Connected sites: every device has a deadline in the heap.
-        for site_id in {key.site_id for key, *_ in rows}:
+        for site_id in site_ids:
             detector.site_up(site_id, 2.5)
-        del rows
         # The pool's connection holds its last result until its next
         # query (not the detector's memory, and gone a moment later).
         for _ in range(4):

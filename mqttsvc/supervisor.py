@@ -36,7 +36,7 @@ from mqttsvc.config import (
     OfflinePolicy,
 )
 from mqttsvc.offline import OfflineDetector
-from mqttsvc.processing import DeviceKey, Effect
+from mqttsvc.processing import DeviceKey, Effect, SiteDevicesStatus
 from mqttsvc.site import PROBE_INTERVAL, SiteCounters, SiteService, SiteState
 from mqttsvc.store import SiteRow, Store
 
@@ -229,14 +229,24 @@ class SiteSupervisor(MultiService):
         unknown until its site is connected, then gets a grace period.
         """
         default = OfflinePolicy()
-        known = []
-        for key, status, interval, before in await self._store.load_devices():
-            row = rows.get(key.site_id)
-            policy = row.config.offline if row is not None else default
-            known.append((key, status, interval or policy.interval(key.kind), before))
-        self._devices_changed(self.devices.load(known, "mqttsvc started"))
+        # One summary per site, however many pages its devices came in.
+        unknown: dict[str, SiteDevicesStatus] = {}
+        count = 0
+        async for page in self._store.device_pages():
+            known = []
+            for key, status, interval, before in page:
+                row = rows.get(key.site_id)
+                policy = row.config.offline if row is not None else default
+                known.append((key, status, interval or policy.interval(key.kind), before))
+            count += len(known)
+            for change in self.devices.load(known, "mqttsvc started"):
+                earlier = unknown.get(change.site_id)
+                if earlier is not None:
+                    change = attrs.evolve(change, devices=earlier.devices + change.devices)
+                unknown[change.site_id] = change
+        self._devices_changed(list(unknown.values()))
         self._devices_loaded = True
-        self.log.info("tracking {count} known devices", count=len(known))
+        self.log.info("tracking {count} known devices", count=count)
 
     def _pressure(self, lane: int, pressing: bool) -> None:
         """
