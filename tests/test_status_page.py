@@ -167,3 +167,38 @@ def test_status_page_shows_sites_and_reacts_live(
     recent = browser.run("return document.getElementById('events').textContent")
     assert f"{fragile} site.restart by ops" in recent
     browser.screenshot(tmp_path / "restarted.png")
+
+
+def test_first_contact_whole_token_line_honest_header_and_buttons(
+    mqttsvc_service: TwistdService, browser: Browser, site_id: str
+) -> None:
+    """
+    Before a token is given the header does not claim to be connecting; a
+    whole line of the token file ("ops TOKEN") logs in; a connected site's
+    Start button is disabled (Stop and Restart are not), and enabled again
+    once the site is stopped.
+    """
+    rpc(
+        mqttsvc_service,
+        "site.create",
+        {"site_id": site_id, "host": BROKER_HOST, "port": BROKER_PORT},
+    )
+    browser.get(f"http://127.0.0.1:{mqttsvc_service.port}/")
+    poll(lambda: browser.run("return !document.getElementById('login').hidden"), 10, "token form")
+    live = browser.run("return document.getElementById('live').textContent")
+    assert "connecting" not in live, live
+    browser.type("#token", f"ops {mqttsvc_service.TOKEN}")
+    browser.click("#login button[type=submit]")
+    poll(lambda: badge(browser, site_id) == "connected", 10, "the site shown connected")
+    disabled = (
+        "return [...document.querySelectorAll(`article.site[data-site='${arguments[0]}'] button`)]"
+        ".map((b) => [b.dataset.action, b.disabled])"
+    )
+    assert dict(browser.run(disabled, site_id)) == {
+        "site.start": True,
+        "site.stop": False,
+        "site.restart": False,
+    }
+    rpc(mqttsvc_service, "site.stop", {"site_id": site_id})
+    poll(lambda: badge(browser, site_id) == "stopped", 10, "the site shown stopped")
+    poll(lambda: dict(browser.run(disabled, site_id))["site.start"] is False, 10, "Start enabled")
