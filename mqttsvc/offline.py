@@ -349,6 +349,13 @@ class OfflineDetector:
                 found.append(device.key)
                 self._schedule(device, self._clock.seconds() + device.interval * grace)
 
+    def limit_changed(self, site_id: str) -> None:
+        """
+        The site's device limit changed: its next refusal is reported as
+        the first.
+        """
+        self._full.discard(site_id)
+
     def forget_site(self, site_id: str) -> None:
         """
         Stop tracking a site's devices (the site was deleted).

@@ -348,6 +348,7 @@ class SiteSupervisor(MultiService):
                     current.update_topics(row.config.topics)
                 if current.config.max_devices != row.config.max_devices:
                     current.set_max_devices(row.config.max_devices)
+                    self.devices.limit_changed(site_id)
         finally:
             self._recount(site_id)
             lock.release()

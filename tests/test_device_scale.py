@@ -102,7 +102,8 @@ async def test_a_site_at_its_device_limit(
     20,000 (the service's --max-devices is larger): a message of a new
     sensor is a dead letter saying so, with no device, reading or
     discovered topic; the first refusal is one service event (and so an
-    alert), however many follow; known sensors still report.
+    alert), however many follow; known sensors still report.  A higher
+    limit set by SQL applies at once, without a reconnect.
     """
     from twisted.internet import reactor
 
@@ -166,6 +167,29 @@ async def test_a_site_at_its_device_limit(
             "gateway_id": None,
         }
         print(f"start-up with {count} known devices: {load_seconds:.2f}s")
+        # A higher limit by SQL applies within a second, without reconnecting.
+        site = service.supervisor.site(site_id)
+        assert site is not None
+        connects = site.connects
+        with sql.cursor() as cur:
+            cur.execute(
+                "UPDATE mqtt_connection SET max_devices = %s WHERE site_id = %s",
+                (count + 1, site_id),
+            )
+        await eventually(lambda: site.config.max_devices == count + 1, what="the new limit")
+        await publish([(f"{site_id}/sensor/new-3/data", j({"value": 3}))])
+        await eventually(
+            lambda: (
+                query(
+                    sql,
+                    "SELECT count(*) FROM sensor WHERE site_id = %s AND sensor_id = 'new-3'",
+                    site_id,
+                )
+                == [(1,)]
+            ),
+            what="a device under the new limit",
+        )
+        assert site.connects == connects and service.supervisor.site(site_id) is site
     finally:
         await service.stop()
 

@@ -216,6 +216,10 @@ def test_a_site_is_capped_at_its_device_limit() -> None:
     assert d.seen(keys[0], 60, 2, limit=3) is None  # known: still tracked
     d.seen(OTHER, 60, 2, limit=3)
     assert len(d) == 4
+    d.limit_changed("s")  # a new limit: its next refusal is reported again
+    with pytest.raises(DeviceLimit):
+        d.seen(extra, 60, 2, limit=3)
+    assert reached == [("s", 3, extra), ("s", 3, extra)]
     d.forget_site("s")
     assert len(d) == 1
     d.stop()
