@@ -19,6 +19,8 @@ DSN="host=127.0.0.1 user=postgres dbname=$DB"
 RPC_PORT=8780
 RPC_URL="http://127.0.0.1:$RPC_PORT/rpc"
 HEALTH_URL="http://127.0.0.1:$RPC_PORT/healthz"
+STATUS_URL="http://127.0.0.1:$RPC_PORT/"
+EVENTS_URL="http://127.0.0.1:$RPC_PORT/events"
 TOKENS="$DEMO_DIR/tokens"
 LOG="$DEMO_DIR/mqttsvc.log"
 SIM_LOG="$DEMO_DIR/simulator.log"
@@ -207,7 +209,9 @@ fi
 cat <<EOF
 
 mqttsvc demo is running in $REPO (Ctrl-C stops it)
+  status page: $STATUS_URL   (open it in a browser; paste the line of $TOKENS)
   JSON-RPC:   $RPC_URL   (bearer token in $TOKENS)
+  events:     $EVENTS_URL   (Server-Sent Events, live)
   health:     $HEALTH_URL
   logs:       $LOG, $SIM_LOG
 
@@ -215,6 +219,7 @@ Try, from $REPO:
   $VENV/bin/mqttsvc --token-file $TOKENS status
   $VENV/bin/mqttsvc --token-file $TOKENS call site.list
   $VENV/bin/mqttsvc --token-file $TOKENS call site.status '{"site_id": "demo-north"}'
+  curl -N -H "Authorization: Bearer \$(cut -d' ' -f2 $TOKENS)" $EVENTS_URL
   psql -h 127.0.0.1 -U postgres -d $DB -c 'SELECT site_id, gateway_id, status, last_seen_at FROM gateway ORDER BY 1, 2'
   tail -f $LOG
 
