@@ -33,7 +33,8 @@ from twisted.conch.manhole_ssh import (
     TerminalSession,
     TerminalUser,
 )
-from twisted.conch.ssh import keys
+from twisted.conch.openssh_compat import primes
+from twisted.conch.ssh import _kex, keys
 from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION, SSHServerTransport
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ISSHPrivateKey
@@ -56,7 +57,28 @@ HOST_KEY_FIELD = "manhole-host-key"
 #: Builds the console's namespace, once per session.
 NamespaceFactory = Callable[[], dict[str, object]]
 
+#: OpenSSH's Diffie-Hellman group-exchange primes, where the system has them.
+SYSTEM_MODULI = "/etc/ssh/moduli"
+
 log = Logger()
+
+
+def group_exchange_primes(path: str = SYSTEM_MODULI) -> dict[int, list[tuple[int, int]]]:
+    """
+    Primes for the group-exchange key exchanges: the system's moduli file
+    when it has one, else RFC 3526's 2048-bit group, which is what OpenSSH
+    itself falls back on.  With none, Twisted logs "disabling non-fixed-group
+    key exchange algorithms because we cannot find moduli file" at every
+    login (issue 15).  C{_kex} is Twisted's private module: used here only.
+    """
+    try:
+        found: dict[int, list[tuple[int, int]]] = primes.parseModuliFile(path)
+    except OSError:
+        found = {}
+    if found:
+        return found
+    generator, prime = _kex.getDHGeneratorAndPrime(b"diffie-hellman-group14-sha1")
+    return {prime.bit_length(): [(generator, prime)]}
 
 
 def fingerprint(key: keys.Key) -> str:
@@ -411,6 +433,7 @@ def makeManholeService(
     # instance.  They hold Key objects, whatever their annotation says.
     factory.publicKeys = {host_key.sshType(): host_key.public()}
     factory.privateKeys = {host_key.sshType(): host_key}  # type: ignore[dict-item]
+    factory.primes = group_exchange_primes()
     try:
         service = strports.service(endpoint_description, factory, reactor=reactor)
     except Exception as e:

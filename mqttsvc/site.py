@@ -771,6 +771,14 @@ class SiteService(Service):
         self._core.shutting_down = True
         return self.stopService()
 
+    def __repr__(self) -> str:
+        # What the manhole shows for sites['north'] (it was "<... object at 0x...>").
+        s = self.state
+        return (
+            f"<SiteService {self.name} {s.state} ({s.retry_count} retries) "
+            f"{self.config.host}:{self.config.port}>"
+        )
+
     def restart(self) -> None:
         """
         Reset the retry count and reconnect now (from any state; a site in

@@ -634,3 +634,26 @@ def test_host_key_problems_are_named(tmp_path: Path) -> None:
 
     nowhere = tmp_path / "missing-directory" / "host-key"
     assert problem(nowhere) == f"cannot create {nowhere}: No such file or directory"
+
+
+def test_a_login_logs_nothing_about_a_moduli_file(service: Service, operator_key: Path) -> None:
+    """
+    Without /etc/ssh/moduli every login logged Twisted's "cannot find
+    moduli file"; the group-exchange key exchange now has primes of its own
+    (RFC 3526's 2048-bit group), so a login logs the login only.
+    """
+    before = len(service.log.read_text())
+    result = subprocess.run(
+        ssh_args(service.port, operator_key, "-tt"),
+        input=b"print('in', 6 * 7)\n",
+        capture_output=True,
+        timeout=20,
+    )
+    assert result.returncode == 0, result
+    assert "in 42" in _ANSI.sub(b"", result.stdout).decode()
+
+    def since_then() -> str:
+        return service.log.read_text()[before:]
+
+    wait_for(lambda: "manhole login by" in since_then(), 10, "the login logged")
+    assert "moduli" not in since_then(), since_then()

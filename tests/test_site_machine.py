@@ -222,6 +222,15 @@ def test_one_transition_one_event_named_alike_in_the_log() -> None:
     assert not any("connected -> connected" in line or "new ->" in line for line in lines)
 
 
+def test_a_site_says_what_it_is_in_the_manhole() -> None:
+    """repr(site) names the site, its state, retries and broker, not an address."""
+    h = Harness()
+    assert repr(h.site) == "<SiteService north stopped (0 retries) 127.0.0.1:1883>"
+    h.site.startService()
+    h.fail()
+    assert repr(h.site) == "<SiteService north waiting (1 retries) 127.0.0.1:1883>"
+
+
 def test_backoff_schedule_matches_the_old_service() -> None:
     """
     min(5 s * 2^n, 300 s), with jitter of at most 20% either way, and never
