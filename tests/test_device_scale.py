@@ -15,11 +15,14 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 from mqttsvc.alerts import AlertRules
+from mqttsvc.config import ConfigError, SiteConfig
 from mqttsvc.events import Event
 from mqttsvc.processing import FOREIGN_TOPIC, DeadLetter, DeviceSeen, Reading, TopicSeen
+from mqttsvc.tap import Options, check_values
 from tests.conftest import BROKER_HOST, BROKER_PORT, PrivateBroker
 from tests.fakebroker import FakeBroker, publish_header
 from tests.publish import publish
@@ -61,6 +64,38 @@ async def subscribed(service: RunningService, site_id: str) -> None:
         return bool(status["state"] == "connected" and status["subscriptions"])
 
     await eventually(up, what=f"{site_id} connected and subscribed")
+
+
+def test_device_limit_and_clock_skew_options() -> None:
+    """
+    --max-devices (100,000) and --max-clock-skew (300 s), or their
+    variables, reach every site; a limit that is not a whole number from 1
+    to 100,000,000, or a skew that is not positive, is refused naming the
+    option; a site's own max_devices is checked the same way.
+    """
+    options = Options(environ={})
+    options.parseOptions([])
+    check_values(options)
+    assert (options["max-devices"], options["max-clock-skew"]) == (100_000, 300.0)
+    options = Options(environ={"MQTTSVC_MAX_DEVICES": "5", "MQTTSVC_MAX_CLOCK_SKEW": "2.5"})
+    options.parseOptions([])
+    check_values(options)
+    assert (options["max-devices"], options["max-clock-skew"]) == (5, 2.5)
+    for name, bad in (
+        ("max-devices", "0"),
+        ("max-devices", "1.5"),
+        ("max-devices", "100000001"),
+        ("max-clock-skew", "0"),
+    ):
+        options = Options(environ={})
+        options.parseOptions([f"--{name}", bad])
+        with pytest.raises(ConfigError) as refused:
+            check_values(options)
+        assert refused.value.field == name
+    for bad_limit in (0, 1.5, True, 10**9):
+        with pytest.raises(ConfigError, match="from 1 to 100000000") as refused:
+            SiteConfig("s", "h", max_devices=bad_limit)  # type: ignore[arg-type]
+        assert refused.value.field == "max_devices"
 
 
 def test_device_limit_and_site_summaries_raise_alerts() -> None:
