@@ -17,12 +17,32 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from mqttsvc.descriptors import DescriptorBudget
     from mqttsvc.eventstream import EventStreams
     from mqttsvc.httpserver import BoundedSite
     from mqttsvc.supervisor import SiteSupervisor
     from mqttsvc.writer import WriterLanes
 
 STATES = ("stopped", "connecting", "connected", "waiting", "error", "stopping", "restarting")
+
+
+class _DescriptorCollector(Collector):
+    def __init__(self, budget: DescriptorBudget) -> None:
+        self._budget = budget
+
+    def collect(self) -> Iterator[Metric]:
+        report = self._budget.report()
+        yield GaugeMetricFamily(
+            "mqttsvc_descriptors_limit", "The soft RLIMIT_NOFILE", value=report["limit"]
+        )
+        yield GaugeMetricFamily(
+            "mqttsvc_descriptors_open", "File descriptors open", value=report["open"]
+        )
+        yield GaugeMetricFamily(
+            "mqttsvc_descriptors_needed",
+            "File descriptors needed: one per running site, the HTTP cap and a reserve",
+            value=report["needed"],
+        )
 
 
 class _LiveCollector(Collector):
@@ -166,6 +186,13 @@ class Metrics:
         Report the live state of these at every scrape.
         """
         self.registry.register(_LiveCollector(supervisor, writer))
+
+    def watch_descriptors(self, budget: DescriptorBudget) -> None:
+        """
+        Report file descriptors at every scrape: the limit, those open, and
+        those the running sites, the HTTP cap and the rest need.
+        """
+        self.registry.register(_DescriptorCollector(budget))
 
     def watch_http(self, site: BoundedSite, streams: EventStreams) -> None:
         """

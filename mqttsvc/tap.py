@@ -32,6 +32,7 @@ from mqttsvc.config import (
     MAX_DEVICES_LIMIT,
     ConfigError,
 )
+from mqttsvc.descriptors import DescriptorBudget, raise_soft_limit
 from mqttsvc.events import EventHub
 from mqttsvc.eventstream import HEARTBEAT, MAX_STREAMS, EventStreams
 from mqttsvc.health import readiness
@@ -586,10 +587,12 @@ def buildService(
         max_streams=options["events-max-streams"],
     )
     streams.setServiceParent(root)
-    dispatcher = control_plane(reactor, store, supervisor)
+    descriptors = DescriptorBudget(lambda: len(supervisor.sites()), options["http-max-connections"])
+    dispatcher = control_plane(reactor, store, supervisor, descriptors)
     metrics = Metrics()
     store.writer.observe = metrics.observe_batch
     metrics.watch(supervisor, store.writer)
+    metrics.watch_descriptors(descriptors)
     web = WebApp(
         dispatcher,
         tokens,
@@ -657,4 +660,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     except ConfigError as e:
         sys.stderr.write(f"mqttsvc: configuration error: {e}\n")
         raise SystemExit(1) from None
+    before, after, hard = raise_soft_limit()
+    log.info(
+        "file descriptors: soft limit {after} (was {before}, hard limit {hard}): room for "
+        "about {sites} sites beside {http} HTTP connections",
+        before=before,
+        after=after,
+        hard=hard,
+        sites=DescriptorBudget(lambda: 0, options["http-max-connections"]).report()[
+            "sites_possible"
+        ],
+        http=options["http-max-connections"],
+    )
     return buildService(options, reactor, tokens, options["shutdown-deadline"])

@@ -90,7 +90,15 @@ def test_status(mqttsvc_service: TwistdService, client: MqttSvcClient, live_site
     assert lines[1] == f"Total Connections: {total}"
     assert any(line.startswith("  🟢 CONNECTED: ") for line in lines[2:])
     document = json.loads(ok("--json", "status", service=mqttsvc_service))
-    assert set(document) == {"state", "total", "connected", "connecting", "disconnected", "error"}
+    assert set(document) == {
+        "state",
+        "total",
+        "connected",
+        "connecting",
+        "disconnected",
+        "error",
+        "descriptors",
+    }
     assert document["total"] == total
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mqttsvc.descriptors import DescriptorBudget
 from mqttsvc.pool import DatabaseUnavailable
 from mqttsvc.rpc.dispatcher import UNAVAILABLE, Call, Dispatcher, Method, RPCError
 from mqttsvc.rpc.observed import ObservationMethods
@@ -20,12 +21,17 @@ def _unavailable(e: Exception) -> RPCError:
     return RPCError(UNAVAILABLE, "Database unavailable; try again shortly", {"reason": str(e)})
 
 
-def control_plane(reactor: Any, store: Store, supervisor: SiteSupervisor) -> Dispatcher:
+def control_plane(
+    reactor: Any,
+    store: Store,
+    supervisor: SiteSupervisor,
+    descriptors: DescriptorBudget | None = None,
+) -> Dispatcher:
     """
     The dispatcher of every control plane method.
     """
     methods = [
-        *SiteMethods(reactor, store, supervisor).methods(),
+        *SiteMethods(reactor, store, supervisor, descriptors).methods(),
         *ObservationMethods(store).methods(),
     ]
 

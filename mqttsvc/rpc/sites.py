@@ -19,6 +19,7 @@ from mqttsvc.config import (
     topics_from_params,
 )
 from mqttsvc.connection_check import check_connection
+from mqttsvc.descriptors import DescriptorBudget
 from mqttsvc.events import record_operator_action
 from mqttsvc.observations import Page, iso
 from mqttsvc.rpc import paging
@@ -43,10 +44,17 @@ class SiteMethods:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, store: Store, supervisor: SiteSupervisor) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        store: Store,
+        supervisor: SiteSupervisor,
+        descriptors: DescriptorBudget | None = None,
+    ) -> None:
         self._reactor = reactor
         self._store = store
         self._supervisor = supervisor
+        self._descriptors = descriptors
 
     def methods(self) -> list[Method]:
         site_id = Param("site_id", "string", description="The site's identifier.")
@@ -248,17 +256,19 @@ class SiteMethods:
         }
 
     async def service_status(self, call: Call) -> dict[str, Any]:
+        # File descriptors: a site needs one; see mqttsvc.descriptors.
+        extra = {} if self._descriptors is None else {"descriptors": self._descriptors.report()}
         if self._supervisor.loaded:
             # The supervisor keeps the counts as statuses change: at a
             # thousand sites even reading two columns of every row was too
             # slow for a call that monitoring makes often.
-            return {"state": "RUNNING", **self._supervisor.status_counts()}
+            return {"state": "RUNNING", **self._supervisor.status_counts(), **extra}
         stored = await self._store.site_statuses()
         counts = dict.fromkeys(STATUSES, 0)
         for site_id, status in stored:
             site = self._supervisor.site(site_id)
             counts[site.state.status if site is not None else idle_status(status)] += 1
-        return {"state": "RUNNING", "total": len(stored), **counts}
+        return {"state": "RUNNING", "total": len(stored), **counts, **extra}
 
     def _can_store(self, config: SiteConfig) -> None:
         if config.password is not None and self._store.secrets is None:
