@@ -12,11 +12,13 @@ longer than the behaviour under test.
 from __future__ import annotations
 
 import time
+import zlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.threads import deferToThread
 
 from mqttsvc.alerts import AlertRules
 from mqttsvc.config import ConfigError, SiteConfig
@@ -377,3 +379,76 @@ async def test_a_foreign_topic_from_a_non_compliant_broker_creates_no_state() ->
     ]
     assert [type(e) for e in subscribed] == [TopicSeen, DeviceSeen, Reading]
     assert site.messages_rejected == 1
+
+
+def same_lane_sites(prefix: str, lanes: int = 2) -> tuple[str, str]:
+    """A flooding and a quiet site id that the writer's lanes put together."""
+    for i in range(100):
+        flood, quiet = f"{prefix}-flood-{i}", f"{prefix}-quiet-{i}"
+        if zlib.crc32(flood.encode()) % lanes == zlib.crc32(quiet.encode()) % lanes:
+            return flood, quiet
+    raise AssertionError("no pair of site ids in one lane")
+
+
+@pytest.mark.deadline(120)
+@pytest_twisted.ensureDeferred
+async def test_a_flooding_site_never_pauses_a_quiet_one_in_its_lane(
+    running: RunningService, sql: Any, site_id: str, private_broker: PrivateBroker
+) -> None:
+    """
+    20,000 messages of new device ids for one site, pipelined, while a
+    site in the same write lane publishes a few: every message of both is
+    committed, and the quiet site is never paused (neither held alone nor
+    pressed with its lane); if anyone is held, it is the flooding site.
+    """
+    from bench.wire import publish_all, publish_packet
+
+    flood, quiet = same_lane_sites(site_id)
+    assert running.store.writer.lane(flood) is running.store.writer.lane(quiet)
+    # A broker of our own: the shared one drops what passes 1,000 queued.
+    for site in (flood, quiet):
+        await create_site(running, site, port=private_broker.port)
+        await subscribed(running, site)
+    paused: dict[str, int] = {flood: 0, quiet: 0}
+    for name in (flood, quiet):
+        service = running.supervisor.site(name)
+        assert service is not None
+        hold, pause = service.hold, service.pause_reading
+
+        def held(holding: bool, name: str = name, hold: Any = hold) -> None:
+            paused[name] += holding
+            hold(holding)
+
+        def pressed(name: str = name, pause: Any = pause) -> None:
+            paused[name] += 1
+            pause()
+
+        service.hold = held  # type: ignore[method-assign]
+        service.pause_reading = pressed  # type: ignore[method-assign]
+    count = 20_000
+    packets = [
+        publish_packet(f"{flood}/sensor/new-{i}/data".encode(), b'{"value": 1}', i % 65535 + 1)
+        for i in range(count)
+    ]
+    flooding = deferToThread(publish_all, private_broker.port, packets, 100)
+    for i in range(10):
+        await publish(
+            [(f"{quiet}/sensor/q/data", j({"ts": time.time(), "value": i}))],
+            port=private_broker.port,
+        )
+    await flooding
+
+    def committed() -> bool:
+        return query(
+            sql,
+            "SELECT site_id, count(*) FROM sensor WHERE site_id IN (%s, %s) GROUP BY site_id "
+            "ORDER BY site_id",
+            flood,
+            quiet,
+        ) == sorted([(flood, count), (quiet, 1)]) and query(
+            sql, "SELECT count(*) FROM sensor_reading WHERE site_id = %s", quiet
+        ) == [(10,)]
+
+    await eventually(committed, within=60, what="every message of both sites committed")
+    assert paused[quiet] == 0, paused
+    print(f"paused: {paused}")
