@@ -6,8 +6,8 @@ A regression that leaves a Deferred unfired (a writer retrying a batch
 forever, a site that never connects) must cost seconds of CI, not its whole
 budget.  pytest-timeout cannot be used beside pytest-twisted (its signal
 lands in the wrong greenlet and kills the reactor), so the deadline is a
-Twisted one: the Deferred that pytest-twisted waits on gets
-C{addTimeout}, and its cancellation reaches whatever the test awaits.
+Twisted one: the Deferred that pytest-twisted waits on is cancelled when
+its time is up, and the cancellation reaches whatever the test awaits.
 
 C{@pytest.mark.deadline(seconds)} gives a longer-running test (or module,
 with C{pytestmark}) more time; C{MQTTSVC_TEST_DEADLINE} changes the default.
@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 #: Seconds a test, a fixture's set-up or its teardown may take by default.
 DEFAULT_DEADLINE = float(os.environ.get("MQTTSVC_TEST_DEADLINE", "60"))
@@ -43,18 +44,37 @@ class DeadlinePassed(AssertionError):
 
 
 def _bounded(seconds: float, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    """
+    Run C{f} and cancel what it returns after C{seconds}.  The timer is set
+    before C{f} runs (not with C{addTimeout} after), so that a test that
+    counts the reactor's delayed calls at its start counts this one too:
+    set after, it made test_flapping's "no timer left behind" fail.
+    """
     from twisted.internet import reactor
 
-    def timed_out(result: Any, timeout: float) -> Any:
-        raise DeadlinePassed(
-            f"did not finish within its deadline of {timeout:g} s "
-            "(whatever it awaited was cancelled; give a slow test more time "
-            "with @pytest.mark.deadline(seconds))"
-        )
+    running: list[defer.Deferred[Any]] = []
+    expired: list[bool] = []
+
+    def expire() -> None:
+        expired.append(True)
+        running[0].cancel()
+
+    timer = reactor.callLater(seconds, expire)
+
+    def done(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if expired and isinstance(result, Failure) and result.check(defer.CancelledError):
+            raise DeadlinePassed(
+                f"did not finish within its deadline of {seconds:g} s "
+                "(whatever it awaited was cancelled; give a slow test more time "
+                "with @pytest.mark.deadline(seconds))"
+            )
+        return result
 
     d = defer.maybeDeferred(f, *args)
-    d.addTimeout(seconds, reactor, onTimeoutCancel=timed_out)
-    return d
+    running.append(d)
+    return d.addBoth(done)
 
 
 def install() -> None:

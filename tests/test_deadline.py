@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest_twisted
+
 ROOT = Path(__file__).resolve().parents[1]
 
 HANGING = """
@@ -68,3 +70,16 @@ def test_a_hanging_test_and_a_hanging_teardown_fail_within_their_deadline(tmp_pa
     assert "Unknown pytest.mark.deadline" not in out, out
     assert out.count("did not finish within its deadline of 1 s") >= 2, out
     assert elapsed < 30, elapsed
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_deadline_is_set_before_the_test_starts() -> None:
+    """
+    A test that counts the reactor's delayed calls as it starts counts its
+    own deadline among them: set after the test had started, it was one
+    timer more at the end than at the start (test_flapping's "no timer left
+    behind" failed on it).
+    """
+    from twisted.internet import reactor
+
+    assert [c for c in reactor.getDelayedCalls() if getattr(c.func, "__name__", "") == "expire"]
