@@ -214,6 +214,7 @@ class _SiteCore:
     report: Callable[[SiteState, ConnectionEvent | None], None]
     jitter: Callable[[], float]
     probe_interval: float
+    proving_time: float = PROVING_TIME
     retry_count: int = 0
     last_error: str | None = None
     last_connected_at: datetime | None = None
@@ -369,7 +370,7 @@ class _SiteCore:
 
     def await_proof(self, inputs: _SiteInputs) -> None:
         """
-        The broker answered: wait for a packet L{PROVING_TIME} after
+        The broker answered: wait for a packet C{proving_time} after
         CONNACK, then C{_proven} (once per connection).
         """
         token = self.attempt
@@ -382,7 +383,7 @@ class _SiteCore:
                 if self.state.state == "connected":
                     inputs._proven()
 
-        self.client.heard_after(self.connected_at + PROVING_TIME).addCallback(heard)
+        self.client.heard_after(self.connected_at + self.proving_time).addCallback(heard)
 
     def close(self, inputs: _SiteInputs) -> None:
         """
@@ -612,6 +613,7 @@ class SiteService(Service):
         letter.
     @param connect_threads: the pool for the blocking connect (the
         L{mqttsvc.transport.ConnectThreads} pool; the reactor's when None).
+    @param proving_time: see L{PROVING_TIME}.
     """
 
     log = Logger()
@@ -627,6 +629,7 @@ class SiteService(Service):
         resume: ResumeState | None = None,
         jitter: Callable[[], float] | None = None,
         probe_interval: float = PROBE_INTERVAL,
+        proving_time: float = PROVING_TIME,
         devices: OfflineDetector | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         client_factory: Callable[..., BrokerClient] = MQTTClient,
@@ -680,6 +683,7 @@ class SiteService(Service):
             report=report,
             jitter=jitter if jitter is not None else (lambda: random.uniform(-1.0, 1.0)),
             probe_interval=probe_interval,
+            proving_time=proving_time,
             counters=self.counters,
         )
         if resume is not None:

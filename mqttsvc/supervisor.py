@@ -37,7 +37,7 @@ from mqttsvc.config import (
 )
 from mqttsvc.offline import OfflineDetector
 from mqttsvc.processing import DeviceKey, Effect, SiteDevicesStatus
-from mqttsvc.site import PROBE_INTERVAL, SiteCounters, SiteService, SiteState
+from mqttsvc.site import PROBE_INTERVAL, PROVING_TIME, SiteCounters, SiteService, SiteState
 from mqttsvc.store import SiteRow, Store
 
 #: Seconds between two full reconciliations (the old service's health check).
@@ -95,6 +95,7 @@ class SiteSupervisor(MultiService):
         instance: str = "local",
         monitor_interval: float = MONITOR_INTERVAL,
         probe_interval: float = PROBE_INTERVAL,
+        proving_time: float = PROVING_TIME,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         site_factory: Callable[..., SiteService] = SiteService,
         connect_threads: ThreadPool | None = None,
@@ -120,6 +121,7 @@ class SiteSupervisor(MultiService):
         self._store = store
         self._instance = instance
         self._probe_interval = probe_interval
+        self._proving_time = proving_time
         self._site_factory = site_factory
         self._locks: dict[str, DeferredLock] = {}
         self._monitor = LoopingCall(self._monitor_once)
@@ -408,6 +410,7 @@ class SiteSupervisor(MultiService):
             instance=self._instance,
             resume=row.resume_state() if resume else None,
             probe_interval=self._probe_interval,
+            proving_time=self._proving_time,
             devices=self.devices,
             max_payload=self._max_payload,
             connect_threads=self._connect_threads,

@@ -57,7 +57,7 @@ from mqttsvc.notifications import ConfigListener
 from mqttsvc.rpc.methods import control_plane
 from mqttsvc.secrets import load_key
 from mqttsvc.service import SHUTDOWN_DEADLINE, RootService
-from mqttsvc.site import PROBE_INTERVAL
+from mqttsvc.site import PROBE_INTERVAL, PROVING_TIME
 from mqttsvc.store import Store
 from mqttsvc.supervisor import MONITOR_INTERVAL, SiteSupervisor
 from mqttsvc.tokens import Tokens, load_tokens
@@ -77,6 +77,7 @@ _ENV = {
     "instance": "MQTTSVC_INSTANCE",
     "monitor-interval": "MQTTSVC_MONITOR_INTERVAL",
     "probe-interval": "MQTTSVC_PROBE_INTERVAL",
+    "proving-time": "MQTTSVC_PROVING_TIME",
     "shutdown-deadline": "MQTTSVC_SHUTDOWN_DEADLINE",
     "max-payload": "MQTTSVC_MAX_PAYLOAD",
     "max-clock-skew": "MQTTSVC_MAX_CLOCK_SKEW",
@@ -103,6 +104,7 @@ _ENV = {
 _NUMBERS = {
     "monitor-interval": str(MONITOR_INTERVAL),
     "probe-interval": str(PROBE_INTERVAL),
+    "proving-time": f"{PROVING_TIME:g}",
     "shutdown-deadline": f"{SHUTDOWN_DEADLINE:g}",
     "max-payload": str(DEFAULT_MAX_PAYLOAD),
     "max-clock-skew": f"{DEFAULT_MAX_CLOCK_SKEW:g}",
@@ -164,6 +166,14 @@ class Options(usage.Options):
             None,
             f"Seconds between connection probes of a site in error "
             f"[env MQTTSVC_PROBE_INTERVAL; default {PROBE_INTERVAL:g}].",
+        ],
+        [
+            "proving-time",
+            None,
+            None,
+            f"Seconds a connection must stay up, subscribed and heard from, before it counts as "
+            f"a success and resets the retry count [env MQTTSVC_PROVING_TIME; default "
+            f"{PROVING_TIME:g}].",
         ],
         [
             "shutdown-deadline",
@@ -555,6 +565,7 @@ def buildService(
         instance=options["instance"],
         monitor_interval=options["monitor-interval"],
         probe_interval=options["probe-interval"],
+        proving_time=options["proving-time"],
         max_payload=options["max-payload"],
         connect_threads=connect_threads.pool,
         max_clock_skew=options["max-clock-skew"],

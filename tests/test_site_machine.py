@@ -619,6 +619,17 @@ def test_proof_needs_the_suback_and_a_packet_after_the_proving_time() -> None:
     assert h.clock.getDelayedCalls() == []
 
 
+def test_the_proving_time_is_the_sites_to_set() -> None:
+    """--proving-time reaches the site: the proof asked for is that long after CONNACK."""
+    h = Harness(proving_time=2.5)
+    h.site.startService()
+    connected_at = h.clock.seconds()
+    h.connect()
+    h.suback()
+    [(at, _)] = h.client.proofs
+    assert at == connected_at + 2.5
+
+
 def test_a_resumed_session_waits_for_proof_without_subscribing() -> None:
     """With the session present and nothing to subscribe, the proof wait starts at CONNACK."""
     h = Harness()
