@@ -28,13 +28,14 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal, NotRequired, TypedDict, TypeVar, Unpack, cast
+from typing import Any, Literal, NotRequired, Required, TypedDict, TypeVar, Unpack, cast
 
 __all__ = [
     "AuthenticationError",
     "Conflict",
     "ConnectionFields",
     "DeadLetter",
+    "Descriptors",
     "Device",
     "DiscoveredTopic",
     "Event",
@@ -223,17 +224,32 @@ class Timeout(TransportError):
 # --- result shapes ------------------------------------------------------------
 
 
-class ServiceStatus(TypedDict):
+class Descriptors(TypedDict):
     """
-    The result of C{service.status}: counts of sites by connection status.
+    File descriptors against the process's limit (see C{service.status}).
     """
 
-    state: str
-    total: int
-    connected: int
-    connecting: int
-    disconnected: int
-    error: int
+    limit: int
+    open: int
+    sites: int
+    needed: int
+    sites_possible: int
+    warning: str | None
+
+
+class ServiceStatus(TypedDict, total=False):
+    """
+    The result of C{service.status}: counts of sites by connection status,
+    and the file descriptors the sites need against the limit.
+    """
+
+    state: Required[str]
+    total: Required[int]
+    connected: Required[int]
+    connecting: Required[int]
+    disconnected: Required[int]
+    error: Required[int]
+    descriptors: Descriptors
 
 
 class TopicSpec(TypedDict):
@@ -309,6 +325,8 @@ class Site(TypedDict):
     status_topic: str | None
     device_intervals: DeviceIntervals
     offline_grace: float
+    #: None: the service's --max-devices.
+    max_devices: int | None
     created_at: str | None
     updated_at: str | None
 
@@ -491,6 +509,7 @@ class SiteFields(ConnectionFields, total=False):
     status_topic: str | None
     device_intervals: dict[str, float] | None
     offline_grace: float | None
+    max_devices: int | None
 
 
 class SiteUpdate(SiteFields, total=False):

@@ -76,6 +76,33 @@ async def test_update_and_delete(running: RunningService, site_id: str) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_sites_device_limit_is_set_through_the_api(
+    running: RunningService, sql: Any, site_id: str
+) -> None:
+    """
+    site.create and site.update take max_devices (null: the service's
+    --max-devices), site.get shows it, a bad one is -32602 naming it, and
+    the site refuses a device past it.
+    """
+    created = await running.call(
+        "site.create", {"site_id": site_id, "host": BROKER_HOST, "max_devices": 2}
+    )
+    assert created["max_devices"] == 2
+    bad = await running.call_raw("site.update", {"site_id": site_id, "max_devices": 0})
+    assert bad["error"]["data"]["field"] == "max_devices"
+    await connected(running, site_id)
+    await publish([(f"{site_id}/gateway/g{i}/heartbeat", j({"status": "ok"})) for i in range(3)])
+
+    async def refused() -> Any:
+        return await items(running, "deadletter.list", {"site_id": site_id}) or None
+
+    [letter] = await eventually(refused, what="the third device refused")
+    assert "limit of 2 devices" in letter["reason"]
+    cleared = await running.call("site.update", {"site_id": site_id, "max_devices": None})
+    assert cleared["max_devices"] is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_site_test_reports_without_saving(running: RunningService) -> None:
     """site.test connects once and says how it went; nothing is stored."""
     ok = await running.call("site.test", {"host": BROKER_HOST, "port": BROKER_PORT})

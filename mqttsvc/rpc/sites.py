@@ -107,6 +107,14 @@ class SiteMethods:
                 description="TLS to the broker: {ca_certs, certfile, keyfile, insecure} (paths "
                 "on mqttsvc's host); {} for the system CAs; null for plain MQTT.",
             ),
+            Param(
+                "max_devices",
+                "integer",
+                required=False,
+                nullable=True,
+                description="Devices the site may have (a new device id past it is a dead "
+                "letter); null for the service's --max-devices.",
+            ),
         )
         host = Param("host", "string", description="The site broker's host name or IP.")
         return [
@@ -250,6 +258,7 @@ class SiteMethods:
             },
             "offline_grace": c.offline.grace,
             "tls": None if c.tls is None else c.tls.as_settings(),
+            "max_devices": c.max_devices,
             "created_at": iso(row.created_at),
             "updated_at": iso(row.updated_at),
             "config_error": row.config_error,
