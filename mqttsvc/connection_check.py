@@ -14,11 +14,12 @@ site's reconnect waited 28 s for a thread.
 from __future__ import annotations
 
 import uuid
-import weakref
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.defer import CancelledError, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from mqttsvc.config import SiteConfig
@@ -38,27 +39,14 @@ CHECK_QUEUE = 16
 CHECK_CONNECT_TIMEOUT = 5.0
 
 
-class ConnectionTests:
+class ConnectionTests(Service):
     """
     Runs connection checks on a small pool of their own, at most
     C{threads} at a time and C{waiting} more queued; the sites' connects
     never share these threads.
 
-    @ivar pool: the checks' threads, stopped when the reactor shuts down.
+    @ivar pool: the checks' threads, running while the service runs.
     """
-
-    _of: weakref.WeakKeyDictionary[Any, ConnectionTests] = weakref.WeakKeyDictionary()
-
-    @classmethod
-    def of(cls, reactor: Any) -> ConnectionTests:
-        """
-        The checks of this reactor, for callers that were given none (made
-        on first use).
-        """
-        tests = cls._of.get(reactor)
-        if tests is None:
-            tests = cls._of[reactor] = cls(reactor)
-        return tests
 
     def __init__(
         self, reactor: Any, threads: int = CHECK_THREADS, waiting: int = CHECK_QUEUE
@@ -67,8 +55,16 @@ class ConnectionTests:
         self._slots = DeferredSemaphore(threads)
         self._waiting = waiting
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="mqtt-connection-tests")
+
+    def startService(self) -> None:
+        super().startService()
         self.pool.start()
-        reactor.addSystemEventTrigger("during", "shutdown", self.pool.stop)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        # stop() joins the threads, one of which may be in a connect: not
+        # on the reactor thread.
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.pool.stop)
 
     async def check(self, config: SiteConfig, within: float = CHECK_TIMEOUT) -> dict[str, Any]:
         """
@@ -136,18 +132,3 @@ class ConnectionTests:
 
 def _busy(why: str) -> dict[str, Any]:
     return {"ok": False, "category": "busy", "error": f"busy: {why}"}
-
-
-async def check_connection(
-    reactor: Any,
-    config: SiteConfig,
-    within: float = CHECK_TIMEOUT,
-    tests: ConnectionTests | None = None,
-) -> dict[str, Any]:
-    """
-    Connect once and disconnect (see L{ConnectionTests.check}), on C{tests}
-    or, when None, the reactor's own L{ConnectionTests}.
-    """
-    if tests is None:
-        tests = ConnectionTests.of(reactor)
-    return await tests.check(config, within)

@@ -32,6 +32,7 @@ from mqttsvc.config import (
     MAX_DEVICES_LIMIT,
     ConfigError,
 )
+from mqttsvc.connection_check import ConnectionTests
 from mqttsvc.descriptors import DescriptorBudget, raise_soft_limit
 from mqttsvc.events import EventHub
 from mqttsvc.eventstream import HEARTBEAT, MAX_STREAMS, EventStreams
@@ -599,7 +600,10 @@ def buildService(
     )
     streams.setServiceParent(root)
     descriptors = DescriptorBudget(lambda: len(supervisor.sites()), options["http-max-connections"])
-    dispatcher = control_plane(reactor, store, supervisor, descriptors)
+    # site.test's own threads, apart from the sites' connects.
+    connection_tests = ConnectionTests(reactor)
+    connection_tests.setServiceParent(root)
+    dispatcher = control_plane(reactor, store, supervisor, connection_tests, descriptors)
     metrics = Metrics()
     store.writer.observe = metrics.observe_batch
     metrics.watch(supervisor, store.writer)

@@ -420,6 +420,7 @@ async def test_connection_tests_do_not_starve_real_connects() -> None:
 
     with black_hole() as port:
         tests = ConnectionTests(reactor)
+        tests.startService()
         threads = ConnectThreads(reactor)
         threads.startService()
         try:
@@ -439,6 +440,7 @@ async def test_connection_tests_do_not_starve_real_connects() -> None:
             outcomes = await gatherResults(checks)
         finally:
             await threads.stopService()
+            await tests.stopService()
     categories = Counter(o["category"] for o in outcomes)
     assert set(categories) <= {"busy", "timeout"}
     assert categories["busy"] >= 60 - CHECK_THREADS - CHECK_QUEUE

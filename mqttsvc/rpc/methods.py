@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mqttsvc.connection_check import ConnectionTests
 from mqttsvc.descriptors import DescriptorBudget
 from mqttsvc.pool import DatabaseUnavailable
 from mqttsvc.rpc.dispatcher import UNAVAILABLE, Call, Dispatcher, Method, RPCError
@@ -25,13 +26,14 @@ def control_plane(
     reactor: Any,
     store: Store,
     supervisor: SiteSupervisor,
+    connection_tests: ConnectionTests,
     descriptors: DescriptorBudget | None = None,
 ) -> Dispatcher:
     """
     The dispatcher of every control plane method.
     """
     methods = [
-        *SiteMethods(reactor, store, supervisor, descriptors).methods(),
+        *SiteMethods(reactor, store, supervisor, connection_tests, descriptors).methods(),
         *ObservationMethods(store).methods(),
     ]
 

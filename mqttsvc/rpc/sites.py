@@ -18,7 +18,7 @@ from mqttsvc.config import (
     default_topics,
     topics_from_params,
 )
-from mqttsvc.connection_check import check_connection
+from mqttsvc.connection_check import ConnectionTests
 from mqttsvc.descriptors import DescriptorBudget
 from mqttsvc.events import record_operator_action
 from mqttsvc.observations import Page, iso
@@ -49,11 +49,13 @@ class SiteMethods:
         reactor: Any,
         store: Store,
         supervisor: SiteSupervisor,
+        connection_tests: ConnectionTests,
         descriptors: DescriptorBudget | None = None,
     ) -> None:
         self._reactor = reactor
         self._store = store
         self._supervisor = supervisor
+        self._connection_tests = connection_tests
         self._descriptors = descriptors
 
     def methods(self) -> list[Method]:
@@ -337,7 +339,7 @@ class SiteMethods:
         p = call.params
         params = {"site_id": "connection-test", **p, "topics": []}
         config = _site_config(params, None)
-        outcome = await check_connection(self._reactor, config)
+        outcome = await self._connection_tests.check(config)
         self.log.info(
             "connection test of {host}:{port} by {caller}: {outcome}",
             host=config.host,
