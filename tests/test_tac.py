@@ -43,6 +43,7 @@ def environment(tmp_path: Path) -> dict[str, str]:
         "MQTTSVC_INSTANCE": "tac-test",
         "MQTTSVC_MONITOR_INTERVAL": "31",
         "MQTTSVC_PROBE_INTERVAL": "901",
+        "MQTTSVC_PROVING_TIME": "11",
         "MQTTSVC_SHUTDOWN_DEADLINE": "8",
         "MQTTSVC_MAX_PAYLOAD": "1234",
         "MQTTSVC_MAX_CLOCK_SKEW": "301",
