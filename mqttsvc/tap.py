@@ -599,7 +599,9 @@ def buildService(
         max_streams=options["events-max-streams"],
     )
     streams.setServiceParent(root)
-    descriptors = DescriptorBudget(lambda: len(supervisor.sites()), options["http-max-connections"])
+    descriptors = DescriptorBudget(
+        lambda: len(supervisor.sites()), options["http-max-connections"], clock=reactor
+    )
     # site.test's own threads, apart from the sites' connects.
     connection_tests = ConnectionTests(reactor)
     connection_tests.setServiceParent(root)

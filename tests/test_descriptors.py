@@ -13,8 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest_twisted
+from twisted.internet.task import Clock
 
-from mqttsvc.descriptors import CEILING, RESERVED, DescriptorBudget, raise_soft_limit
+from mqttsvc.descriptors import (
+    CEILING,
+    OPEN_COUNT_MAX_AGE,
+    RESERVED,
+    DescriptorBudget,
+    raise_soft_limit,
+)
+from mqttsvc.httpserver import default_max_connections, descriptor_limit
 from tests.conftest import BROKER_HOST
 from tests.service import RunningService
 from tests.test_observability import samples
@@ -87,6 +95,18 @@ def test_the_budget_warns_well_before_the_limit() -> None:
     assert warning is not None and "500 sites" in warning and "1024" in warning
 
 
+def test_the_open_count_is_reused_for_a_second() -> None:
+    """Counting open descriptors lists /proc/self/fd: once a second at most, with a clock."""
+    clock = Clock()
+    counts = iter(range(40, 50))
+    budget = DescriptorBudget(
+        lambda: 1, 256, limit=lambda: 1024, open_now=lambda: next(counts), clock=clock
+    )
+    assert [budget.report()["open"] for _ in range(3)] == [40, 40, 40]
+    clock.advance(OPEN_COUNT_MAX_AGE)
+    assert budget.report()["open"] == 41
+
+
 @pytest_twisted.ensureDeferred
 async def test_service_status_and_metrics_show_descriptors(
     running: RunningService, site_id: str
@@ -101,7 +121,8 @@ async def test_service_status_and_metrics_show_descriptors(
     descriptors = status["descriptors"]
     assert descriptors["limit"] == limit
     assert descriptors["sites"] == 1 and descriptors["open"] > 0
-    assert descriptors["needed"] == 1 + descriptors["needed"] - descriptors["sites"]
+    http_cap = default_max_connections(descriptor_limit())
+    assert descriptors["needed"] == descriptors["sites"] + http_cap + RESERVED
     m = await samples(running)
     assert m[("mqttsvc_descriptors_limit", ())] == limit
     assert m[("mqttsvc_descriptors_needed", ())] == descriptors["needed"]
