@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 
 from mqttsvc.transport import CONNECT_THREADS, _SocketDescriptor
 from tests.conftest import PrivateBroker
@@ -41,6 +41,17 @@ async def test_hundred_sites_flapping(
             isinstance(d, _SocketDescriptor) for d in (*reactor.getReaders(), *reactor.getWriters())
         )
 
+    def listening() -> int:
+        """The configuration and event listeners' checks, running once each is connected."""
+        return sum(
+            isinstance(c.func, LoopingCall) and getattr(c.func.f, "__name__", "") == "_check"
+            for c in reactor.getDelayedCalls()
+        )
+
+    # The timers are counted against a baseline: take it once both
+    # listeners are up (the event hub's may connect after the service
+    # started, on a busy machine after this test began).
+    await eventually(lambda: listening() == 2, what="both listeners connected")
     baseline = set(reactor.getDelayedCalls())
     baseline_calls = len(baseline)
     baseline_threads = threading.active_count()
