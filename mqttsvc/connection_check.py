@@ -16,14 +16,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+from twisted.internet.defer import CancelledError, DeferredSemaphore
 
 from mqttsvc.config import SiteConfig
-from mqttsvc.transport import ConnectFailed, MQTTClient
+from mqttsvc.transport import ConnectFailed, ConnectThreads, MQTTClient
 
 #: How long the whole check may take, waiting for a free slot included.
 CHECK_TIMEOUT = 10.0
@@ -39,32 +36,23 @@ CHECK_QUEUE = 16
 CHECK_CONNECT_TIMEOUT = 5.0
 
 
-class ConnectionTests(Service):
+class ConnectionTests(ConnectThreads):
     """
-    Runs connection checks on a small pool of their own, at most
-    C{threads} at a time and C{waiting} more queued; the sites' connects
-    never share these threads.
+    Runs connection checks on a small pool of their own (connect threads
+    like the sites', but not theirs), at most C{threads} at a time and
+    C{waiting} more queued.
 
     @ivar pool: the checks' threads, running while the service runs.
     """
 
+    name = "connection-tests"
+
     def __init__(
         self, reactor: Any, threads: int = CHECK_THREADS, waiting: int = CHECK_QUEUE
     ) -> None:
-        self._reactor = reactor
+        super().__init__(reactor, threads, pool_name="mqtt-connection-tests")
         self._slots = DeferredSemaphore(threads)
         self._waiting = waiting
-        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="mqtt-connection-tests")
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        # stop() joins the threads, one of which may be in a connect: not
-        # on the reactor thread.
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.pool.stop)
 
     async def check(self, config: SiteConfig, within: float = CHECK_TIMEOUT) -> dict[str, Any]:
         """

@@ -467,9 +467,11 @@ class ConnectThreads(Service):
 
     name = "connect-threads"
 
-    def __init__(self, reactor: Any, size: int = CONNECT_THREADS) -> None:
+    def __init__(
+        self, reactor: Any, size: int = CONNECT_THREADS, pool_name: str = "mqtt-connect"
+    ) -> None:
         self._reactor = reactor
-        self.pool = ThreadPool(minthreads=0, maxthreads=size, name="mqtt-connect")
+        self.pool = ThreadPool(minthreads=0, maxthreads=size, name=pool_name)
 
     def startService(self) -> None:
         super().startService()
