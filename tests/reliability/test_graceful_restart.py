@@ -117,10 +117,17 @@ def test_sigterm_and_start_keep_error_and_waiting_sites_schedule(
         assert {site: schedule(db_dsn, site) for site in (refused, waiting)} == before
 
         service.start()
-        error = service.call("site.status", [refused])
+
+        def resumed(site_id: str) -> Any:
+            # The service answers before its first reconciliation has
+            # started every site (on a busy machine, visibly so).
+            status = service.call("site.status", [site_id])
+            return status if status["state"] != "stopped" else None
+
+        error = wait_until(lambda: resumed(refused), what="the site in error resumed")
         assert (error["state"], error["mqtt_retry_count"]) == ("error", before[refused][1])
         assert datetime.fromisoformat(error["mqtt_next_retry"]) == before[refused][2]
-        still = service.call("site.status", [waiting])
+        still = wait_until(lambda: resumed(waiting), what="the waiting site resumed")
         assert (still["state"], still["mqtt_retry_count"]) == ("waiting", before[waiting][1])
         assert datetime.fromisoformat(still["mqtt_next_retry"]) == an_hour
         # Alerts are decided in event order: once a later site's alert is
