@@ -208,6 +208,36 @@ class CuttableProxy:
         self._listener.close()
 
 
+def proxied_database(dsn: str) -> tuple[CuttableProxy, str]:
+    """
+    A L{CuttableProxy} in front of the database of C{dsn}, and the DSN that
+    reaches the database through it.
+    """
+    import psycopg2.extensions
+
+    port = int(psycopg2.extensions.parse_dsn(dsn).get("port", 5432))
+    proxy = CuttableProxy(port)
+    return proxy, psycopg2.extensions.make_dsn(dsn, host="127.0.0.1", port=proxy.port)
+
+
+def load_a_third(
+    service: Service, dsn: str, broker_port: int, site_id: str, count: int, rate: float
+) -> LoadPublisher:
+    """
+    Add C{site_id} to C{service}, start publishing C{count} readings to it
+    at C{rate}, and return once a third of them are committed.
+    """
+    service.add_site(site_id, broker_port)
+    publisher = LoadPublisher(broker_port, site_id, count, rate)
+    publisher.start()
+    wait_until(
+        lambda: readings(dsn, site_id)[0] > count // 3,
+        within=30,
+        what="a third of the load committed",
+    )
+    return publisher
+
+
 class Service:
     """
     C{twistd -n mqttsvc} with a token and a secret key, started and stopped

@@ -10,10 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg2.extensions
-
 from tests.conftest import PrivateBroker
-from tests.reliability.harness import CuttableProxy, LoadPublisher, Service, readings, sql
+from tests.reliability.harness import LoadPublisher, Service, proxied_database, readings, sql
 from tests.twistd_process import wait_until
 
 OUTAGE = 20.0
@@ -47,9 +45,7 @@ def test_database_terminated_then_unreachable(
     is back.  How soon is a measurement (recovery_seconds in the report),
     not an assertion: a bound of 5 s failed on a loaded machine.
     """
-    params = psycopg2.extensions.parse_dsn(db_dsn)
-    proxy = CuttableProxy(int(params.get("port", 5432)))
-    proxied = psycopg2.extensions.make_dsn(db_dsn, host="127.0.0.1", port=proxy.port)
+    proxy, proxied = proxied_database(db_dsn)
     site_id = "db-failures"
     service = Service(proxied, tmp_path, instance="reliability")
     service.start()

@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg2.extensions
 import pytest
 
 from tests.conftest import PrivateBroker
-from tests.reliability.harness import CuttableProxy, LoadPublisher, Service, readings
+from tests.reliability.harness import Service, load_a_third, proxied_database, readings
 from tests.twistd_process import wait_until
 
 COUNT = 6000
@@ -38,14 +37,7 @@ def test_stopped_under_load_then_started(
     service = Service(db_dsn, tmp_path, instance="reliability")
     service.start()
     try:
-        service.add_site(site_id, private_broker.port)
-        publisher = LoadPublisher(private_broker.port, site_id, COUNT, RATE)
-        publisher.start()
-        wait_until(
-            lambda: readings(db_dsn, site_id)[0] > COUNT // 3,
-            within=30,
-            what="a third of the load committed",
-        )
+        publisher = load_a_third(service, db_dsn, private_broker.port, site_id, COUNT, RATE)
         exit_seconds = None
         if signal_name == "SIGTERM":
             exit_seconds = service.terminate()
@@ -91,21 +83,12 @@ def test_sigterm_exits_in_time_while_the_database_holds_every_write(
     forever (its connections open, nothing answered); once the database is
     back, a new start commits every message exactly once.
     """
-    params = psycopg2.extensions.parse_dsn(db_dsn)
-    proxy = CuttableProxy(int(params.get("port", 5432)))
-    proxied = psycopg2.extensions.make_dsn(db_dsn, host="127.0.0.1", port=proxy.port)
+    proxy, proxied = proxied_database(db_dsn)
     site_id = "proc-frozen-db"
     service = Service(proxied, tmp_path, instance="reliability")
     service.start()
     try:
-        service.add_site(site_id, private_broker.port)
-        publisher = LoadPublisher(private_broker.port, site_id, COUNT, RATE)
-        publisher.start()
-        wait_until(
-            lambda: readings(db_dsn, site_id)[0] > COUNT // 3,
-            within=30,
-            what="a third of the load committed",
-        )
+        publisher = load_a_third(service, db_dsn, private_broker.port, site_id, COUNT, RATE)
         proxy.freeze()
         time.sleep(2)  # writes are now held by the frozen database
         exit_seconds = service.terminate()
