@@ -568,7 +568,7 @@ async def offline(reactor: Any, p: Params) -> Params:
     committed), and the CPU it takes.
     """
     from bench.service import Tree, sleep, until
-    from mqttsvc.processing import DeviceKey, DeviceStatus
+    from mqttsvc.ingest.processing import DeviceKey, DeviceStatus
 
     tree = Tree(reactor, p["dsn"])
     await tree.start()
@@ -663,7 +663,7 @@ async def known_devices(reactor: Any, p: Params) -> Params:
     from twisted.internet.task import Clock
 
     from bench.service import Tree
-    from mqttsvc.offline import OfflineDetector
+    from mqttsvc.ingest.liveness import OfflineDetector
 
     count = p["devices"]
     rss_before = proc_status("VmRSS")

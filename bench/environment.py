@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg2
 
-from mqttsvc import database
+from mqttsvc.db import schema as database
 
 #: The PostgreSQL server to create benchmark databases on (trust
 #: authentication, a user allowed to create databases).
@@ -138,7 +138,7 @@ def _with_dbname(dsn: str, name: str) -> str:
 class Database:
     """
     A database of its own for one measurement: created and migrated with
-    C{mqttsvc.database.migrate}, dropped afterwards.
+    C{mqttsvc.db.schema.migrate}, dropped afterwards.
     """
 
     def __init__(self, label: str = "bench") -> None:

@@ -17,9 +17,9 @@ from typing import Any
 import psycopg2
 
 from bench import workload
-from mqttsvc.batch import batch_statements
 from mqttsvc.config import default_topics
-from mqttsvc.processing import Router, process
+from mqttsvc.db.batch import batch_statements
+from mqttsvc.ingest.processing import Router, process
 
 Params = dict[str, Any]
 

@@ -477,7 +477,7 @@ METHOD = """\
 Every measurement runs in a child process of its own (`python -m bench.child ROLE`), with
 a fresh reactor, against a **private Mosquitto** (its own port and configuration, started
 per repetition) and a **fresh PostgreSQL database** (created, migrated with
-`mqttsvc.database.migrate`, dropped). Only 127.0.0.1 is used. mqttsvc runs **in-process**,
+`mqttsvc.db.schema.migrate`, dropped). Only 127.0.0.1 is used. mqttsvc runs **in-process**,
 built exactly as `twistd mqttsvc` builds it (`tap.Options`, `tap.check_values`,
 `tap.buildService`): the benchmark reads the sites' and the writer's own counters, hooks
 the commit of each message to time it, and profiles the reactor thread — none of which a

@@ -22,8 +22,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from bench.workload import INSTANCE
-from mqttsvc.store import Store
-from mqttsvc.supervisor import SiteSupervisor
+from mqttsvc.db.store import Store
+from mqttsvc.sites.supervisor import SiteSupervisor
 from mqttsvc.tap import Options, buildService, check_values
 
 

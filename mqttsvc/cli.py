@@ -30,7 +30,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
-from mqttsvc.client import (
+from mqttsvc.config import ConfigError
+from mqttsvc.rpcclient import (
     DEFAULT_URL,
     AuthenticationError,
     MqttSvcClient,
@@ -38,7 +39,6 @@ from mqttsvc.client import (
     Page,
     RPCError,
 )
-from mqttsvc.config import ConfigError
 
 _ICONS = {
     "RUNNING": "🟢",
@@ -337,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _rotate_key(args: argparse.Namespace) -> str:
-    from mqttsvc import database
-    from mqttsvc.secrets import SecretError, load_key
+    from mqttsvc.db import schema as database
+    from mqttsvc.db.secrets import SecretError, load_key
 
     if not args.db:
         raise UsageError("rotate-key: no database given (use --db or MQTTSVC_DB)")
@@ -353,7 +353,7 @@ def _rotate_key(args: argparse.Namespace) -> str:
 def _client(args: argparse.Namespace) -> MqttSvcClient:
     token = None
     if args.token_file:
-        from mqttsvc.tokens import load_tokens
+        from mqttsvc.control.tokens import load_tokens
 
         try:
             token = load_tokens(args.token_file, check_permissions=False).first()
@@ -447,7 +447,7 @@ def _as_json(value: Any) -> str:
 def _migrate(db: str | None) -> str:
     if not db:
         raise UsageError("migrate: no database given (use --db or MQTTSVC_DB)")
-    from mqttsvc import database
+    from mqttsvc.db import schema as database
 
     applied = database.migrate(db)
     return f"applied: {', '.join(applied)}" if applied else "the schema is up to date"
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "migrate":
             print(_migrate(args.db))
         elif args.command == "generate-key":
-            from mqttsvc.secrets import Secrets
+            from mqttsvc.db.secrets import Secrets
 
             print(Secrets.generate_key().decode())
         elif args.command == "rotate-key":

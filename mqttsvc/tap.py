@@ -23,8 +23,6 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 
-from mqttsvc import database, logs
-from mqttsvc.alerts import LIMIT, AlertDispatcher, AlertRules, describe_url, http_post
 from mqttsvc.config import (
     DEFAULT_MAX_CLOCK_SKEW,
     DEFAULT_MAX_DEVICES,
@@ -32,13 +30,8 @@ from mqttsvc.config import (
     MAX_DEVICES_LIMIT,
     ConfigError,
 )
-from mqttsvc.connection_check import ConnectionTests
-from mqttsvc.descriptors import DescriptorBudget, raise_soft_limit
-from mqttsvc.events import EventHub
-from mqttsvc.eventstream import HEARTBEAT, MAX_STREAMS, EventStreams
-from mqttsvc.health import readiness
-from mqttsvc.heap import freeze_startup_heap
-from mqttsvc.httpserver import (
+from mqttsvc.control.health import readiness
+from mqttsvc.control.httpserver import (
     MAX_CONNECTIONS,
     MIN_CONNECTIONS,
     REQUEST_TIMEOUT,
@@ -47,23 +40,31 @@ from mqttsvc.httpserver import (
     default_max_connections,
     descriptor_limit,
 )
-from mqttsvc.manhole import (
+from mqttsvc.control.manhole import (
     load_host_key,
     makeManholeService,
     read_authorized_keys,
     tree_namespace,
 )
-from mqttsvc.metrics import Metrics
-from mqttsvc.notifications import ConfigListener
-from mqttsvc.rpc.methods import control_plane
-from mqttsvc.secrets import load_key
-from mqttsvc.service import SHUTDOWN_DEADLINE, RootService
-from mqttsvc.site import PROBE_INTERVAL, PROVING_TIME
-from mqttsvc.store import Store
-from mqttsvc.supervisor import MONITOR_INTERVAL, SiteSupervisor
-from mqttsvc.tokens import Tokens, load_tokens
-from mqttsvc.transport import ConnectThreads
-from mqttsvc.web import WebApp, access_log_line
+from mqttsvc.control.metrics import Metrics
+from mqttsvc.control.rpc.methods import control_plane
+from mqttsvc.control.sse import HEARTBEAT, MAX_STREAMS, EventStreams
+from mqttsvc.control.tokens import Tokens, load_tokens
+from mqttsvc.control.web import WebApp, access_log_line
+from mqttsvc.db import schema as database
+from mqttsvc.db.notifications import ConfigListener
+from mqttsvc.db.secrets import load_key
+from mqttsvc.db.store import Store
+from mqttsvc.events.alerts import LIMIT, AlertDispatcher, AlertRules, describe_url, http_post
+from mqttsvc.events.hub import EventHub
+from mqttsvc.mqtt.connection_check import ConnectionTests
+from mqttsvc.mqtt.transport import ConnectThreads
+from mqttsvc.runtime import logs
+from mqttsvc.runtime.descriptors import DescriptorBudget, raise_soft_limit
+from mqttsvc.runtime.heap import freeze_startup_heap
+from mqttsvc.runtime.root import SHUTDOWN_DEADLINE, RootService
+from mqttsvc.sites.site import PROBE_INTERVAL, PROVING_TIME
+from mqttsvc.sites.supervisor import MONITOR_INTERVAL, SiteSupervisor
 
 DEFAULT_RPC = "tcp:8780:interface=127.0.0.1"
 #: Relative to the working directory (twistd --rundir), beside twistd.pid.

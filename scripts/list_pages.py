@@ -26,10 +26,10 @@ import psycopg2
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from mqttsvc import observations
-from mqttsvc.client import MqttSvcClient
-from mqttsvc.rpc.dispatcher import _encode
-from mqttsvc.rpc.paging import MAX_LIMIT
+from mqttsvc.db import observations
+from mqttsvc.rpcclient import MqttSvcClient
+from mqttsvc.control.rpc.dispatcher import _encode
+from mqttsvc.control.rpc.paging import MAX_LIMIT
 from tests.conftest import scratch_database
 from tests.twistd_process import TwistdService
 

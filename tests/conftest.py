@@ -24,7 +24,7 @@ import psycopg2
 import pytest
 import pytest_twisted
 
-from mqttsvc import database
+from mqttsvc.db import schema as database
 
 # A deadline on every test, asynchronous fixture and teardown.
 pytest_plugins = ["tests.deadline"]

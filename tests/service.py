@@ -11,9 +11,9 @@ from typing import Any
 import treq
 from twisted.internet.defer import Deferred
 
-from mqttsvc.secrets import Secrets
-from mqttsvc.store import Store
-from mqttsvc.supervisor import SiteSupervisor
+from mqttsvc.db.secrets import Secrets
+from mqttsvc.db.store import Store
+from mqttsvc.sites.supervisor import SiteSupervisor
 from mqttsvc.tap import Options, buildService, check_values
 
 #: One key for the whole test run, so that services started one after the

@@ -19,9 +19,9 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from mqttsvc.alerts import Alert, AlertDispatcher, AlertRules, RateLimit, describe_url
 from mqttsvc.config import ConfigError
-from mqttsvc.events import Event
+from mqttsvc.events.alerts import Alert, AlertDispatcher, AlertRules, RateLimit, describe_url
+from mqttsvc.events.hub import Event
 from mqttsvc.tap import Options, check_values
 from tests.conftest import free_port
 from tests.service import RunningService

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mqttsvc.client import MqttSvcClient
+from mqttsvc.rpcclient import MqttSvcClient
 from tests.conftest import BROKER_HOST, BROKER_PORT, free_port
 from tests.twistd_process import BIN, TwistdService, clean_env, wait_until
 

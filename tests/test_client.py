@@ -1,5 +1,5 @@
 """
-L{mqttsvc.client} against a real C{twistd mqttsvc}: what the Django backend
+L{mqttsvc.rpcclient} against a real C{twistd mqttsvc}: what the Django backend
 sees when it drives sites over JSON-RPC, including every way a call can
 fail (refused by the service, refused token, nothing listening, no answer).
 """
@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from mqttsvc.client import (
+from mqttsvc.control.rpc.paging import MAX_LIMIT, MAX_SITE_LIMIT
+from mqttsvc.rpcclient import (
     PAGE_SIZE,
     SITE_PAGE_SIZE,
     AuthenticationError,
@@ -36,7 +37,6 @@ from mqttsvc.client import (
     TransportError,
     Unavailable,
 )
-from mqttsvc.rpc.paging import MAX_LIMIT, MAX_SITE_LIMIT
 from tests.conftest import BROKER_HOST, BROKER_PORT, free_port
 from tests.twistd_process import TwistdService, wait_until
 
@@ -67,7 +67,7 @@ def connected(client: MqttSvcClient, site_id: str) -> Any:
 
 def test_import_needs_only_the_standard_library() -> None:
     """
-    A fresh interpreter that imports mqttsvc.client loads no Twisted and no
+    A fresh interpreter that imports mqttsvc.rpcclient loads no Twisted and no
     other third-party module, even where they are installed; and it imports
     with no site-packages at all.
     """
@@ -75,7 +75,7 @@ def test_import_needs_only_the_standard_library() -> None:
         "import sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "before = set(sys.modules)\n"
-        "import mqttsvc.client\n"
+        "import mqttsvc.rpcclient\n"
         "names = {m.split('.')[0] for m in set(sys.modules) - before}\n"
         "print(sorted(names - set(sys.stdlib_module_names) - {'mqttsvc'}))\n"
         "print('twisted' in sys.modules)\n"

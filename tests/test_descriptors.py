@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from mqttsvc.descriptors import (
+from mqttsvc.control.httpserver import default_max_connections, descriptor_limit
+from mqttsvc.runtime.descriptors import (
     CEILING,
     OPEN_COUNT_MAX_AGE,
     RESERVED,
     DescriptorBudget,
     raise_soft_limit,
 )
-from mqttsvc.httpserver import default_max_connections, descriptor_limit
 from tests.conftest import BROKER_HOST
 from tests.service import RunningService
 from tests.test_observability import samples
@@ -41,7 +41,7 @@ def test_the_soft_limit_is_raised_to_the_hard_one_in_a_real_process() -> None:
     assert expected > 1024, "this machine's hard limit leaves nothing to raise"
     script = (
         "import json, resource\n"
-        "from mqttsvc.descriptors import raise_soft_limit\n"
+        "from mqttsvc.runtime.descriptors import raise_soft_limit\n"
         "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))\n"
         "result = raise_soft_limit()\n"

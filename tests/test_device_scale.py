@@ -20,10 +20,10 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from mqttsvc.alerts import AlertRules
 from mqttsvc.config import ConfigError, SiteConfig
-from mqttsvc.events import Event
-from mqttsvc.processing import FOREIGN_TOPIC, DeadLetter, DeviceSeen, Reading, TopicSeen
+from mqttsvc.events.alerts import AlertRules
+from mqttsvc.events.hub import Event
+from mqttsvc.ingest.processing import FOREIGN_TOPIC, DeadLetter, DeviceSeen, Reading, TopicSeen
 from mqttsvc.tap import Options, check_values
 from tests.conftest import BROKER_HOST, BROKER_PORT, PrivateBroker
 from tests.fakebroker import FakeBroker, publish_header

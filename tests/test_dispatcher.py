@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from mqttsvc.rpc.dispatcher import Call, Dispatcher, Method, Param, RPCError
+from mqttsvc.control.rpc.dispatcher import Call, Dispatcher, Method, Param, RPCError
 
 
 async def subtract(call: Call) -> Any:

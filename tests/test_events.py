@@ -21,8 +21,8 @@ import pytest_twisted
 from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
 
-from mqttsvc.events import EventFilter, fetch_events
-from mqttsvc.pool import ConnectionPool
+from mqttsvc.db.pool import ConnectionPool
+from mqttsvc.events.hub import EventFilter, fetch_events
 from tests.conftest import BROKER_HOST, BROKER_PORT
 from tests.publish import publish
 from tests.service import RunningService

@@ -23,12 +23,12 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
-from mqttsvc import eventstream
-from mqttsvc.events import Event, EventFilter
-from mqttsvc.eventstream import EventStreams
-from mqttsvc.rpc.dispatcher import Dispatcher
-from mqttsvc.tokens import load_tokens
-from mqttsvc.web import STATUS_PAGE, WebApp, access_log_line
+from mqttsvc.control import sse as eventstream
+from mqttsvc.control.rpc.dispatcher import Dispatcher
+from mqttsvc.control.sse import EventStreams
+from mqttsvc.control.tokens import load_tokens
+from mqttsvc.control.web import STATUS_PAGE, WebApp, access_log_line
+from mqttsvc.events.hub import Event, EventFilter
 
 
 def event(id_: int, site: str = "s", type_: str = "connection") -> Event:

@@ -16,7 +16,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from bench.wire import remaining_length
 from mqttsvc.config import DEAD_LETTER_KEEP, SiteConfig
-from mqttsvc.transport import HEADER_ROOM, MQTTClient, ReceivedMessage, _SocketDescriptor
+from mqttsvc.mqtt.transport import HEADER_ROOM, MQTTClient, ReceivedMessage, _SocketDescriptor
 
 
 def publish(

@@ -24,10 +24,9 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 
 from mqttsvc.config import DEAD_LETTER_KEEP, DEFAULT_MAX_PAYLOAD, SiteConfig, default_topics
-from mqttsvc.connection_check import CHECK_QUEUE, CHECK_THREADS, ConnectionTests
-from mqttsvc.processing import DeadLetter
-from mqttsvc.site import MAX_RETRIES, PROVING_TIME, ResumeState, SiteService, SiteState
-from mqttsvc.transport import (
+from mqttsvc.ingest.processing import DeadLetter
+from mqttsvc.mqtt.connection_check import CHECK_QUEUE, CHECK_THREADS, ConnectionTests
+from mqttsvc.mqtt.transport import (
     HEADER_ROOM,
     READ_SIZE,
     ConnectFailed,
@@ -35,6 +34,7 @@ from mqttsvc.transport import (
     MQTTClient,
     ReceivedMessage,
 )
+from mqttsvc.sites.site import MAX_RETRIES, PROVING_TIME, ResumeState, SiteService, SiteState
 from tests.conftest import BROKER_HOST, BROKER_PORT
 from tests.fakebroker import PUBACK, FakeBroker, pattern, publish_header
 from tests.publish import publish

@@ -27,9 +27,7 @@ from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mqttsvc.events import Event, EventFilter
-from mqttsvc.eventstream import EventStreams
-from mqttsvc.httpserver import (
+from mqttsvc.control.httpserver import (
     MAX_BODY,
     MAX_CONNECTIONS,
     MIN_CONNECTIONS,
@@ -38,11 +36,13 @@ from mqttsvc.httpserver import (
     Limits,
     default_max_connections,
 )
-from mqttsvc.logs import event_as_json_line
-from mqttsvc.rpc.dispatcher import Call, Dispatcher, Method
+from mqttsvc.control.rpc.dispatcher import Call, Dispatcher, Method
+from mqttsvc.control.sse import EventStreams
+from mqttsvc.control.tokens import load_tokens
+from mqttsvc.control.web import WebApp, access_log_line, redact_query, redact_referrer
+from mqttsvc.events.hub import Event, EventFilter
+from mqttsvc.runtime.logs import event_as_json_line
 from mqttsvc.tap import Options, check_values
-from mqttsvc.tokens import load_tokens
-from mqttsvc.web import WebApp, access_log_line, redact_query, redact_referrer
 from tests.waiting import eventually
 
 TOKEN = "k" * 12 + "-TokenUnderTest-" + "k" * 12
@@ -475,7 +475,7 @@ def app(tmp_path: Path) -> Iterator[tuple[WebApp, EventStreams]]:
     """
     from twisted.internet import reactor
 
-    from mqttsvc.rpc.dispatcher import Param
+    from mqttsvc.control.rpc.dispatcher import Param
 
     path = tmp_path / "tokens"
     path.write_text(f"frontend {TOKEN}\n")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.internet.testing import MemoryReactorClock
 
 from mqttsvc.config import SiteConfig
-from mqttsvc.transport import KeepaliveSweep, MQTTClient
+from mqttsvc.mqtt.transport import KeepaliveSweep, MQTTClient
 
 
 def clients(reactor: MemoryReactorClock, count: int) -> list[MQTTClient]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
-from mqttsvc.logs import event_as_json_line, make_observer
+from mqttsvc.runtime.logs import event_as_json_line, make_observer
 from tests.conftest import free_port
 from tests.test_twistd import TWISTD, clean_env, wait_for
 
@@ -27,7 +27,7 @@ def test_json_line_carries_message_and_fields() -> None:
             "site_id": "north",
             "state": "connected",
             "log_level": LogLevel.warn,
-            "log_namespace": "mqttsvc.site",
+            "log_namespace": "mqttsvc.sites.site",
             "log_time": 0.0,
             "when": object(),
         }
@@ -35,7 +35,7 @@ def test_json_line_carries_message_and_fields() -> None:
     assert line.endswith("\n") and "\n" not in line[:-1]
     record = json.loads(line)
     assert record["message"] == "site north is connected"
-    assert (record["level"], record["namespace"]) == ("warn", "mqttsvc.site")
+    assert (record["level"], record["namespace"]) == ("warn", "mqttsvc.sites.site")
     assert record["time"] == "1970-01-01T00:00:00+00:00"
     assert record["site_id"] == "north" and isinstance(record["when"], str)
 

@@ -31,8 +31,8 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import capturedLogs
 
 from mqttsvc.config import ConfigError
-from mqttsvc.manhole import AuthorizedKeysFile, load_host_key, read_authorized_keys
-from mqttsvc.manhole import fingerprint as key_fingerprint
+from mqttsvc.control.manhole import AuthorizedKeysFile, load_host_key, read_authorized_keys
+from mqttsvc.control.manhole import fingerprint as key_fingerprint
 from mqttsvc.tap import DEFAULT_MANHOLE_HOST_KEY, Options, check_manhole
 from tests.conftest import BROKER_PORT, free_port
 from tests.test_twistd import TWISTD, clean_env, start_fails, wait_for

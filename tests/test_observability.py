@@ -71,7 +71,7 @@ async def test_metrics_show_http_refusals(running: RunningService) -> None:
     """
     from twisted.internet.threads import deferToThread
 
-    from mqttsvc.httpserver import default_max_connections, descriptor_limit
+    from mqttsvc.control.httpserver import default_max_connections, descriptor_limit
     from tests.test_http_abuse import exchange
 
     port = int(base(running).rsplit(":", 1)[1])

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from mqttsvc.offline import DeviceLimit, OfflineDetector
-from mqttsvc.processing import DeviceKey, DeviceStatus, SiteDevicesStatus
+from mqttsvc.ingest.liveness import DeviceLimit, OfflineDetector
+from mqttsvc.ingest.processing import DeviceKey, DeviceStatus, SiteDevicesStatus
 
 GW = DeviceKey("s", "gateway", None, "gw-1")
 DL = DeviceKey("s", "datalogger", "gw-1", "dl-1")

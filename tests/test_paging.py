@@ -16,10 +16,10 @@ import psycopg2
 import pytest
 import pytest_twisted
 
-from mqttsvc import observations
-from mqttsvc.observations import DEAD_LETTER_PAGE_BYTES, iso
-from mqttsvc.rpc.dispatcher import MAX_RESPONSE
-from mqttsvc.rpc.paging import MAX_LIMIT, MAX_SITE_LIMIT, encode
+from mqttsvc.control.rpc.dispatcher import MAX_RESPONSE
+from mqttsvc.control.rpc.paging import MAX_LIMIT, MAX_SITE_LIMIT, encode
+from mqttsvc.db import observations
+from mqttsvc.db.observations import DEAD_LETTER_PAGE_BYTES, iso
 from tests.service import RunningService
 
 #: Far from "now", so that only this test's rows fall between since and until.

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 
-from mqttsvc.batch import TOPIC_RAW_KEEP
 from mqttsvc.config import DEAD_LETTER_KEEP, MAX_TOPIC_BYTES, default_topics
-from mqttsvc.pool import ConnectionPool, is_rejection
-from mqttsvc.processing import (
+from mqttsvc.db.batch import TOPIC_RAW_KEEP
+from mqttsvc.db.pool import ConnectionPool, is_rejection
+from mqttsvc.ingest.processing import (
     DeadLetter,
     DeviceKey,
     DeviceSeen,
@@ -34,7 +34,7 @@ from mqttsvc.processing import (
     TopicSeen,
     process,
 )
-from mqttsvc.writer import BatchWriter, WriterLanes
+from mqttsvc.ingest.writer import BatchWriter, WriterLanes
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -549,8 +549,8 @@ def test_a_pressing_lane_pauses_only_its_own_sites() -> None:
     high water, and only those: a site whose lane commits keeps reading.
     """
     from mqttsvc.config import SiteConfig
-    from mqttsvc.site import SiteService
-    from mqttsvc.supervisor import SiteSupervisor
+    from mqttsvc.sites.site import SiteService
+    from mqttsvc.sites.supervisor import SiteSupervisor
     from tests.test_site_machine import FakeClient
     from tests.test_writer import _StalledPool, two_lanes_sites
 

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from zope.interface import implementer
 
-from mqttsvc.pool import ConnectionPool, DatabaseUnavailable
+from mqttsvc.db.pool import ConnectionPool, DatabaseUnavailable
 from tests.waiting import eventually
 
 

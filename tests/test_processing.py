@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mqttsvc.config import ConfigError, TopicSubscription, default_topics
-from mqttsvc.processing import (
+from mqttsvc.ingest.processing import (
     FOREIGN_TOPIC,
     DeadLetter,
     DeviceKey,

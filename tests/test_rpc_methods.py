@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest_twisted
 
-from mqttsvc.rpc.dispatcher import MAX_STRING, STRING_PATTERN
+from mqttsvc.control.rpc.dispatcher import MAX_STRING, STRING_PATTERN
 from tests.conftest import BROKER_HOST, BROKER_PORT, free_port
 from tests.publish import publish
 from tests.service import RunningService

@@ -18,7 +18,7 @@ import pytest
 import pytest_twisted
 
 from mqttsvc.config import ConfigError
-from mqttsvc.secrets import PREFIX, SecretError, Secrets, load_key
+from mqttsvc.db.secrets import PREFIX, SecretError, Secrets, load_key
 from tests.conftest import PrivateBroker
 from tests.service import RunningService
 from tests.tls_certs import Authority

@@ -11,7 +11,7 @@ import pytest_twisted
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 
-from mqttsvc.service import LATE_EXIT_STATUS, RootService
+from mqttsvc.runtime.root import LATE_EXIT_STATUS, RootService
 
 
 class Stuck(Service):

@@ -14,9 +14,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
-from mqttsvc.batch import ConnectionEvent
 from mqttsvc.config import SiteConfig, TopicSubscription, default_topics
-from mqttsvc.site import (
+from mqttsvc.db.batch import ConnectionEvent
+from mqttsvc.mqtt.transport import BrokerClient, ConnectFailed, ReceivedMessage, SubscriptionResult
+from mqttsvc.sites.site import (
     DISCONNECT_TIMEOUT,
     DRAIN_TIMEOUT,
     MAX_RETRIES,
@@ -27,7 +28,6 @@ from mqttsvc.site import (
     SiteState,
     retry_delay,
 )
-from mqttsvc.transport import BrokerClient, ConnectFailed, ReceivedMessage, SubscriptionResult
 
 
 class FakeClient:
@@ -197,7 +197,7 @@ def test_one_transition_one_event_named_alike_in_the_log() -> None:
     lines: list[str] = []
 
     def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "mqttsvc.site":
+        if event.get("log_namespace") == "mqttsvc.sites.site":
             lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)
@@ -542,7 +542,7 @@ def test_illegal_input_raises() -> None:
 
 def test_a_processing_bug_becomes_a_dead_letter(monkeypatch: Any) -> None:
     """If processing itself fails, the message is kept as a dead letter and the site goes on."""
-    import mqttsvc.site
+    import mqttsvc.sites.site
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise OverflowError("int too large to convert to float")
@@ -550,7 +550,7 @@ def test_a_processing_bug_becomes_a_dead_letter(monkeypatch: Any) -> None:
     h = Harness()
     h.site.startService()
     h.connect()
-    monkeypatch.setattr(mqttsvc.site, "process", broken)
+    monkeypatch.setattr(mqttsvc.sites.site, "process", broken)
     h.client.on_message(ReceivedMessage("north/sensor/s/data", b'{"value": 1}', 1, False, 7, 1))
     [(effects, _, _)] = h.writer.submitted
     assert [type(e).__name__ for e in effects] == ["TopicSeen", "DeadLetter"]

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from mqttsvc.pool import DatabaseUnavailable
-from mqttsvc.supervisor import STATUSES
+from mqttsvc.db.pool import DatabaseUnavailable
+from mqttsvc.sites.supervisor import STATUSES
 from tests.conftest import BROKER_HOST, BROKER_PORT, PrivateBroker
 from tests.service import RunningService
 from tests.test_lifecycle import insert_site, write

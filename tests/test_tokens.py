@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mqttsvc.config import ConfigError
-from mqttsvc.tokens import load_tokens
+from mqttsvc.control.tokens import load_tokens
 
 BACKEND = "b" * 32
 OPS = "o" * 32

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MIGRATIONS = ROOT / "mqttsvc" / "migrations"
+MIGRATIONS = ROOT / "mqttsvc" / "db" / "migrations"
 DOC = (ROOT / "docs" / "upgrades.md").read_text()
 
 

@@ -13,9 +13,9 @@ import pytest
 import pytest_twisted
 from treq.testing import StubTreq
 
-from mqttsvc.rpc.dispatcher import Call, Dispatcher, Method
-from mqttsvc.tokens import load_tokens
-from mqttsvc.web import MAX_BODY, WebApp
+from mqttsvc.control.rpc.dispatcher import Call, Dispatcher, Method
+from mqttsvc.control.tokens import load_tokens
+from mqttsvc.control.web import MAX_BODY, WebApp
 
 TOKEN = "t" * 32
 
@@ -132,7 +132,7 @@ def test_access_log_line_is_twisted_webs_combined_format(uri: bytes, agent: byte
     from twisted.web.http import combinedLogFormatter
     from twisted.web.test.requesthelper import DummyRequest
 
-    from mqttsvc.web import access_log_line
+    from mqttsvc.control.web import access_log_line
 
     request = DummyRequest([])
     request.method = b"POST"

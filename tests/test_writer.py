@@ -16,8 +16,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 
 from mqttsvc.config import ConfigError
-from mqttsvc.pool import ConnectionPool
-from mqttsvc.processing import (
+from mqttsvc.db.pool import ConnectionPool
+from mqttsvc.ingest.processing import (
     DeadLetter,
     DeviceKey,
     DeviceSeen,
@@ -25,8 +25,8 @@ from mqttsvc.processing import (
     Reading,
     TopicSeen,
 )
+from mqttsvc.ingest.writer import BatchWriter, WriterLanes
 from mqttsvc.tap import Options, check_values
-from mqttsvc.writer import BatchWriter, WriterLanes
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 

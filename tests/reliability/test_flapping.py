@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import LoopingCall, deferLater
 
-from mqttsvc.transport import CONNECT_THREADS, _SocketDescriptor
+from mqttsvc.mqtt.transport import CONNECT_THREADS, _SocketDescriptor
 from tests.conftest import PrivateBroker
 from tests.reliability.harness import sql
 from tests.service import RunningService

@@ -1,0 +1,209 @@
+"""
+Prometheus metrics, through C{prometheus_client}.
+
+Histograms are observed as batches are written; everything else is read
+from the live objects when Prometheus scrapes, by a collector, so there is
+no second copy of the state to keep in step (and no label left behind for a
+deleted site).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from mqttsvc.control.httpserver import BoundedSite
+    from mqttsvc.control.sse import EventStreams
+    from mqttsvc.ingest.writer import WriterLanes
+    from mqttsvc.runtime.descriptors import DescriptorBudget
+    from mqttsvc.sites.supervisor import SiteSupervisor
+
+STATES = ("stopped", "connecting", "connected", "waiting", "error", "stopping", "restarting")
+
+
+class _DescriptorCollector(Collector):
+    def __init__(self, budget: DescriptorBudget) -> None:
+        self._budget = budget
+
+    def collect(self) -> Iterator[Metric]:
+        report = self._budget.report()
+        yield GaugeMetricFamily(
+            "mqttsvc_descriptors_limit", "The soft RLIMIT_NOFILE", value=report["limit"]
+        )
+        yield GaugeMetricFamily(
+            "mqttsvc_descriptors_open", "File descriptors open", value=report["open"]
+        )
+        yield GaugeMetricFamily(
+            "mqttsvc_descriptors_needed",
+            "File descriptors needed: one per running site, the HTTP cap and a reserve",
+            value=report["needed"],
+        )
+
+
+class _LiveCollector(Collector):
+    def __init__(self, supervisor: SiteSupervisor, writer: WriterLanes) -> None:
+        self._supervisor = supervisor
+        self._writer = writer
+
+    def collect(self) -> Iterator[Metric]:
+        sites = self._supervisor.sites()
+        state = GaugeMetricFamily(
+            "mqttsvc_site_state",
+            "1 for the state each site's connection is in",
+            labels=["site_id", "state"],
+        )
+        received = CounterMetricFamily(
+            "mqttsvc_messages_received", "MQTT messages received", labels=["site_id"]
+        )
+        rejected = CounterMetricFamily(
+            "mqttsvc_messages_rejected", "Messages dead-lettered", labels=["site_id"]
+        )
+        committed = CounterMetricFamily(
+            "mqttsvc_messages_committed",
+            "Messages whose effects were committed (and so acknowledged)",
+            labels=["site_id"],
+        )
+        connects = CounterMetricFamily(
+            "mqttsvc_site_connects",
+            "Successful connections (the first and every reconnect)",
+            labels=["site_id"],
+        )
+        # Every site the database has: a stopped or disabled one (no
+        # service) shows as stopped, with the counts of its earlier runs.
+        current = {site.config.site_id: site.state.state for site in sites}
+        current.update(dict.fromkeys(self._supervisor.idle_sites(), "stopped"))
+        for site_id in sorted(current):
+            for name in STATES:
+                state.add_metric([site_id, name], 1.0 if name == current[site_id] else 0.0)
+            counts = self._supervisor.counters(site_id)
+            received.add_metric([site_id], counts.messages_received)
+            rejected.add_metric([site_id], counts.messages_rejected)
+            committed.add_metric([site_id], counts.messages_committed)
+            connects.add_metric([site_id], counts.connects)
+        yield from (state, received, rejected, committed, connects)
+        yield GaugeMetricFamily(
+            "mqttsvc_write_queue_depth",
+            "Messages waiting to be written",
+            value=self._writer.queued,
+        )
+        yield GaugeMetricFamily(
+            "mqttsvc_reading_paused",
+            "1 while the sites stop reading because the database cannot keep up",
+            value=1.0 if self._writer.pressing else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "mqttsvc_write_queue_bytes",
+            "Bytes of messages held until they are written",
+            value=self._writer.bytes_held,
+        )
+        yield CounterMetricFamily(
+            "mqttsvc_database_dead_letters",
+            "Messages the database refused, kept as dead letters",
+            value=self._writer.dead_lettered,
+        )
+        failing = GaugeMetricFamily(
+            "mqttsvc_write_lane_failing_seconds",
+            "Seconds since a write lane last committed, while its writes fail (0 when they do not)",
+            labels=["lane"],
+        )
+        stalled = dict((lane, seconds) for lane, seconds, _ in self._writer.failing())
+        for lane in range(len(self._writer.lanes)):
+            failing.add_metric([str(lane)], stalled.get(lane, 0.0))
+        yield failing
+        devices = GaugeMetricFamily(
+            "mqttsvc_devices", "Tracked devices by status", labels=["status"]
+        )
+        for status, count in sorted(self._supervisor.devices.counts().items()):
+            devices.add_metric([status], count)
+        yield devices
+        yield CounterMetricFamily(
+            "mqttsvc_devices_repaired",
+            "Devices of connected sites found without an offline deadline and given one (a bug "
+            "if ever above 0)",
+            value=self._supervisor.devices_repaired,
+        )
+
+
+class _HttpCollector(Collector):
+    def __init__(self, site: BoundedSite, streams: EventStreams) -> None:
+        self._site = site
+        self._streams = streams
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "mqttsvc_http_connections", "Open HTTP connections", value=len(self._site.channels)
+        )
+        yield GaugeMetricFamily(
+            "mqttsvc_http_max_connections",
+            "Open HTTP connections allowed (--http-max-connections)",
+            value=self._site.limits.max_connections,
+        )
+        refused = CounterMetricFamily(
+            "mqttsvc_http_refused",
+            "HTTP connections refused over the cap (connection), requests refused for a body "
+            "over the limit (body) or closed for not arriving whole in time (timeout)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._site.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        yield GaugeMetricFamily(
+            "mqttsvc_event_streams", "Open /events streams", value=self._streams.clients
+        )
+
+
+class Metrics:
+    """
+    The registry of one mqttsvc process.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.batch_size = Histogram(
+            "mqttsvc_batch_size",
+            "Messages per committed batch",
+            buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "mqttsvc_commit_seconds",
+            "Time to write and commit one batch",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+
+    def observe_batch(self, messages: int, seconds: float) -> None:
+        self.batch_size.observe(messages)
+        self.commit_seconds.observe(seconds)
+
+    def watch(self, supervisor: SiteSupervisor, writer: WriterLanes) -> None:
+        """
+        Report the live state of these at every scrape.
+        """
+        self.registry.register(_LiveCollector(supervisor, writer))
+
+    def watch_descriptors(self, budget: DescriptorBudget) -> None:
+        """
+        Report file descriptors at every scrape: the limit, those open, and
+        those the running sites, the HTTP cap and the rest need.
+        """
+        self.registry.register(_DescriptorCollector(budget))
+
+    def watch_http(self, site: BoundedSite, streams: EventStreams) -> None:
+        """
+        Report the HTTP server's connections and refusals, and the open
+        event streams, at every scrape.
+        """
+        self.registry.register(_HttpCollector(site, streams))
+
+    def render(self) -> bytes:
+        """
+        The text exposition of every metric.
+        """
+        rendered: bytes = generate_latest(self.registry)
+        return rendered

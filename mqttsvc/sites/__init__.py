@@ -1,0 +1,3 @@
+"""
+Sites and their supervisor.
+"""
