@@ -568,7 +568,7 @@ async def offline(reactor: Any, p: Params) -> Params:
     committed), and the CPU it takes.
     """
     from bench.service import Tree, sleep, until
-    from mqttsvc.ingest.processing import DeviceKey, DeviceStatus
+    from mqttsvc.records import DeviceKey, DeviceStatus
 
     tree = Tree(reactor, p["dsn"])
     await tree.start()

@@ -23,7 +23,8 @@ from twisted.internet.threads import deferToThread
 from mqttsvc.config import ConfigError, SiteConfig
 from mqttsvc.events.alerts import AlertRules
 from mqttsvc.events.hub import Event
-from mqttsvc.ingest.processing import FOREIGN_TOPIC, DeadLetter, DeviceSeen, Reading, TopicSeen
+from mqttsvc.ingest.processing import FOREIGN_TOPIC
+from mqttsvc.records import DeadLetter, DeviceSeen, Reading, TopicSeen
 from mqttsvc.tap import Options, check_values
 from tests.conftest import BROKER_HOST, BROKER_PORT, PrivateBroker
 from tests.fakebroker import FakeBroker, publish_header

@@ -24,7 +24,6 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 
 from mqttsvc.config import DEAD_LETTER_KEEP, DEFAULT_MAX_PAYLOAD, SiteConfig, default_topics
-from mqttsvc.ingest.processing import DeadLetter
 from mqttsvc.mqtt.connection_check import CHECK_QUEUE, CHECK_THREADS, ConnectionTests
 from mqttsvc.mqtt.transport import (
     HEADER_ROOM,
@@ -34,7 +33,8 @@ from mqttsvc.mqtt.transport import (
     MQTTClient,
     ReceivedMessage,
 )
-from mqttsvc.sites.site import MAX_RETRIES, PROVING_TIME, ResumeState, SiteService, SiteState
+from mqttsvc.records import DeadLetter, ResumeState
+from mqttsvc.sites.site import MAX_RETRIES, PROVING_TIME, SiteService, SiteState
 from tests.conftest import BROKER_HOST, BROKER_PORT
 from tests.fakebroker import PUBACK, FakeBroker, pattern, publish_header
 from tests.publish import publish

@@ -9,7 +9,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from mqttsvc.ingest.liveness import DeviceLimit, OfflineDetector
-from mqttsvc.ingest.processing import DeviceKey, DeviceStatus, SiteDevicesStatus
+from mqttsvc.records import DeviceKey, DeviceStatus, SiteDevicesStatus
 
 GW = DeviceKey("s", "gateway", None, "gw-1")
 DL = DeviceKey("s", "datalogger", "gw-1", "dl-1")

@@ -23,18 +23,17 @@ from twisted.internet.task import Clock
 from mqttsvc.config import DEAD_LETTER_KEEP, MAX_TOPIC_BYTES, default_topics
 from mqttsvc.db.batch import TOPIC_RAW_KEEP
 from mqttsvc.db.pool import ConnectionPool, is_rejection
-from mqttsvc.ingest.processing import (
+from mqttsvc.ingest.processing import Router, process
+from mqttsvc.ingest.writer import BatchWriter, WriterLanes
+from mqttsvc.records import (
     DeadLetter,
     DeviceKey,
     DeviceSeen,
     DeviceStatus,
     Effect,
     Reading,
-    Router,
     TopicSeen,
-    process,
 )
-from mqttsvc.ingest.writer import BatchWriter, WriterLanes
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 

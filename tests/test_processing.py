@@ -14,18 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mqttsvc.config import ConfigError, TopicSubscription, default_topics
-from mqttsvc.ingest.processing import (
-    FOREIGN_TOPIC,
-    DeadLetter,
-    DeviceKey,
-    DeviceSeen,
-    Reading,
-    Rejected,
-    Router,
-    TopicSeen,
-    parse_ts,
-    process,
-)
+from mqttsvc.ingest.processing import FOREIGN_TOPIC, Rejected, Router, parse_ts, process
+from mqttsvc.records import DeadLetter, DeviceKey, DeviceSeen, Reading, TopicSeen
 
 AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 ROUTER = Router(default_topics("s"))

@@ -15,15 +15,14 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from mqttsvc.config import SiteConfig, TopicSubscription, default_topics
-from mqttsvc.db.batch import ConnectionEvent
 from mqttsvc.mqtt.transport import BrokerClient, ConnectFailed, ReceivedMessage, SubscriptionResult
+from mqttsvc.records import ConnectionEvent, ResumeState
 from mqttsvc.sites.site import (
     DISCONNECT_TIMEOUT,
     DRAIN_TIMEOUT,
     MAX_RETRIES,
     PROBE_INTERVAL,
     PROVING_TIME,
-    ResumeState,
     SiteService,
     SiteState,
     retry_delay,

@@ -17,15 +17,8 @@ from twisted.internet.task import Clock
 
 from mqttsvc.config import ConfigError
 from mqttsvc.db.pool import ConnectionPool
-from mqttsvc.ingest.processing import (
-    DeadLetter,
-    DeviceKey,
-    DeviceSeen,
-    DeviceStatus,
-    Reading,
-    TopicSeen,
-)
 from mqttsvc.ingest.writer import BatchWriter, WriterLanes
+from mqttsvc.records import DeadLetter, DeviceKey, DeviceSeen, DeviceStatus, Reading, TopicSeen
 from mqttsvc.tap import Options, check_values
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)

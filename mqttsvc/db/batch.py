@@ -14,10 +14,9 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-import attrs
-
 from mqttsvc.config import DEAD_LETTER_KEEP, MAX_TOPIC_BYTES
-from mqttsvc.ingest.processing import (
+from mqttsvc.records import (
+    ConnectionEvent,
     DeadLetter,
     DeviceKey,
     DeviceSeen,
@@ -25,37 +24,9 @@ from mqttsvc.ingest.processing import (
     Effect,
     Reading,
     SiteDevicesStatus,
+    StatusUpdate,
     TopicSeen,
 )
-
-
-@attrs.frozen
-class StatusUpdate:
-    """
-    The connection state of one site as the C{mqtt_connection} row shows it.
-    """
-
-    site_id: str
-    status: str
-    last_connected_at: datetime | None
-    retry_count: int
-    next_retry: datetime | None
-    last_error: str | None
-
-
-@attrs.frozen
-class ConnectionEvent:
-    """
-    One transition of a site's connection, for the C{connection_event}
-    history.
-    """
-
-    site_id: str
-    at: datetime
-    from_state: str
-    to_state: str
-    reason: str | None
-
 
 #: Per device kind: its table and the columns that identify a device there
 #: besides C{site_id}.

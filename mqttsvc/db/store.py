@@ -31,9 +31,8 @@ from mqttsvc.config import (
 from mqttsvc.db.pool import ConnectionPool
 from mqttsvc.db.secrets import SecretError, Secrets, is_encrypted
 from mqttsvc.events.hub import record_service_event
-from mqttsvc.ingest.processing import DeviceKey
 from mqttsvc.ingest.writer import WriterLanes
-from mqttsvc.sites.site import ResumeState
+from mqttsvc.records import DeviceKey, ResumeState
 
 
 class SiteExists(Exception):

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from mqttsvc.ingest.processing import DeviceKey, DeviceStatus, SiteDevicesStatus
+from mqttsvc.records import DeviceKey, DeviceStatus, SiteDevicesStatus
 
 ONLINE, OFFLINE, UNKNOWN = "online", "offline", "unknown"
 

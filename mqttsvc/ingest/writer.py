@@ -45,14 +45,16 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from mqttsvc.db.batch import ConnectionEvent, StatusUpdate, batch_statements
+from mqttsvc.db.batch import batch_statements
 from mqttsvc.db.pool import ConnectionPool, is_rejection
-from mqttsvc.ingest.processing import (
+from mqttsvc.records import (
+    ConnectionEvent,
     DeadLetter,
     DeviceSeen,
     DeviceStatus,
     Effect,
     SiteDevicesStatus,
+    StatusUpdate,
     TopicSeen,
 )
 

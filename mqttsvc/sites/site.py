@@ -36,13 +36,9 @@ from mqttsvc.config import (
     SiteConfig,
     TopicSubscription,
 )
-from mqttsvc.db.batch import ConnectionEvent, StatusUpdate
 from mqttsvc.ingest.liveness import DeviceLimit, OfflineDetector
 from mqttsvc.ingest.processing import (
-    DeadLetter,
-    DeviceSeen,
     Router,
-    TopicSeen,
     process,
     topic_problem,
 )
@@ -52,6 +48,14 @@ from mqttsvc.mqtt.transport import (
     MQTTClient,
     ReceivedMessage,
     SubscriptionResult,
+)
+from mqttsvc.records import (
+    ConnectionEvent,
+    DeadLetter,
+    DeviceSeen,
+    ResumeState,
+    StatusUpdate,
+    TopicSeen,
 )
 from mqttsvc.runtime.summary import Summary
 
@@ -578,19 +582,6 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
 
 
 _SiteMachine = _makeMachine()
-
-
-@attrs.frozen
-class ResumeState:
-    """
-    What the database remembers of a site's connection when mqttsvc starts.
-    """
-
-    status: str
-    retry_count: int
-    next_retry: datetime | None
-    last_error: str | None
-    last_connected_at: datetime | None
 
 
 class SiteService(Service):

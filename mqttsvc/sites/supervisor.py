@@ -34,10 +34,9 @@ from mqttsvc.config import (
     DEFAULT_MAX_PAYLOAD,
     OfflinePolicy,
 )
-from mqttsvc.db.batch import ConnectionEvent
 from mqttsvc.db.store import SiteRow, Store
 from mqttsvc.ingest.liveness import OfflineDetector
-from mqttsvc.ingest.processing import DeviceKey, Effect, SiteDevicesStatus
+from mqttsvc.records import ConnectionEvent, DeviceKey, Effect, SiteDevicesStatus
 from mqttsvc.sites.site import PROBE_INTERVAL, PROVING_TIME, SiteCounters, SiteService, SiteState
 
 #: Seconds between two full reconciliations (the old service's health check).

@@ -16,7 +16,8 @@ from mqttsvc.db import observations
 from mqttsvc.db.batch import write_effects
 from mqttsvc.db.store import Store
 from mqttsvc.events.hub import record_operator_action
-from mqttsvc.ingest.processing import DeadLetter, Reading, Router, process
+from mqttsvc.ingest.processing import Router, process
+from mqttsvc.records import DeadLetter, Reading
 
 KINDS = ("gateway", "datalogger", "sensor")
 DEVICE_STATUSES = ("online", "offline", "unknown")
