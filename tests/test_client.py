@@ -92,6 +92,33 @@ def test_import_needs_only_the_standard_library() -> None:
         assert result.stdout.splitlines() == ["[]", "False"], flags
 
 
+def test_the_old_import_path_warns_and_is_the_same_client() -> None:
+    """
+    C{mqttsvc.client}, the client's name before it was renamed for what it
+    is, still imports for one release: it warns, and its names are the
+    renamed module's own objects.
+    """
+    code = (
+        "import sys, warnings\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "warnings.simplefilter('error')\n"
+        "try:\n"
+        "    import mqttsvc.client\n"
+        "except DeprecationWarning as e:\n"
+        "    print('warned:', e)\n"
+        "warnings.simplefilter('ignore')\n"
+        "import mqttsvc.client as old, mqttsvc.rpcclient as new\n"
+        "print(all(getattr(old, n) is getattr(new, n) for n in new.__all__))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    warned, same = result.stdout.splitlines()
+    assert warned.startswith("warned: mqttsvc.client is deprecated") and "mqttsvc.rpcclient" in warned
+    assert same == "True"
+
+
 # --- the API, for real ---------------------------------------------------------
 
 
