@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 from twisted.application import strports
 from twisted.application.service import Application, IService
 from twisted.internet.endpoints import serverFromString
@@ -57,6 +58,7 @@ from mqttsvc.db.secrets import load_key
 from mqttsvc.db.store import Store
 from mqttsvc.events.alerts import LIMIT, AlertDispatcher, AlertRules, describe_url, http_post
 from mqttsvc.events.hub import EventHub
+from mqttsvc.ingest.writer import BATCH_DELAY, BATCH_SIZE, WRITE_CONNECTIONS
 from mqttsvc.mqtt.connection_check import ConnectionTests
 from mqttsvc.mqtt.transport import ConnectThreads
 from mqttsvc.runtime import logs
@@ -72,56 +74,175 @@ DEFAULT_MANHOLE_HOST_KEY = "mqttsvc-manhole-host-key"
 
 log = Logger()
 
-_ENV = {
-    "db": "MQTTSVC_DB",
-    "rpc": "MQTTSVC_RPC",
-    "rpc-token-file": "MQTTSVC_RPC_TOKEN_FILE",
-    "instance": "MQTTSVC_INSTANCE",
-    "monitor-interval": "MQTTSVC_MONITOR_INTERVAL",
-    "probe-interval": "MQTTSVC_PROBE_INTERVAL",
-    "proving-time": "MQTTSVC_PROVING_TIME",
-    "shutdown-deadline": "MQTTSVC_SHUTDOWN_DEADLINE",
-    "max-payload": "MQTTSVC_MAX_PAYLOAD",
-    "max-clock-skew": "MQTTSVC_MAX_CLOCK_SKEW",
-    "max-devices": "MQTTSVC_MAX_DEVICES",
-    "batch-size": "MQTTSVC_BATCH_SIZE",
-    "batch-delay-ms": "MQTTSVC_BATCH_DELAY_MS",
-    "write-connections": "MQTTSVC_WRITE_CONNECTIONS",
-    "log-format": "MQTTSVC_LOG_FORMAT",
-    "log-file": "MQTTSVC_LOG_FILE",
-    "log-max-bytes": "MQTTSVC_LOG_MAX_BYTES",
-    "log-keep": "MQTTSVC_LOG_KEEP",
-    "secret-key-file": "MQTTSVC_SECRET_KEY_FILE",
-    "manhole": "MQTTSVC_MANHOLE",
-    "manhole-keys": "MQTTSVC_MANHOLE_KEYS",
-    "manhole-host-key": "MQTTSVC_MANHOLE_HOST_KEY",
-    "events-heartbeat": "MQTTSVC_EVENTS_HEARTBEAT",
-    "alert-limit": "MQTTSVC_ALERT_LIMIT",
-    "events-max-streams": "MQTTSVC_EVENTS_MAX_STREAMS",
-    "http-max-connections": "MQTTSVC_HTTP_MAX_CONNECTIONS",
-    "http-request-timeout": "MQTTSVC_HTTP_REQUEST_TIMEOUT",
-}
 
-#: Defaults of the numeric options, as their text would be given.
-_NUMBERS = {
-    "monitor-interval": str(MONITOR_INTERVAL),
-    "probe-interval": str(PROBE_INTERVAL),
-    "proving-time": f"{PROVING_TIME:g}",
-    "shutdown-deadline": f"{SHUTDOWN_DEADLINE:g}",
-    "max-payload": str(DEFAULT_MAX_PAYLOAD),
-    "max-clock-skew": f"{DEFAULT_MAX_CLOCK_SKEW:g}",
-    "max-devices": str(DEFAULT_MAX_DEVICES),
-    "batch-size": "1000",
-    "batch-delay-ms": "10",
-    "write-connections": "2",
-    "log-max-bytes": str(10 * 1024 * 1024),
-    "log-keep": "10",
-    "events-heartbeat": f"{HEARTBEAT:g}",
-    "alert-limit": str(LIMIT),
-    "events-max-streams": str(MAX_STREAMS),
-    "http-max-connections": str(default_max_connections(descriptor_limit())),
-    "http-request-timeout": f"{REQUEST_TIMEOUT:g}",
-}
+@attrs.frozen
+class Setting:
+    """
+    One option of C{twistd mqttsvc}: its name, what it does, and its
+    default, written once; the option, its environment variable and its
+    help text are all made from this.
+
+    @ivar default: the default as a value (a number's default is its
+        owner's constant), or None for no default.
+    @ivar shown: how the help shows a default that is not a plain value.
+    @ivar number: whether it is a positive number (L{check_values}).
+    """
+
+    name: str
+    help: str
+    default: str | float | None = None
+    shown: str | None = None
+    number: bool = False
+
+    @property
+    def env(self) -> str:
+        return "MQTTSVC_" + self.name.upper().replace("-", "_")
+
+    @property
+    def default_text(self) -> str | None:
+        """The default as it would be given on the command line."""
+        if self.default is None or isinstance(self.default, str):
+            return self.default
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+    def option(self) -> list[Any]:
+        shown = self.shown if self.shown is not None else self.default_text
+        if shown is None:
+            default = ""
+        else:
+            default = "; default" + (shown if shown.startswith(":") else f" {shown}")
+        return [self.name, None, None, f"{self.help} [env {self.env}{default}]."]
+
+
+SETTINGS = [
+    Setting("db", "PostgreSQL connection string"),
+    Setting("rpc", "JSON-RPC listener, a strports description", DEFAULT_RPC),
+    Setting("rpc-token-file", "File of 'NAME TOKEN' lines accepted as bearer tokens"),
+    Setting(
+        "instance",
+        "This instance's name in MQTT client ids; keep it stable across restarts",
+        shown=": the host name",
+    ),
+    Setting(
+        "monitor-interval",
+        "Seconds between full reconciliations of the sites",
+        MONITOR_INTERVAL,
+        number=True,
+    ),
+    Setting(
+        "probe-interval",
+        "Seconds between connection probes of a site in error",
+        PROBE_INTERVAL,
+        number=True,
+    ),
+    Setting(
+        "proving-time",
+        "Seconds a connection must stay up, subscribed and heard from, before it counts as "
+        "a success and resets the retry count",
+        PROVING_TIME,
+        number=True,
+    ),
+    Setting(
+        "shutdown-deadline",
+        "Seconds after SIGTERM by which the process exits, finished stopping or not "
+        "(the brokers redeliver what was not acknowledged)",
+        SHUTDOWN_DEADLINE,
+        number=True,
+    ),
+    Setting(
+        "max-payload",
+        "Largest payload processed, in bytes; larger ones are dead letters",
+        DEFAULT_MAX_PAYLOAD,
+        number=True,
+    ),
+    Setting(
+        "max-clock-skew",
+        "Seconds a message's ts may be ahead of its receive time; further ahead it is a "
+        "dead letter",
+        DEFAULT_MAX_CLOCK_SKEW,
+        number=True,
+    ),
+    Setting(
+        "max-devices",
+        "Devices a site may have unless its max_devices says otherwise; a new device id "
+        "beyond it is a dead letter",
+        DEFAULT_MAX_DEVICES,
+        number=True,
+    ),
+    Setting("batch-size", "Write a batch once this many messages wait", BATCH_SIZE, number=True),
+    Setting(
+        "batch-delay-ms",
+        "...or once the oldest has waited this many milliseconds",
+        BATCH_DELAY * 1000,
+        number=True,
+    ),
+    Setting(
+        "write-connections",
+        "Database connections writing batches side by side, each for its share of the sites",
+        WRITE_CONNECTIONS,
+        number=True,
+    ),
+    Setting(
+        "manhole",
+        "SSH manhole listener, a strports description; bind it to loopback, e.g. "
+        "tcp:2222:interface=127.0.0.1 (without interface= it listens on every interface)",
+        shown=": no manhole",
+    ),
+    Setting(
+        "manhole-keys",
+        "Authorized keys file of the SSH keys that may log in to the manhole; "
+        "required with --manhole",
+    ),
+    Setting(
+        "manhole-host-key",
+        "The manhole's SSH host key, generated with mode 0600 if missing",
+        DEFAULT_MANHOLE_HOST_KEY,
+        shown=f"./{DEFAULT_MANHOLE_HOST_KEY}",
+    ),
+    Setting(
+        "secret-key-file",
+        "Key that encrypts broker passwords at rest (make one with `mqttsvc generate-key`; "
+        "mode 600)",
+    ),
+    Setting("log-format", "text or json (one JSON object a line)", logs.FORMATS[0]),
+    Setting(
+        "log-file",
+        "Log to this file, rotated by size, instead of standard output "
+        "(twistd's --logfile works too)",
+    ),
+    Setting("log-max-bytes", "Rotate the log file at this size", logs.MAX_BYTES, number=True),
+    Setting("log-keep", "Rotated log files to keep", logs.KEEP, number=True),
+    Setting(
+        "events-heartbeat",
+        "Seconds between heartbeat comments on /events streams",
+        HEARTBEAT,
+        number=True,
+    ),
+    Setting(
+        "alert-limit", "Alerts per site per 10 minutes; more are summarised", LIMIT, number=True
+    ),
+    Setting(
+        "events-max-streams", "Open /events streams at most; more get 503", MAX_STREAMS, number=True
+    ),
+    Setting(
+        "http-max-connections",
+        "Open HTTP connections at most; more get 503, leaving the other descriptors to "
+        "brokers and the database",
+        default_max_connections(descriptor_limit()),
+        shown=f"a quarter of RLIMIT_NOFILE, from {MIN_CONNECTIONS} to {MAX_CONNECTIONS}",
+        number=True,
+    ),
+    Setting(
+        "http-request-timeout",
+        "Seconds an HTTP connection has to send a whole request, from when it opens or "
+        "its previous response was sent; then it is closed",
+        REQUEST_TIMEOUT,
+        number=True,
+    ),
+]
+
+#: The numeric options, by name.
+_NUMBERS = [s.name for s in SETTINGS if s.number]
 
 
 class Options(usage.Options):
@@ -134,187 +255,7 @@ class Options(usage.Options):
         "[--db DSN] [--rpc ENDPOINT] [--rpc-token-file PATH] [--migrate] "
         "[--manhole ENDPOINT --manhole-keys PATH]"
     )
-    optParameters = [
-        ["db", None, None, "PostgreSQL connection string [env MQTTSVC_DB]."],
-        [
-            "rpc",
-            None,
-            None,
-            f"JSON-RPC listener, a strports description [env MQTTSVC_RPC; default {DEFAULT_RPC}].",
-        ],
-        [
-            "rpc-token-file",
-            None,
-            None,
-            "File of 'NAME TOKEN' lines accepted as bearer tokens [env MQTTSVC_RPC_TOKEN_FILE].",
-        ],
-        [
-            "instance",
-            None,
-            None,
-            "This instance's name in MQTT client ids; keep it stable across restarts "
-            "[env MQTTSVC_INSTANCE; default: the host name].",
-        ],
-        [
-            "monitor-interval",
-            None,
-            None,
-            f"Seconds between full reconciliations of the sites "
-            f"[env MQTTSVC_MONITOR_INTERVAL; default {MONITOR_INTERVAL:g}].",
-        ],
-        [
-            "probe-interval",
-            None,
-            None,
-            f"Seconds between connection probes of a site in error "
-            f"[env MQTTSVC_PROBE_INTERVAL; default {PROBE_INTERVAL:g}].",
-        ],
-        [
-            "proving-time",
-            None,
-            None,
-            f"Seconds a connection must stay up, subscribed and heard from, before it counts as "
-            f"a success and resets the retry count [env MQTTSVC_PROVING_TIME; default "
-            f"{PROVING_TIME:g}].",
-        ],
-        [
-            "shutdown-deadline",
-            None,
-            None,
-            f"Seconds after SIGTERM by which the process exits, finished stopping or not "
-            f"(the brokers redeliver what was not acknowledged) "
-            f"[env MQTTSVC_SHUTDOWN_DEADLINE; default {SHUTDOWN_DEADLINE:g}].",
-        ],
-        [
-            "max-payload",
-            None,
-            None,
-            f"Largest payload processed, in bytes; larger ones are dead letters "
-            f"[env MQTTSVC_MAX_PAYLOAD; default {DEFAULT_MAX_PAYLOAD}].",
-        ],
-        [
-            "max-clock-skew",
-            None,
-            None,
-            f"Seconds a message's ts may be ahead of its receive time; further ahead it is a "
-            f"dead letter [env MQTTSVC_MAX_CLOCK_SKEW; default {DEFAULT_MAX_CLOCK_SKEW:g}].",
-        ],
-        [
-            "max-devices",
-            None,
-            None,
-            f"Devices a site may have unless its max_devices says otherwise; a new device id "
-            f"beyond it is a dead letter [env MQTTSVC_MAX_DEVICES; default {DEFAULT_MAX_DEVICES}].",
-        ],
-        [
-            "batch-size",
-            None,
-            None,
-            "Write a batch once this many messages wait [env MQTTSVC_BATCH_SIZE; default 1000].",
-        ],
-        [
-            "batch-delay-ms",
-            None,
-            None,
-            "...or once the oldest has waited this many milliseconds "
-            "[env MQTTSVC_BATCH_DELAY_MS; default 10].",
-        ],
-        [
-            "write-connections",
-            None,
-            None,
-            "Database connections writing batches side by side, each for its share of the "
-            "sites [env MQTTSVC_WRITE_CONNECTIONS; default 2].",
-        ],
-        [
-            "manhole",
-            None,
-            None,
-            "SSH manhole listener, a strports description; bind it to loopback, e.g. "
-            "tcp:2222:interface=127.0.0.1 (without interface= it listens on every "
-            "interface) [env MQTTSVC_MANHOLE; default: no manhole].",
-        ],
-        [
-            "manhole-keys",
-            None,
-            None,
-            "Authorized keys file of the SSH keys that may log in to the manhole; "
-            "required with --manhole [env MQTTSVC_MANHOLE_KEYS].",
-        ],
-        [
-            "manhole-host-key",
-            None,
-            None,
-            "The manhole's SSH host key, generated with mode 0600 if missing "
-            f"[env MQTTSVC_MANHOLE_HOST_KEY; default ./{DEFAULT_MANHOLE_HOST_KEY}].",
-        ],
-    ]
-    optParameters += [
-        [
-            "secret-key-file",
-            None,
-            None,
-            "Key that encrypts broker passwords at rest (make one with `mqttsvc generate-key`; "
-            "mode 600) [env MQTTSVC_SECRET_KEY_FILE].",
-        ],
-        [
-            "log-format",
-            None,
-            None,
-            "text or json (one JSON object a line) [env MQTTSVC_LOG_FORMAT; default text].",
-        ],
-        [
-            "log-file",
-            None,
-            None,
-            "Log to this file, rotated by size, instead of standard output "
-            "(twistd's --logfile works too) [env MQTTSVC_LOG_FILE].",
-        ],
-        [
-            "log-max-bytes",
-            None,
-            None,
-            "Rotate the log file at this size [env MQTTSVC_LOG_MAX_BYTES; default 10485760].",
-        ],
-        ["log-keep", None, None, "Rotated log files to keep [env MQTTSVC_LOG_KEEP; default 10]."],
-        [
-            "events-heartbeat",
-            None,
-            None,
-            f"Seconds between heartbeat comments on /events streams "
-            f"[env MQTTSVC_EVENTS_HEARTBEAT; default {HEARTBEAT:g}].",
-        ],
-        [
-            "alert-limit",
-            None,
-            None,
-            f"Alerts per site per 10 minutes; more are summarised "
-            f"[env MQTTSVC_ALERT_LIMIT; default {LIMIT}].",
-        ],
-        [
-            "events-max-streams",
-            None,
-            None,
-            f"Open /events streams at most; more get 503 "
-            f"[env MQTTSVC_EVENTS_MAX_STREAMS; default {MAX_STREAMS}].",
-        ],
-        [
-            "http-max-connections",
-            None,
-            None,
-            "Open HTTP connections at most; more get 503, leaving the other descriptors to "
-            "brokers and the database [env MQTTSVC_HTTP_MAX_CONNECTIONS; default a quarter of "
-            f"RLIMIT_NOFILE, from {MIN_CONNECTIONS} to {MAX_CONNECTIONS}].",
-        ],
-        [
-            "http-request-timeout",
-            None,
-            None,
-            "Seconds an HTTP connection has to send a whole request, from when it opens or "
-            "its previous response was sent; then it is closed "
-            f"[env MQTTSVC_HTTP_REQUEST_TIMEOUT; default {REQUEST_TIMEOUT:g}].",
-        ],
-    ]
+    optParameters = [setting.option() for setting in SETTINGS]
     optFlags = [
         ["migrate", None, "Apply pending schema migrations at start [env MQTTSVC_MIGRATE=1]."],
         [
@@ -340,9 +281,9 @@ class Options(usage.Options):
         self["alert-webhook"].append(url)
 
     def postOptions(self) -> None:
-        for option, variable in _ENV.items():
-            if self[option] is None and self._environ.get(variable):
-                self[option] = self._environ[variable]
+        for setting in SETTINGS:
+            if self[setting.name] is None and self._environ.get(setting.env):
+                self[setting.name] = self._environ[setting.env]
         if not self["alert-webhook"] and self._environ.get("MQTTSVC_ALERT_WEBHOOKS"):
             self["alert-webhook"] = [
                 url.strip()
@@ -353,17 +294,11 @@ class Options(usage.Options):
             self["alert-device-offline"] = _truthy(
                 self._environ.get("MQTTSVC_ALERT_DEVICE_OFFLINE")
             )
-        if self["rpc"] is None:
-            self["rpc"] = DEFAULT_RPC
-        if self["manhole-host-key"] is None:
-            self["manhole-host-key"] = DEFAULT_MANHOLE_HOST_KEY
+        for setting in SETTINGS:
+            if self[setting.name] is None:
+                self[setting.name] = setting.default_text
         if self["instance"] is None:
             self["instance"] = socket.gethostname().split(".")[0] or "mqttsvc"
-        for name, default in _NUMBERS.items():
-            if self[name] is None:
-                self[name] = default
-        if self["log-format"] is None:
-            self["log-format"] = "text"
         if not self["no-gc-freeze"]:
             freeze = self._environ.get("MQTTSVC_GC_FREEZE", "1").strip().lower()
             self["no-gc-freeze"] = freeze in ("0", "false", "no")

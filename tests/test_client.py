@@ -115,7 +115,9 @@ def test_the_old_import_path_warns_and_is_the_same_client() -> None:
     )
     assert result.returncode == 0, result.stderr
     warned, same = result.stdout.splitlines()
-    assert warned.startswith("warned: mqttsvc.client is deprecated") and "mqttsvc.rpcclient" in warned
+    assert (
+        warned.startswith("warned: mqttsvc.client is deprecated") and "mqttsvc.rpcclient" in warned
+    )
     assert same == "True"
 
 

@@ -31,7 +31,7 @@ from mqttsvc.config import (
 from mqttsvc.db.pool import ConnectionPool
 from mqttsvc.db.secrets import SecretError, Secrets, is_encrypted
 from mqttsvc.events.hub import record_service_event
-from mqttsvc.ingest.writer import WriterLanes
+from mqttsvc.ingest.writer import BATCH_DELAY, BATCH_SIZE, WRITE_CONNECTIONS, WriterLanes
 from mqttsvc.records import DeviceKey, ResumeState
 
 
@@ -239,10 +239,10 @@ class Store(Service):
         reactor: Any,
         dsn: str,
         rpc_connections: int = 3,
-        batch_size: int = 1000,
-        batch_delay: float = 0.01,
+        batch_size: int = BATCH_SIZE,
+        batch_delay: float = BATCH_DELAY,
         secrets: Secrets | None = None,
-        write_connections: int = 2,
+        write_connections: int = WRITE_CONNECTIONS,
     ) -> None:
         self._reactor = reactor
         self.secrets = secrets

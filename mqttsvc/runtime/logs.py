@@ -31,6 +31,11 @@ from twisted.python.logfile import LogFile
 
 FORMATS = ("text", "json")
 
+#: Rotate a log file at this size, and keep this many old files: 110 MB of
+#: logs at most, where the old service's grew forever.
+MAX_BYTES = 10 * 1024 * 1024
+KEEP = 10
+
 #: Keys of an event that describe the event itself rather than its fields.
 _INTERNAL = ("log_", "failure")
 
@@ -100,7 +105,7 @@ def make_observer(
 
 # twistd takes its observer factory by name (it imports C{--logger}), so the
 # settings parsed from our options wait here for it.
-_settings: tuple[str, str | None, int, int] = ("text", None, 10 * 1024 * 1024, 10)
+_settings: tuple[str, str | None, int, int] = (FORMATS[0], None, MAX_BYTES, KEEP)
 
 #: The name to give twistd as its logger.
 FACTORY_NAME = "mqttsvc.runtime.logs.configured_observer"
