@@ -67,9 +67,10 @@ def _docstrings(tree: ast.AST) -> set[int]:
     """
     found = set()
     for node in ast.walk(tree):
-        if isinstance(
-            node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
-        ) and node.body:
+        if (
+            isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body
+        ):
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
                 found.add(id(first.value))
@@ -120,9 +121,10 @@ def _findings(source: str) -> Iterator[tuple[int, str, str]]:
             ):
                 yield node.lineno, where, f"call of {_name(called.value)}.{method}()"
         elif isinstance(node, ast.Import | ast.ImportFrom):
-            names = (
-                [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            )
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                names = [node.module or ""]
             for name in names:
                 if name.split(".")[0] in DRIVERS:
                     yield node.lineno, where, f"import of {name}"
@@ -169,7 +171,7 @@ def test_no_stale_exception() -> None:
         'await cursor.execute(f"UPDATE {table} SET reason = %s", (r,))',
         "await conn.runQuery(statement)",
         'probe = "SELECT 1"',
-        "x = f\"INSERT INTO {table} (a) VALUES (%s)\"",
+        'x = f"INSERT INTO {table} (a) VALUES (%s)"',
         'await listener.runOperation("LISTEN mqttsvc_events")',
         'q = "SELECT pg_terminate_backend(%s)"',
         "import psycopg2",
