@@ -550,10 +550,10 @@ async def _status_queries(tree: Any) -> Params:
     site_id = tree.supervisor.sites()[0].name
     for _ in range(5):
         started = time.perf_counter()
-        await store.get_site(site_id)
+        await store.sites.get(site_id)
         timings["get_site_ms"].append(1000 * (time.perf_counter() - started))
         started = time.perf_counter()
-        await store.list_sites()
+        await store.sites.all()
         timings["list_sites_ms"].append(1000 * (time.perf_counter() - started))
         started = time.perf_counter()
         await store.pool.query("SELECT site_id, status FROM mqtt_connection")
@@ -680,7 +680,7 @@ async def known_devices(reactor: Any, p: Params) -> Params:
     try:
         detector = OfflineDetector(Clock(), lambda changes: None)
         site_ids: set[str] = set()
-        async for page in tree.store.device_pages():
+        async for page in tree.store.devices.known():
             detector.load(((k, s, i or 900.0, b) for k, s, i, b in page), "measured")
             site_ids.update(key.site_id for key, *_ in page)
         page = []  # the last one is not the detector's

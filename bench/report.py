@@ -308,7 +308,7 @@ def _control(results: dict[str, Any]) -> list[Row]:
         ]
     rows += [
         (
-            "`store.list_sites()` (what service.status ran per call before it kept counts)",
+            "`store.sites.all()` (what service.status ran per call before it kept counts)",
             "ms",
             _get(reps, "queries", "list_sites_ms"),
             "",
@@ -322,7 +322,7 @@ def _control(results: dict[str, Any]) -> list[Row]:
             None,
         ),
         (
-            "`store.get_site()` (what site.status runs only for a site that is not running)",
+            "`store.sites.get()` (what site.status runs only for a site that is not running)",
             "ms",
             _get(reps, "queries", "get_site_ms"),
             "",

@@ -512,7 +512,7 @@ def buildService(
     ConfigListener(reactor, options["db"], supervisor.notified, supervisor.resync).setServiceParent(
         root
     )
-    hub = EventHub(reactor, options["db"], store.pool)
+    hub = EventHub(reactor, options["db"], store.events)
     hub.setServiceParent(root)
     if options["alert-webhook"]:
         alerts = AlertDispatcher(

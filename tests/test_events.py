@@ -21,8 +21,8 @@ import pytest_twisted
 from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
 
+from mqttsvc.db.events import EventFilter, Events
 from mqttsvc.db.pool import ConnectionPool
-from mqttsvc.events.hub import EventFilter, fetch_events
 from tests.conftest import BROKER_HOST, BROKER_PORT
 from tests.publish import publish
 from tests.service import RunningService
@@ -438,13 +438,13 @@ async def test_events_committed_from_two_connections_resume_without_a_gap(
         )
         position, read, resumes = 0, [], 0
         while not writers.called:
-            events = await fetch_events(pool, position, wanted, limit=1)
+            events = await Events(pool).after(position, wanted, limit=1)
             resumes += 1
             for event in events:
                 read.append(event.id)
                 position = event.id
         committed = await writers.addTimeout(30, reactor)
-        while events := await fetch_events(pool, position, wanted, limit=1):
+        while events := await Events(pool).after(position, wanted, limit=1):
             read.append(events[0].id)
             position = events[0].id
         [(stored,)] = await pool.query(

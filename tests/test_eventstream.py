@@ -28,7 +28,7 @@ from mqttsvc.control.rpc.dispatcher import Dispatcher
 from mqttsvc.control.sse import EventStreams
 from mqttsvc.control.tokens import load_tokens
 from mqttsvc.control.web import STATUS_PAGE, WebApp, access_log_line
-from mqttsvc.events.hub import Event, EventFilter
+from mqttsvc.db.events import Event, EventFilter
 
 
 def event(id_: int, site: str = "s", type_: str = "connection") -> Event:

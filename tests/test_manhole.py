@@ -292,7 +292,7 @@ def test_console_holds_the_live_service_tree(
         # A Deferred's result is shown when it fires.
         console.type("from twisted.internet.defer import Deferred\r")
         console.expect(r">>> $")
-        console.type("Deferred.fromCoroutine(store.list_sites())\r")
+        console.type("Deferred.fromCoroutine(store.sites.all())\r")
         shown = console.expect(r"called back: \[.*site_id='south'.*\n")
         assert re.search(r"called back: \[.*site_id='north'.*site_id='south'", shown)
 

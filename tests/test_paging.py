@@ -18,8 +18,12 @@ import pytest_twisted
 
 from mqttsvc.control.rpc.dispatcher import MAX_RESPONSE
 from mqttsvc.control.rpc.paging import MAX_LIMIT, MAX_SITE_LIMIT, encode
-from mqttsvc.db import observations
-from mqttsvc.db.observations import DEAD_LETTER_PAGE_BYTES, iso
+from mqttsvc.db.dead_letters import DEAD_LETTER_PAGE_BYTES, DeadLetters
+from mqttsvc.db.devices import Devices
+from mqttsvc.db.events import Events
+from mqttsvc.db.pages import Page, iso
+from mqttsvc.db.readings import Readings
+from mqttsvc.db.topics import Topics
 from tests.service import RunningService
 
 #: Far from "now", so that only this test's rows fall between since and until.
@@ -483,14 +487,14 @@ class _ExplainingPool:
             return list(cur.fetchall())
 
 
-def _run(coroutine: Coroutine[Any, Any, observations.Page]) -> observations.Page:
+def _run(coroutine: Coroutine[Any, Any, Page]) -> Page:
     """
     Run a coroutine that never waits (its pool answers at once).
     """
     try:
         coroutine.send(None)
     except StopIteration as done:
-        result: observations.Page = done.value
+        result: Page = done.value
         return result
     raise AssertionError("the coroutine waited")
 
@@ -536,22 +540,22 @@ def test_every_page_is_an_index_scan(db_dsn: str, site_id: str) -> None:
     p: Any = pool
     try:
         for order in ("ts", "received"):
-            first = _run(observations.readings(p, site_id, "x", order, BASE, None, None, 100))
+            first = _run(Readings(p).series(site_id, "x", order, BASE, None, None, 100))
             assert first.last is not None
-            _run(observations.readings(p, site_id, "x", order, None, None, first.last, 100))
-            _run(observations.readings(p, site_id, "x", order, None, None, None, 100))
-        first = _run(observations.devices(p, site_id, None, None, None, 1000))
+            _run(Readings(p).series(site_id, "x", order, None, None, first.last, 100))
+            _run(Readings(p).series(site_id, "x", order, None, None, None, 100))
+        first = _run(Devices(p).page(site_id, None, None, None, 1000))
         after: Any = first.last
-        _run(observations.devices(p, site_id, None, "unknown", after, 1000))
-        _run(observations.devices(p, site_id, "gateway", None, None, 1000))
-        _run(observations.devices(p, site_id, "sensor", None, None, 1000))
-        first = _run(observations.topics(p, site_id, "t/1", None, 1000))
-        _run(observations.topics(p, site_id, None, first.items[-1]["topic_path"], 1000))
-        first = _run(observations.events(p, site_id, None, BASE, None, None, 1000))
+        _run(Devices(p).page(site_id, None, "unknown", after, 1000))
+        _run(Devices(p).page(site_id, "gateway", None, None, 1000))
+        _run(Devices(p).page(site_id, "sensor", None, None, 1000))
+        first = _run(Topics(p).page(site_id, "t/1", None, 1000))
+        _run(Topics(p).page(site_id, None, first.items[-1]["topic_path"], 1000))
+        first = _run(Events(p).history(site_id, None, BASE, None, None, 1000))
         after = first.last
-        _run(observations.events(p, None, None, None, None, after, 1000))
-        first = _run(observations.dead_letters(p, site_id, None, None, None, 1000))
-        _run(observations.dead_letters(p, None, None, None, first.items[-1]["id"], 1000))
+        _run(Events(p).history(None, None, None, None, after, 1000))
+        first = _run(DeadLetters(p).page(site_id, None, None, None, 1000))
+        _run(DeadLetters(p).page(None, None, None, first.items[-1]["id"], 1000))
     finally:
         with conn.cursor() as cur:
             for table in (

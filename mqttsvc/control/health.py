@@ -12,7 +12,7 @@ from mqttsvc.db.store import Store
 from mqttsvc.ingest.writer import STALLED_AFTER
 from mqttsvc.sites.supervisor import SiteSupervisor
 
-#: How long the database may take to answer the readiness query.
+#: How long the database may take to answer the readiness probe.
 DATABASE_TIMEOUT = 2.0
 
 
@@ -30,7 +30,7 @@ async def readiness(reactor: Any, store: Store, supervisor: SiteSupervisor) -> l
             problems.append(
                 f"database writer lane {lane} has committed nothing for {seconds:.0f}s: {error}"
             )
-    probe: Deferred[Any] = Deferred.fromCoroutine(store.pool.query("SELECT 1"))
+    probe: Deferred[None] = Deferred.fromCoroutine(store.pool.ping())
     probe.addTimeout(DATABASE_TIMEOUT, reactor)
     try:
         await probe

@@ -36,7 +36,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from mqttsvc.events.hub import PAGE, Event, EventFilter, EventHub
+from mqttsvc.db.events import PAGE, Event, EventFilter
+from mqttsvc.events.hub import EventHub
 
 #: Seconds between heartbeat comments.
 HEARTBEAT = 15.0

@@ -29,7 +29,7 @@ from mqttsvc.control.httpserver import MAX_BODY, RETRY_AFTER, body_too_large
 from mqttsvc.control.rpc.dispatcher import Dispatcher
 from mqttsvc.control.sse import EventStreams
 from mqttsvc.control.tokens import Tokens
-from mqttsvc.events.hub import TYPES, EventFilter
+from mqttsvc.db.events import TYPES, EventFilter
 
 _NOT_POST = ["GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"]
 

@@ -239,6 +239,12 @@ class ConnectionPool:
 
         return await self.run(interact)
 
+    async def ping(self) -> None:
+        """
+        One round trip to the database, to prove that it answers.
+        """
+        await self.query("SELECT 1")
+
     def close(self) -> None:
         """
         Close every connection; later calls fail with L{DatabaseUnavailable}.

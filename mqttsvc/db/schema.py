@@ -9,6 +9,8 @@ C{mqttsvc/db/migrations} with yoyo-migrations.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
@@ -86,6 +88,13 @@ def _backend(dsn: str) -> Any:
     return backend
 
 
+def _migrations() -> Any:
+    from yoyo import read_migrations
+
+    with resources.as_file(resources.files("mqttsvc.db") / "migrations") as path:
+        return read_migrations(str(path))
+
+
 def migrate(dsn: str) -> list[str]:
     """
     Apply every migration that the database has not had yet, under yoyo's
@@ -95,11 +104,8 @@ def migrate(dsn: str) -> list[str]:
 
     @return: the identifiers of the migrations applied.
     """
-    from yoyo import read_migrations
-
     check_connection(dsn)
-    with resources.as_file(resources.files("mqttsvc.db") / "migrations") as path:
-        migrations = read_migrations(str(path))
+    migrations = _migrations()
     backend = _backend(dsn)
     try:
         with backend.lock():
@@ -114,10 +120,7 @@ def pending_migrations(dsn: str) -> list[str]:
     """
     The identifiers of migrations not yet applied (blocking, like L{migrate}).
     """
-    from yoyo import read_migrations
-
-    with resources.as_file(resources.files("mqttsvc.db") / "migrations") as path:
-        migrations = read_migrations(str(path))
+    migrations = _migrations()
     backend = _backend(dsn)
     try:
         return [m.id for m in backend.to_apply(migrations)]
@@ -133,38 +136,26 @@ def check_secrets(dsn: str, secrets: Secrets | None) -> None:
     @raise ConfigError: naming C{secret-key-file} when passwords are stored
         but no key was given, or the key does not fit.
     """
-    conn = psycopg2.connect(dsn, connect_timeout=5)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(
-                "SELECT site_id, password FROM mqtt_connection WHERE password IS NOT NULL "
-                "ORDER BY site_id FOR UPDATE"
+    with _stored_passwords(dsn) as (stored, store):
+        if stored and secrets is None:
+            raise ConfigError(
+                "secret-key-file",
+                f"{len(stored)} sites have stored passwords (first: {stored[0][0]}); "
+                "start with --secret-key-file",
             )
-            stored = cur.fetchall()
-            if stored and secrets is None:
+        for site_id, password in stored:
+            assert secrets is not None
+            if not is_encrypted(password):
+                store(site_id, secrets.encrypt(password))
+                continue
+            try:
+                secrets.decrypt(password)
+            except SecretError:
                 raise ConfigError(
                     "secret-key-file",
-                    f"{len(stored)} sites have stored passwords (first: {stored[0][0]}); "
-                    "start with --secret-key-file",
-                )
-            for site_id, password in stored:
-                assert secrets is not None
-                if not is_encrypted(password):
-                    cur.execute(
-                        "UPDATE mqtt_connection SET password = %s WHERE site_id = %s",
-                        (secrets.encrypt(password), site_id),
-                    )
-                    continue
-                try:
-                    secrets.decrypt(password)
-                except SecretError:
-                    raise ConfigError(
-                        "secret-key-file",
-                        f"the key does not decrypt the password of site {site_id} "
-                        "(a wrong key, or one rotated without mqttsvc rotate-key?)",
-                    ) from None
-    finally:
-        conn.close()
+                    f"the key does not decrypt the password of site {site_id} "
+                    "(a wrong key, or one rotated without mqttsvc rotate-key?)",
+                ) from None
 
 
 def rotate_key(dsn: str, old: Secrets, new: Secrets) -> int:
@@ -176,25 +167,41 @@ def rotate_key(dsn: str, old: Secrets, new: Secrets) -> int:
     @raise SecretError: when the old key does not decrypt one (nothing is
         changed then).
     """
+    with _stored_passwords(dsn) as (stored, store):
+        for site_id, password in stored:
+            try:
+                plaintext = old.decrypt(password)
+            except SecretError:
+                raise SecretError(
+                    f"the old key does not decrypt the password of site {site_id}"
+                ) from None
+            store(site_id, new.encrypt(plaintext))
+        return len(stored)
+
+
+@contextmanager
+def _stored_passwords(
+    dsn: str,
+) -> Iterator[tuple[list[tuple[str, str]], Callable[[str, str], None]]]:
+    """
+    In one transaction (blocking), committed when the block ends and rolled
+    back when it raises: every stored password by site id, locked, and
+    what stores a new (encrypted) one for a site.
+    """
     conn = psycopg2.connect(dsn, connect_timeout=5)
     try:
         with conn, conn.cursor() as cur:
             cur.execute(
                 "SELECT site_id, password FROM mqtt_connection WHERE password IS NOT NULL "
-                "FOR UPDATE"
+                "ORDER BY site_id FOR UPDATE"
             )
-            rows = cur.fetchall()
-            for site_id, password in rows:
-                try:
-                    plaintext = old.decrypt(password)
-                except SecretError:
-                    raise SecretError(
-                        f"the old key does not decrypt the password of site {site_id}"
-                    ) from None
+
+            def store(site_id: str, encrypted: str) -> None:
                 cur.execute(
                     "UPDATE mqtt_connection SET password = %s WHERE site_id = %s",
-                    (new.encrypt(plaintext), site_id),
+                    (encrypted, site_id),
                 )
-            return len(rows)
+
+            yield cur.fetchall(), store
     finally:
         conn.close()

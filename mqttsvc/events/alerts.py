@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from mqttsvc.events.hub import Event
+from mqttsvc.db.events import Event
 
 #: Alerts per site per window.
 LIMIT = 5

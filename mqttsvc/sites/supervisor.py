@@ -34,7 +34,8 @@ from mqttsvc.config import (
     DEFAULT_MAX_PAYLOAD,
     OfflinePolicy,
 )
-from mqttsvc.db.store import SiteRow, Store
+from mqttsvc.db.sites import SiteRow
+from mqttsvc.db.store import Store
 from mqttsvc.ingest.liveness import OfflineDetector
 from mqttsvc.records import ConnectionEvent, DeviceKey, Effect, SiteDevicesStatus
 from mqttsvc.sites.site import PROBE_INTERVAL, PROVING_TIME, SiteCounters, SiteService, SiteState
@@ -205,7 +206,7 @@ class SiteSupervisor(MultiService):
         Bring every site in line with the database (the first time, after
         loading the devices it knows).
         """
-        rows = {row.config.site_id: row for row in await self._store.list_sites()}
+        rows = {row.config.site_id: row for row in await self._store.sites.all()}
         await self._devices_ready(rows)
         for site_id in sorted(set(rows) | set(self.namedServices) | set(self._known)):
             await self._apply(site_id, rows.get(site_id))
@@ -221,7 +222,7 @@ class SiteSupervisor(MultiService):
             if self._devices_loaded:
                 return
             if rows is None:
-                rows = {row.config.site_id: row for row in await self._store.list_sites()}
+                rows = {row.config.site_id: row for row in await self._store.sites.all()}
             await self._load_devices(rows)
 
     async def _load_devices(self, rows: dict[str, SiteRow]) -> None:
@@ -233,7 +234,7 @@ class SiteSupervisor(MultiService):
         # One summary per site, however many pages its devices came in.
         unknown: dict[str, SiteDevicesStatus] = {}
         count = 0
-        async for page in self._store.device_pages():
+        async for page in self._store.devices.known():
             known = []
             for key, status, interval, before in page:
                 row = rows.get(key.site_id)
@@ -291,7 +292,7 @@ class SiteSupervisor(MultiService):
         known devices are loaded.
         """
         await self._devices_ready()
-        await self._apply(site_id, await self._store.get_site(site_id))
+        await self._apply(site_id, await self._store.sites.get(site_id))
 
     def notified(self, site_id: str) -> None:
         """

@@ -42,7 +42,7 @@ MAX_BATCH = 100
 
 #: Bytes of one answer (a result, or a batch's results together): room for
 #: the largest page of any list (1,000 items, 0.2 MB; a page of dead letters
-#: stops near 2.4 MB, see L{mqttsvc.db.observations.DEAD_LETTER_PAGE_BYTES}).
+#: stops near 2.4 MB, see L{mqttsvc.db.dead_letters.DEAD_LETTER_PAGE_BYTES}).
 MAX_RESPONSE = 4 * 1024 * 1024
 
 #: Characters of a string parameter, unless its declaration says otherwise.

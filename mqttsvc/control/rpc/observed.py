@@ -10,12 +10,13 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from mqttsvc.config import SiteConfig
 from mqttsvc.control.rpc import paging
+from mqttsvc.control.rpc.actions import OperatorActions
 from mqttsvc.control.rpc.dispatcher import Call, Method, Param, invalid_params
-from mqttsvc.db import observations
-from mqttsvc.db.batch import write_effects
+from mqttsvc.db.dead_letters import Judge, StoredLetter
+from mqttsvc.db.readings import READING_ORDERS
 from mqttsvc.db.store import Store
-from mqttsvc.events.hub import record_operator_action
 from mqttsvc.ingest.processing import Router, process
 from mqttsvc.records import DeadLetter, Reading
 
@@ -55,13 +56,15 @@ def _ids(call: Call) -> list[int]:
 
 class ObservationMethods:
     """
-    What the service has observed, read back through the store's pool.
+    What the service has observed, read back through the store's
+    repositories.
     """
 
     log = Logger()
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._actions = OperatorActions(store.events)
 
     def methods(self) -> list[Method]:
         site_id = Param("site_id", "string", description="The site's identifier.")
@@ -196,8 +199,7 @@ class ObservationMethods:
             after[0] not in KINDS or (after[0] == "datalogger") != (after[1] is not None)
         ):
             raise paging.bad_cursor(call)
-        page = await observations.devices(
-            self._store.pool,
+        page = await self._store.devices.page(
             call.params["site_id"],
             _one_of(call, "kind", KINDS),
             _one_of(call, "status", DEVICE_STATUSES),
@@ -207,24 +209,15 @@ class ObservationMethods:
         return paging.answer("device", page)
 
     async def device_counts(self, call: Call) -> list[dict[str, Any]]:
-        return await observations.device_counts(self._store.pool, call.params.get("site_id"))
+        return await self._store.devices.counts(call.params.get("site_id"))
 
     async def _record(self, call: Call, ids_by_site: dict[str, dict[str, list[int]]]) -> None:
         """
-        Publish the action as one C{operator} event per site it touched.
+        Publish the action as one C{operator} event per site it touched
+        (none after the first that cannot be recorded).
         """
         for site_id, ids in sorted(ids_by_site.items()):
-            try:
-                await record_operator_action(
-                    self._store.pool, call.caller, call.method, site_id, **ids
-                )
-            except Exception as e:
-                self.log.warn(
-                    "could not record {method} by {caller} as an event: {error}",
-                    method=call.method,
-                    caller=call.caller,
-                    error=str(e).strip(),
-                )
+            if not await self._actions.record(call, site_id, **ids):
                 return
 
     async def reading_list(self, call: Call) -> dict[str, Any]:
@@ -234,10 +227,9 @@ class ObservationMethods:
         readings received since (a page shorter than the limit means it
         has caught up).
         """
-        order = _one_of(call, "order", tuple(observations.READING_ORDERS)) or "ts"
+        order = _one_of(call, "order", tuple(READING_ORDERS)) or "ts"
         tag = f"reading.{order}"
-        page = await observations.readings(
-            self._store.pool,
+        page = await self._store.readings.series(
             call.params["site_id"],
             call.params["sensor_id"],
             order,
@@ -255,8 +247,7 @@ class ObservationMethods:
 
     async def topic_list(self, call: Call) -> dict[str, Any]:
         after = paging.decode(call, "topic")
-        page = await observations.topics(
-            self._store.pool,
+        page = await self._store.topics.page(
             call.params["site_id"],
             call.params.get("prefix"),
             None if after is None else after[0],
@@ -265,8 +256,7 @@ class ObservationMethods:
         return paging.answer("topic", page)
 
     async def event_list(self, call: Call) -> dict[str, Any]:
-        page = await observations.events(
-            self._store.pool,
+        page = await self._store.events.history(
             call.params.get("site_id"),
             _one_of(call, "type", EVENT_TYPES),
             _time(call, "since"),
@@ -278,8 +268,7 @@ class ObservationMethods:
 
     async def deadletter_list(self, call: Call) -> dict[str, Any]:
         after = paging.decode(call, "deadletter")
-        page = await observations.dead_letters(
-            self._store.pool,
+        page = await self._store.dead_letters.page(
             call.params.get("site_id"),
             _time(call, "since"),
             _time(call, "until"),
@@ -289,17 +278,11 @@ class ObservationMethods:
         return paging.answer("deadletter", page)
 
     async def deadletter_purge(self, call: Call) -> dict[str, Any]:
-        rows = await self._store.pool.query(
-            "DELETE FROM dead_letter WHERE id = ANY(%s) RETURNING id, site_id", (_ids(call),)
-        )
-        self.log.info(
-            "{count} dead letters purged by {caller}", count=len(rows), caller=call.caller
-        )
-        purged: dict[str, dict[str, list[int]]] = {}
-        for id_, site_id in sorted(rows):
-            purged.setdefault(site_id, {"ids": []})["ids"].append(id_)
-        await self._record(call, purged)
-        return {"purged": len(rows)}
+        purged = await self._store.dead_letters.purge(_ids(call))
+        count = sum(len(ids) for ids in purged.values())
+        self.log.info("{count} dead letters purged by {caller}", count=count, caller=call.caller)
+        await self._record(call, {site_id: {"ids": ids} for site_id, ids in purged.items()})
+        return {"purged": count}
 
     async def deadletter_replay(self, call: Call) -> dict[str, Any]:
         """
@@ -308,61 +291,37 @@ class ObservationMethods:
         and were already counted as topics when they first arrived.
         """
         wanted = _ids(call)
-        sites = {row.config.site_id: row.config for row in await self._store.list_sites()}
-        by_site: dict[str, dict[str, list[int]]] = {}
-
-        async def replay(cursor: Any) -> dict[str, int]:
-            await cursor.execute(
-                "SELECT id, site_id, topic, payload, received_at, "
-                "payload_size > octet_length(payload) OR topic_raw IS NOT NULL "
-                "FROM dead_letter WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
-                (wanted,),
-            )
-            replayed, dead_again = 0, 0
-            by_site.clear()
-            effects: list[Reading] = []
-            done: list[int] = []
-            reasons: list[tuple[int, str]] = []
-            for id_, site_id, topic, payload, received_at, altered in cursor.fetchall():
-                outcomes = by_site.setdefault(site_id, {"replayed": [], "dead_again": []})
-                config = sites.get(site_id)
-                why = None
-                if config is None:
-                    why = f"site {site_id} no longer exists"
-                elif altered:
-                    # What is kept is not the message: never guess at the rest.
-                    why = "cannot be replayed: only part of its payload or topic was kept"
-                if why is not None:
-                    reasons.append((id_, why))
-                    outcomes["dead_again"].append(id_)
-                    dead_again += 1
-                    continue
-                assert config is not None
-                result = process(site_id, Router(config.topics), topic, bytes(payload), received_at)
-                dead = [e for e in result if isinstance(e, DeadLetter)]
-                if dead:
-                    reasons.append((id_, dead[0].reason))
-                    outcomes["dead_again"].append(id_)
-                    dead_again += 1
-                    continue
-                effects.extend(e for e in result if isinstance(e, Reading))
-                outcomes["replayed"].append(id_)
-                done.append(id_)
-                replayed += 1
-            await write_effects(cursor, effects)
-            if done:
-                await cursor.execute("DELETE FROM dead_letter WHERE id = ANY(%s)", (done,))
-            for id_, reason in reasons:
-                await cursor.execute(
-                    "UPDATE dead_letter SET reason = %s WHERE id = %s", (reason, id_)
-                )
-            return {"replayed": replayed, "dead_again": dead_again}
-
-        outcome: dict[str, int] = await self._store.pool.transaction(replay)
+        sites = {row.config.site_id: row.config for row in await self._store.sites.all()}
+        replayed = await self._store.dead_letters.replay(wanted, _replay_judge(sites))
+        outcome = {"replayed": replayed.replayed, "dead_again": replayed.dead_again}
         self.log.info(
             "dead letters replayed by {caller}: {replayed} written, {dead_again} still dead",
             caller=call.caller,
             **outcome,
         )
-        await self._record(call, by_site)
+        await self._record(call, replayed.by_site)
         return outcome
+
+
+def _replay_judge(sites: dict[str, SiteConfig]) -> Judge:
+    """
+    Whether a dead letter passes now, with its site's current
+    configuration: the readings it makes, or why it is still dead.
+    """
+
+    def judge(letter: StoredLetter) -> list[Reading] | str:
+        config = sites.get(letter.site_id)
+        if config is None:
+            return f"site {letter.site_id} no longer exists"
+        if not letter.whole:
+            # What is kept is not the message: never guess at the rest.
+            return "cannot be replayed: only part of its payload or topic was kept"
+        result = process(
+            letter.site_id, Router(config.topics), letter.topic, letter.payload, letter.received_at
+        )
+        dead = [e for e in result if isinstance(e, DeadLetter)]
+        if dead:
+            return dead[0].reason
+        return [e for e in result if isinstance(e, Reading)]
+
+    return judge

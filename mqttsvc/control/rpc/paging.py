@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from mqttsvc.control.rpc.dispatcher import Call, Param, RPCError, invalid_params
-from mqttsvc.db.observations import Page
+from mqttsvc.db.pages import Page
 
 #: Items in a page when the call does not say.
 DEFAULT_LIMIT = 100

@@ -19,6 +19,7 @@ from mqttsvc.config import (
     topics_from_params,
 )
 from mqttsvc.control.rpc import paging
+from mqttsvc.control.rpc.actions import OperatorActions
 from mqttsvc.control.rpc.dispatcher import (
     CONFLICT,
     NOT_FOUND,
@@ -28,9 +29,9 @@ from mqttsvc.control.rpc.dispatcher import (
     RPCError,
     invalid_params,
 )
-from mqttsvc.db.observations import Page, iso
-from mqttsvc.db.store import CONFIG_COLUMNS, SiteExists, SiteRow, Store
-from mqttsvc.events.hub import record_operator_action
+from mqttsvc.db.pages import Page, iso
+from mqttsvc.db.sites import CONFIG_COLUMNS, SiteExists, SiteRow
+from mqttsvc.db.store import Store
 from mqttsvc.mqtt.connection_check import ConnectionTests
 from mqttsvc.runtime.descriptors import DescriptorBudget
 from mqttsvc.sites.site import SiteService
@@ -57,6 +58,7 @@ class SiteMethods:
         self._supervisor = supervisor
         self._connection_tests = connection_tests
         self._descriptors = descriptors
+        self._actions = OperatorActions(store.events)
 
     def methods(self) -> list[Method]:
         site_id = Param("site_id", "string", description="The site's identifier.")
@@ -190,26 +192,8 @@ class SiteMethods:
             ),
         ]
 
-    async def _record(self, call: Call, site_id: str, **details: Any) -> None:
-        """
-        Publish the action as an C{operator} event.  The action itself is
-        done: failing to record it fails nothing but the event.
-        """
-        try:
-            await record_operator_action(
-                self._store.pool, call.caller, call.method, site_id, **details
-            )
-        except Exception as e:
-            self.log.warn(
-                "could not record {method} of {site_id} by {caller} as an event: {error}",
-                method=call.method,
-                site_id=site_id,
-                caller=call.caller,
-                error=str(e).strip(),
-            )
-
     async def _row(self, site_id: str) -> SiteRow:
-        row = await self._store.get_site(site_id)
+        row = await self._store.sites.get(site_id)
         if row is None:
             raise _not_found(site_id)
         return row
@@ -274,7 +258,7 @@ class SiteMethods:
             # thousand sites even reading two columns of every row was too
             # slow for a call that monitoring makes often.
             return {"state": "RUNNING", **self._supervisor.status_counts(), **extra}
-        stored = await self._store.site_statuses()
+        stored = await self._store.sites.statuses()
         counts = dict.fromkeys(STATUSES, 0)
         for site_id, status in stored:
             site = self._supervisor.site(site_id)
@@ -293,7 +277,7 @@ class SiteMethods:
         config = _site_config(call.params, None)
         self._can_store(config)
         try:
-            row = await self._store.create_site(config)
+            row = await self._store.sites.create(config)
         except SiteExists:
             raise RPCError(
                 CONFLICT, f"Site already exists: {config.site_id}", {"site_id": config.site_id}
@@ -304,7 +288,7 @@ class SiteMethods:
             caller=call.caller,
             enabled=config.is_enabled,
         )
-        await self._record(call, config.site_id, enabled=config.is_enabled)
+        await self._actions.record(call, config.site_id, enabled=config.is_enabled)
         await self._supervisor.reconcile(config.site_id)
         return {**self._config(row), "status": self._status(row)}
 
@@ -312,7 +296,7 @@ class SiteMethods:
         current = await self._row(call.params["site_id"])
         config = _site_config(call.params, current.config)
         self._can_store(config)
-        row = await self._store.update_site(config, config.topics != current.config.topics)
+        row = await self._store.sites.update(config, config.topics != current.config.topics)
         if row is None:
             raise _not_found(config.site_id)
         changed = sorted(k for k in call.params if k != "site_id")
@@ -322,16 +306,16 @@ class SiteMethods:
             caller=call.caller,
             fields=", ".join(changed),
         )
-        await self._record(call, config.site_id, fields=changed)
+        await self._actions.record(call, config.site_id, fields=changed)
         await self._supervisor.reconcile(config.site_id)
         return {**self._config(row), "status": await self._settled_status(config.site_id)}
 
     async def site_delete(self, call: Call) -> dict[str, Any]:
         site_id: str = call.params["site_id"]
-        if not await self._store.delete_site(site_id):
+        if not await self._store.sites.delete(site_id):
             raise _not_found(site_id)
         self.log.info("site {site_id} deleted by {caller}", site_id=site_id, caller=call.caller)
-        await self._record(call, site_id)
+        await self._actions.record(call, site_id)
         await self._supervisor.reconcile(site_id)
         return {"site_id": site_id, "deleted": True}
 
@@ -363,7 +347,7 @@ class SiteMethods:
         found: list[dict[str, Any]] = []
         more = True
         while more and len(found) <= limit:
-            rows = await self._store.site_page(None if after is None else after[0], limit + 1)
+            rows = await self._store.sites.page(None if after is None else after[0], limit + 1)
             more = len(rows) > limit
             for row in rows:
                 status = self._status(row)
@@ -396,7 +380,7 @@ class SiteMethods:
 
     async def _set_enabled(self, call: Call, enabled: bool) -> str:
         site_id: str = call.params["site_id"]
-        found = await self._store.set_enabled(site_id, enabled)
+        found = await self._store.sites.set_enabled(site_id, enabled)
         if not found:
             raise _not_found(site_id)
         self.log.info(
@@ -405,7 +389,7 @@ class SiteMethods:
             site_id=site_id,
             caller=call.caller,
         )
-        await self._record(call, site_id)
+        await self._actions.record(call, site_id)
         return site_id
 
     async def _settled_status(self, site_id: str) -> dict[str, Any]:
