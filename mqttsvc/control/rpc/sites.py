@@ -31,7 +31,7 @@ from mqttsvc.control.rpc.dispatcher import (
 from mqttsvc.db.observations import Page, iso
 from mqttsvc.db.store import CONFIG_COLUMNS, SiteExists, SiteRow, Store
 from mqttsvc.events.hub import record_operator_action
-from mqttsvc.mqtt.connection_check import ConnectionTests
+from mqttsvc.mqtt.probe import ConnectionTests
 from mqttsvc.runtime.descriptors import DescriptorBudget
 from mqttsvc.sites.site import SiteService
 from mqttsvc.sites.supervisor import STATUSES, SiteSupervisor, idle_status
@@ -339,7 +339,7 @@ class SiteMethods:
         p = call.params
         params = {"site_id": "connection-test", **p, "topics": []}
         config = _site_config(params, None)
-        outcome = await self._connection_tests.check(config)
+        outcome = await self._connection_tests.probe(config)
         self.log.info(
             "connection test of {host}:{port} by {caller}: {outcome}",
             host=config.host,
