@@ -60,7 +60,7 @@ class ReceivedMessage(NamedTuple):
     @ivar generation: which connection of this client carried it; an
         acknowledgement for an older generation is dropped because its
         packet identifier means nothing on a new connection.
-    @ivar size: the payload's full length in bytes when the transport read
+    @ivar size: the payload's full length in bytes when the connection read
         the packet without holding it (one longer than the payload limit);
         if the payload itself is over the limit, C{payload} is only its
         first L{DEAD_LETTER_KEEP} bytes.  -1 (the default) means
