@@ -389,6 +389,8 @@ MEANINGS = {
         "queue, acks)"
     ),
     "batch.py": "folding effects into columns and array literals, one statement per table",
+    # Before paho's decode_publish: ours has the same name.
+    "mqtt/codec.py": "codec: one PUBLISH decoded into a ReceivedMessage",
     "decode_publish": "paho: decoding PUBLISH",
     "_handle_publish": "paho: PUBLISH handling, MQTTMessage object",
     "_handle_on_message": "paho: dispatching to on_message (after matching per-topic callbacks)",
@@ -409,8 +411,9 @@ MEANINGS = {
     "send": "socket sends (PUBACKs, queries)",
     "txpostgres": "txpostgres: query dispatch and polling",
     "_paho_message": "transport: paho message to ReceivedMessage",
-    "_readable": "transport: one block read from a site's socket",
-    "_frame": "transport: framing the packets in the block, decoding PUBLISH",
+    "_readable": "mqtt client: one block read from a site's socket",
+    "read_block": "paho adapter: the socket read and paho's keepalive stamp",
+    "_frame": "mqtt client: framing the packets in the block",
     "doRead": "reactor: socket readable",
     "_inlineCallbacks": "coroutine/Deferred trampolining",
     "write_effects": "the batch: fold + one statement per table",

@@ -59,8 +59,9 @@ from mqttsvc.db.store import Store
 from mqttsvc.events.alerts import LIMIT, AlertDispatcher, AlertRules, describe_url, http_post
 from mqttsvc.events.hub import EventHub
 from mqttsvc.ingest.writer import BATCH_DELAY, BATCH_SIZE, WRITE_CONNECTIONS
-from mqttsvc.mqtt.connection_check import ConnectionTests
-from mqttsvc.mqtt.transport import ConnectThreads
+from mqttsvc.mqtt.connector import Connector
+from mqttsvc.mqtt.keepalive import KeepaliveSweep
+from mqttsvc.mqtt.probe import ConnectionTests
 from mqttsvc.runtime import logs
 from mqttsvc.runtime.descriptors import DescriptorBudget, raise_soft_limit
 from mqttsvc.runtime.heap import freeze_startup_heap
@@ -493,9 +494,12 @@ def buildService(
         write_connections=options["write-connections"],
     )
     store.setServiceParent(root)
+    # One housekeeping timer for every broker connection, the sites' and
+    # site.test's.
+    sweep = KeepaliveSweep(reactor)
     # Started before the sites and stopped after them.
-    connect_threads = ConnectThreads(reactor)
-    connect_threads.setServiceParent(root)
+    connector = Connector(reactor, sweep)
+    connector.setServiceParent(root)
     supervisor = SiteSupervisor(
         reactor,
         store,
@@ -504,7 +508,7 @@ def buildService(
         probe_interval=options["probe-interval"],
         proving_time=options["proving-time"],
         max_payload=options["max-payload"],
-        connect_threads=connect_threads.pool,
+        client_factory=connector.client,
         max_clock_skew=options["max-clock-skew"],
         max_devices=options["max-devices"],
     )
@@ -539,7 +543,7 @@ def buildService(
         lambda: len(supervisor.sites()), options["http-max-connections"], clock=reactor
     )
     # site.test's own threads, apart from the sites' connects.
-    connection_tests = ConnectionTests(reactor)
+    connection_tests = ConnectionTests(reactor, sweep)
     connection_tests.setServiceParent(root)
     dispatcher = control_plane(reactor, store, supervisor, connection_tests, descriptors)
     metrics = Metrics()

@@ -1,5 +1,5 @@
 """
-The transport's own framing of what a broker sends: packets split across
+The connection's own framing of what a broker sends: packets split across
 reads at any byte, several per read, PUBLISH decoded here and everything
 else handed to paho, and a pause that leaves the rest of a read for later.
 """
@@ -16,7 +16,10 @@ from twisted.internet.testing import MemoryReactorClock
 
 from bench.wire import remaining_length
 from mqttsvc.config import DEAD_LETTER_KEEP, SiteConfig
-from mqttsvc.mqtt.transport import HEADER_ROOM, MQTTClient, ReceivedMessage, _SocketDescriptor
+from mqttsvc.mqtt.client import MQTTClient, _SocketDescriptor
+from mqttsvc.mqtt.codec import HEADER_ROOM, ReceivedMessage
+from mqttsvc.mqtt.connector import Connector
+from mqttsvc.mqtt.keepalive import KeepaliveSweep
 
 
 def publish(
@@ -39,12 +42,12 @@ def client(
     received: list[ReceivedMessage], protocol: str = "3.1.1", max_payload: int = 4 * 1024 * 1024
 ) -> MQTTClient:
     config = SiteConfig(site_id="frame", host="127.0.0.1", protocol=protocol)
-    c = MQTTClient(
-        MemoryReactorClock(),
+    reactor = MemoryReactorClock()
+    c = Connector(reactor, KeepaliveSweep(reactor)).client(
         config,
         received.append,
         lambda e: None,
-        "frame-test",
+        client_id="frame-test",
         max_payload=max_payload,
     )
     # paho's packet handlers need to believe there is a socket.
@@ -327,11 +330,11 @@ def test_a_packet_that_does_not_complete_closes_the_link() -> None:
         reactor.advance(1)
         c._last_rx = reactor.seconds()
         feed(c, packet[10 + second : 11 + second])
-        c._loop_misc()
+        c.housekeeping()
     assert aborted == []
     reactor.advance(1.1)
     c._last_rx = reactor.seconds()
-    c._loop_misc()
+    c.housekeeping()
     [reason] = aborted
     assert (reason.category, reason.detail) == (
         "timeout",
@@ -348,10 +351,10 @@ def test_heard_after_waits_for_a_whole_packet() -> None:
     reactor.advance(11)
     c._last_rx = reactor.seconds()
     feed(c, PINGRESP[:1])
-    c._loop_misc()
+    c.housekeeping()
     assert not heard.called
     feed(c, PINGRESP[1:])
-    c._loop_misc()
+    c.housekeeping()
     assert heard.called
 
 

@@ -24,15 +24,12 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 
 from mqttsvc.config import DEAD_LETTER_KEEP, DEFAULT_MAX_PAYLOAD, SiteConfig, default_topics
-from mqttsvc.mqtt.connection_check import CHECK_QUEUE, CHECK_THREADS, ConnectionTests
-from mqttsvc.mqtt.transport import (
-    HEADER_ROOM,
-    READ_SIZE,
-    ConnectFailed,
-    ConnectThreads,
-    MQTTClient,
-    ReceivedMessage,
-)
+from mqttsvc.mqtt.client import READ_SIZE, MQTTClient
+from mqttsvc.mqtt.codec import HEADER_ROOM, ReceivedMessage
+from mqttsvc.mqtt.connector import Connector
+from mqttsvc.mqtt.errors import ConnectFailed
+from mqttsvc.mqtt.keepalive import KeepaliveSweep
+from mqttsvc.mqtt.probe import PROBE_QUEUE, PROBE_THREADS, ConnectionTests
 from mqttsvc.records import DeadLetter, ResumeState
 from mqttsvc.sites.site import MAX_RETRIES, PROVING_TIME, SiteService, SiteState
 from tests.conftest import BROKER_HOST, BROKER_PORT
@@ -57,6 +54,19 @@ async def listening(broker: FakeBroker) -> AsyncIterator[int]:
             if connection.transport.connected:
                 connection.transport.abortConnection()
         await port.stopListening()
+
+
+@asynccontextmanager
+async def connector() -> AsyncIterator[Connector]:
+    """A connector of the test's own, started, and stopped after."""
+    from twisted.internet import reactor
+
+    made = Connector(reactor, KeepaliveSweep(reactor), threads=4, pool_name="test-connect")
+    made.startService()
+    try:
+        yield made
+    finally:
+        await made.stopService()
 
 
 def site_config(port: int, protocol: str = "3.1.1") -> SiteConfig:
@@ -125,20 +135,22 @@ async def running_site(
     from twisted.internet import reactor
 
     states, writer = States(), Writer()
-    site = SiteService(
-        reactor,
-        site_config(port),
-        writer,
-        states.report,
-        resume=resume,
-        jitter=lambda: 0.0,
-        **kwargs,
-    )
-    site.startService()
-    try:
-        yield site, states, writer
-    finally:
-        await site.stopService()
+    async with connector() as connect:
+        site = SiteService(
+            reactor,
+            site_config(port),
+            writer,
+            states.report,
+            resume=resume,
+            jitter=lambda: 0.0,
+            client_factory=connect.client,
+            **kwargs,
+        )
+        site.startService()
+        try:
+            yield site, states, writer
+        finally:
+            await site.stopService()
 
 
 def peak_rss_reset() -> bool:
@@ -264,8 +276,10 @@ async def test_topics_that_are_not_utf8_arrive_with_their_bytes() -> None:
         if len(messages) == 3:
             three.callback(None)
 
-    async with listening(FakeBroker(after_connack=send)) as port:
-        client = MQTTClient(reactor, site_config(port), received, lambda e: None, "hostile-utf8")
+    async with listening(FakeBroker(after_connack=send)) as port, connector() as connect:
+        client = connect.client(
+            site_config(port), received, lambda e: None, client_id="hostile-utf8"
+        )
         await client.connect().addTimeout(5, reactor)
         await three.addTimeout(5, reactor)
         await client.disconnect()
@@ -284,8 +298,10 @@ async def test_a_qos2_publish_closes_the_link() -> None:
 
     lost: Deferred[ConnectFailed] = Deferred()
     send = lambda c: c.send(publish_header(b"hostile/x", 2, qos=2, mid=9) + b"{}")  # noqa: E731
-    async with listening(FakeBroker(after_connack=send)) as port:
-        client = MQTTClient(reactor, site_config(port), lambda m: None, lost.callback, "hostile-q2")
+    async with listening(FakeBroker(after_connack=send)) as port, connector() as connect:
+        client = connect.client(
+            site_config(port), lambda m: None, lost.callback, client_id="hostile-q2"
+        )
         await client.connect().addTimeout(5, reactor)
         error = await lost.addTimeout(5, reactor)
     assert error.category == "protocol"
@@ -370,13 +386,12 @@ async def test_mqtt5_connect_announces_the_maximum_packet_size() -> None:
     from twisted.internet import reactor
 
     broker = FakeBroker()
-    async with listening(broker) as port:
-        client = MQTTClient(
-            reactor,
+    async with listening(broker) as port, connector() as connect:
+        client = connect.client(
             site_config(port, protocol="5"),
             lambda m: None,
             lambda e: None,
-            "hostile-v5",
+            client_id="hostile-v5",
             max_payload=100_000,
         )
         await client.connect().addTimeout(5, reactor)
@@ -414,24 +429,31 @@ async def test_connection_tests_do_not_starve_real_connects() -> None:
     Sixty connection tests of a host that drops SYNs run a few at a time on
     threads of their own (the rest wait briefly or are refused as busy); a
     real site's connect meanwhile takes milliseconds, on the reactor's pool
-    as on the sites' own.
+    (the one name lookups use) as on the sites' own.
     """
     from twisted.internet import reactor
 
+    sweep = KeepaliveSweep(reactor)
     with black_hole() as port:
-        tests = ConnectionTests(reactor)
+        tests = ConnectionTests(reactor, sweep)
         tests.startService()
-        threads = ConnectThreads(reactor)
-        threads.startService()
+        sites = Connector(reactor, sweep)
+        sites.startService()
         try:
             config = SiteConfig(site_id="connection-test", host="127.0.0.1", port=port)
-            checks = [Deferred.fromCoroutine(tests.check(config, within=2.0)) for _ in range(60)]
-            assert tests.pool.max == CHECK_THREADS
+            checks = [Deferred.fromCoroutine(tests.probe(config, within=2.0)) for _ in range(60)]
+            assert tests.pool.max == PROBE_THREADS
             took = []
-            for pool in (None, threads.pool):
+            for pool in (reactor.getThreadPool(), sites.pool):
                 real = SiteConfig(site_id="real", host=BROKER_HOST, port=BROKER_PORT)
                 client = MQTTClient(
-                    reactor, real, lambda m: None, lambda e: None, "hostile-real", threads=pool
+                    reactor,
+                    real,
+                    lambda m: None,
+                    lambda e: None,
+                    "hostile-real",
+                    threads=pool,
+                    sweep=sweep,
                 )
                 started = time.monotonic()
                 await client.connect().addTimeout(5, reactor)
@@ -439,12 +461,12 @@ async def test_connection_tests_do_not_starve_real_connects() -> None:
                 await client.disconnect()
             outcomes = await gatherResults(checks)
         finally:
-            await threads.stopService()
+            await sites.stopService()
             await tests.stopService()
     categories = Counter(o["category"] for o in outcomes)
     assert set(categories) <= {"busy", "timeout"}
-    assert categories["busy"] >= 60 - CHECK_THREADS - CHECK_QUEUE
-    assert categories["timeout"] >= CHECK_THREADS
+    assert categories["busy"] >= 60 - PROBE_THREADS - PROBE_QUEUE
+    assert categories["timeout"] >= PROBE_THREADS
     assert max(took) < 1.0, took
     times = ", ".join(f"{t * 1000:.0f} ms" for t in took)
     print(f"\nreal connects during 60 connection tests: {times}")
@@ -461,21 +483,21 @@ async def test_mosquitto_honours_the_announced_maximum_packet_size() -> None:
     topic = f"hostile-v5/{uuid.uuid4().hex[:8]}"
     got: Deferred[ReceivedMessage] = Deferred()
     config = SiteConfig(site_id="v5", host=BROKER_HOST, port=BROKER_PORT, protocol="5")
-    client = MQTTClient(
-        reactor,
-        config,
-        got.callback,
-        lambda e: None,
-        f"hostile-v5-{topic[-8:]}",
-        persistent=False,
-        max_payload=1000,
-    )
-    await client.connect().addTimeout(5, reactor)
-    try:
-        [granted] = await client.subscribe([(topic, 1)]).addTimeout(5, reactor)
-        assert granted.granted
-        await publish([(topic, b"x" * (1000 + HEADER_ROOM)), (topic, b"small")])
-        message = await got.addTimeout(5, reactor)
-    finally:
-        await client.disconnect()
+    async with connector() as connect:
+        client = connect.client(
+            config,
+            got.callback,
+            lambda e: None,
+            client_id=f"hostile-v5-{topic[-8:]}",
+            persistent=False,
+            max_payload=1000,
+        )
+        await client.connect().addTimeout(5, reactor)
+        try:
+            [granted] = await client.subscribe([(topic, 1)]).addTimeout(5, reactor)
+            assert granted.granted
+            await publish([(topic, b"x" * (1000 + HEADER_ROOM)), (topic, b"small")])
+            message = await got.addTimeout(5, reactor)
+        finally:
+            await client.disconnect()
     assert message.payload == b"small"

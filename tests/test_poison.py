@@ -560,7 +560,7 @@ def test_a_pressing_lane_pauses_only_its_own_sites() -> None:
     class Store:
         writer = lanes
 
-    supervisor = SiteSupervisor(clock, Store())  # type: ignore[arg-type]
+    supervisor = SiteSupervisor(clock, Store(), client_factory=FakeClient)  # type: ignore[arg-type]
     stalled, free = two_lanes_sites(lanes, "pause")
     clients: dict[str, FakeClient] = {}
     for site_id in (stalled, free):

@@ -5,6 +5,7 @@ restart and stop semantics, and no timers left behind.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +16,10 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from mqttsvc.config import SiteConfig, TopicSubscription, default_topics
-from mqttsvc.mqtt.transport import BrokerClient, ConnectFailed, ReceivedMessage, SubscriptionResult
+from mqttsvc.mqtt.client import BrokerClient, SubscriptionResult
+from mqttsvc.mqtt.codec import ReceivedMessage
+from mqttsvc.mqtt.connector import ClientFactory
+from mqttsvc.mqtt.errors import ConnectFailed
 from mqttsvc.records import ConnectionEvent, ResumeState
 from mqttsvc.sites.site import (
     DISCONNECT_TIMEOUT,
@@ -37,13 +41,12 @@ class FakeClient:
 
     def __init__(
         self,
-        reactor: Any,
         config: SiteConfig,
         on_message: Any,
         on_lost: Any,
+        *,
         client_id: str,
         max_payload: int,
-        threads: Any,
     ) -> None:
         self.max_payload = max_payload
         self.on_message = on_message
@@ -96,6 +99,28 @@ class FakeClient:
     def heard_after(self, at: float) -> Deferred[None]:
         self.proofs.append((at, Deferred()))
         return self.proofs[-1][1]
+
+
+#: Checked by mypy: the fake's constructor is a site's client factory, so
+#: the fake is a BrokerClient, method by method and signature by signature.
+_FAKE_FACTORY: ClientFactory = FakeClient
+
+
+def test_the_fake_client_is_a_broker_client() -> None:
+    """
+    The fake has exactly the methods of the L{BrokerClient} Protocol, with
+    the same signatures: when the Protocol changes, this fails instead of
+    the site's tests passing against a fake of the old interface.
+    """
+
+    def methods(cls: type) -> dict[str, inspect.Signature]:
+        return {
+            name: inspect.signature(value)
+            for name, value in vars(cls).items()
+            if callable(value) and not name.startswith("_")
+        }
+
+    assert methods(FakeClient) == methods(BrokerClient)
 
 
 class FakeWriter:

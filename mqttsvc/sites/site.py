@@ -27,7 +27,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from mqttsvc.config import (
     DEFAULT_MAX_CLOCK_SKEW,
@@ -42,13 +41,10 @@ from mqttsvc.ingest.processing import (
     process,
     topic_problem,
 )
-from mqttsvc.mqtt.transport import (
-    BrokerClient,
-    ConnectFailed,
-    MQTTClient,
-    ReceivedMessage,
-    SubscriptionResult,
-)
+from mqttsvc.mqtt.client import BrokerClient, SubscriptionResult
+from mqttsvc.mqtt.codec import ReceivedMessage
+from mqttsvc.mqtt.connector import ClientFactory
+from mqttsvc.mqtt.errors import ConnectFailed
 from mqttsvc.records import (
     ConnectionEvent,
     DeadLetter,
@@ -609,8 +605,8 @@ class SiteService(Service):
     @param max_devices: devices the site may have unless its own
         C{max_devices} says; a message of a new device beyond it is a dead
         letter.
-    @param connect_threads: the pool for the blocking connect (the
-        L{mqttsvc.mqtt.transport.ConnectThreads} pool; the reactor's when None).
+    @param client_factory: makes the site's broker client
+        (L{mqttsvc.mqtt.connector.Connector.client}).
     @param proving_time: see L{PROVING_TIME}.
     """
 
@@ -630,8 +626,7 @@ class SiteService(Service):
         proving_time: float = PROVING_TIME,
         devices: OfflineDetector | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
-        client_factory: Callable[..., BrokerClient] = MQTTClient,
-        connect_threads: ThreadPool | None = None,
+        client_factory: ClientFactory,
         max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
         max_devices: int = DEFAULT_MAX_DEVICES,
         counters: SiteCounters | None = None,
@@ -659,13 +654,11 @@ class SiteService(Service):
         self._rejections = Summary(reactor)
         self._bugs = Summary(reactor)
         client = client_factory(
-            reactor,
             config,
             self._message,
             self._lost,
             client_id=config.client_id(instance),
             max_payload=max_payload,
-            threads=connect_threads,
         )
         if config.tls is not None and config.tls.insecure:
             self.log.warn(

@@ -26,7 +26,6 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.task import Cooperator, LoopingCall
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from mqttsvc.config import (
     DEFAULT_MAX_CLOCK_SKEW,
@@ -37,6 +36,7 @@ from mqttsvc.config import (
 from mqttsvc.db.sites import SiteRow
 from mqttsvc.db.store import Store
 from mqttsvc.ingest.liveness import OfflineDetector
+from mqttsvc.mqtt.connector import ClientFactory
 from mqttsvc.records import ConnectionEvent, DeviceKey, Effect, SiteDevicesStatus
 from mqttsvc.sites.site import PROBE_INTERVAL, PROVING_TIME, SiteCounters, SiteService, SiteState
 
@@ -79,7 +79,8 @@ class SiteSupervisor(MultiService):
     Runs a L{SiteService} per enabled site, reconciled by name.
 
     @param instance: this mqttsvc instance's name, part of every client id.
-    @param connect_threads: the pool the sites' blocking connects run in.
+    @param client_factory: makes each site's broker client
+        (L{mqttsvc.mqtt.connector.Connector.client}).
     @param max_clock_skew: seconds a message's C{ts} may be ahead.
     @param max_devices: devices a site may have unless it says otherwise.
     """
@@ -98,7 +99,7 @@ class SiteSupervisor(MultiService):
         proving_time: float = PROVING_TIME,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         site_factory: Callable[..., SiteService] = SiteService,
-        connect_threads: ThreadPool | None = None,
+        client_factory: ClientFactory,
         max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
         max_devices: int = DEFAULT_MAX_DEVICES,
     ) -> None:
@@ -106,7 +107,7 @@ class SiteSupervisor(MultiService):
         self._max_payload = max_payload
         self._max_clock_skew = max_clock_skew
         self._max_devices = max_devices
-        self._connect_threads = connect_threads
+        self._client_factory = client_factory
         self.devices = OfflineDetector(reactor, self._devices_changed, self._device_limit)
         # The devices are loaded once, before any site is started, however
         # many reconciliations ask for them at once (the monitor's first
@@ -413,7 +414,7 @@ class SiteSupervisor(MultiService):
             proving_time=self._proving_time,
             devices=self.devices,
             max_payload=self._max_payload,
-            connect_threads=self._connect_threads,
+            client_factory=self._client_factory,
             max_clock_skew=self._max_clock_skew,
             max_devices=self._max_devices,
             counters=self._counters.setdefault(row.config.site_id, SiteCounters()),

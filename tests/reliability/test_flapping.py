@@ -15,7 +15,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import LoopingCall, deferLater
 
-from mqttsvc.mqtt.transport import CONNECT_THREADS, _SocketDescriptor
+from mqttsvc.mqtt.client import _SocketDescriptor
+from mqttsvc.mqtt.connector import CONNECT_THREADS
 from tests.conftest import PrivateBroker
 from tests.reliability.harness import sql
 from tests.service import RunningService
@@ -108,7 +109,7 @@ async def test_hundred_sites_flapping(
         # Say which: a count alone left the cause of a CI failure unknown.
         raise AssertionError(f"{e}; new timers: {left}") from None
     pool = reactor.getThreadPool()
-    connects = running.root.getServiceNamed("connect-threads").pool
+    connects = running.root.getServiceNamed("mqtt-connector").pool
     await eventually(lambda: not connects.working, what="no connect thread still busy")
     assert threading.active_count() <= baseline_threads + pool.max + CONNECT_THREADS
     assert running.store.pool.open_connections <= 3

@@ -13,7 +13,7 @@ from mqttsvc.control.rpc.openrpc import document
 from mqttsvc.control.rpc.sites import SiteMethods
 from mqttsvc.db.pool import DatabaseUnavailable
 from mqttsvc.db.store import Store
-from mqttsvc.mqtt.connection_check import ConnectionTests
+from mqttsvc.mqtt.probe import ConnectionTests
 from mqttsvc.runtime.descriptors import DescriptorBudget
 from mqttsvc.sites.supervisor import SiteSupervisor
 

@@ -32,7 +32,7 @@ from mqttsvc.control.rpc.dispatcher import (
 from mqttsvc.db.pages import Page, iso
 from mqttsvc.db.sites import CONFIG_COLUMNS, SiteExists, SiteRow
 from mqttsvc.db.store import Store
-from mqttsvc.mqtt.connection_check import ConnectionTests
+from mqttsvc.mqtt.probe import ConnectionTests
 from mqttsvc.runtime.descriptors import DescriptorBudget
 from mqttsvc.sites.site import SiteService
 from mqttsvc.sites.supervisor import STATUSES, SiteSupervisor, idle_status
@@ -323,7 +323,7 @@ class SiteMethods:
         p = call.params
         params = {"site_id": "connection-test", **p, "topics": []}
         config = _site_config(params, None)
-        outcome = await self._connection_tests.check(config)
+        outcome = await self._connection_tests.probe(config)
         self.log.info(
             "connection test of {host}:{port} by {caller}: {outcome}",
             host=config.host,

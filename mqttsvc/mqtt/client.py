@@ -1,11 +1,22 @@
 """
-A paho-mqtt client whose socket is driven by the Twisted reactor.
+A broker connection on the reactor: L{MQTTClient}, a paho-mqtt client
+whose socket is driven by the Twisted reactor, and L{BrokerClient}, what a
+site needs of it.
 
 paho has no non-blocking connect: C{reconnect()} resolves the name, opens
 the TCP connection and does the TLS handshake synchronously.  We run it in a
 worker thread; once it returns, the socket is non-blocking and every later
 read, write and keepalive check happens on the reactor thread through a
-reader/writer registered with the reactor and a timer for C{loop_misc}.
+reader/writer registered with the reactor and the shared
+L{KeepaliveSweep} for C{loop_misc}.  The worker thread and the sweep come
+from the L{Connector <mqttsvc.mqtt.connector.Connector>} that made the
+client.
+
+The read path is ours, not paho's: a block read (L{MQTTClient._readable}),
+our framing (L{MQTTClient._frame}) and PUBLISH decoding
+(L{mqttsvc.mqtt.codec.decode_publish}); other packets go to paho through
+the adapter (L{mqttsvc.mqtt.pahoclient.PahoClient}), the only module that
+touches paho's private names.
 
 While C{reconnect()} runs in its thread nothing on the reactor touches the
 client; the socket callbacks it fires there are marshalled back with
@@ -14,30 +25,23 @@ C{callFromThread}.
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import ssl
-import struct
-import time
-import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import paho.mqtt.client as paho
-from paho.mqtt.client import PUBACK
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
     IReadDescriptor,
     IWriteDescriptor,
 )
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import threadable
@@ -45,7 +49,24 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mqttsvc.config import DEAD_LETTER_KEEP, DEFAULT_MAX_PAYLOAD, SiteConfig, TlsSettings
+from mqttsvc.config import DEFAULT_MAX_PAYLOAD, SiteConfig
+from mqttsvc.mqtt.codec import (
+    HEADER_ROOM,
+    PUBACK,
+    QOS2_PUBLISH,
+    Malformed,
+    OversizedPublish,
+    ReceivedMessage,
+    begin_oversized,
+    decode_publish,
+    encode_pubacks,
+    packet_size,
+    varint,
+)
+from mqttsvc.mqtt.errors import ConnectFailed, classify_connack, classify_connect_error
+from mqttsvc.mqtt.keepalive import KeepaliveSweep
+from mqttsvc.mqtt.pahoclient import PahoClient
+from mqttsvc.mqtt.tls import tls_context
 
 #: Bytes read from a site's socket per readable event (about 60 small
 #: PUBLISH packets): the packets in them are handled before the reactor
@@ -72,9 +93,6 @@ def _quickack(sock: Any) -> None:
         pass
 
 
-#: A PUBACK: packet type, remaining length 2, packet identifier.
-_PUBACK = struct.Struct("!BBH")
-
 #: How many unacknowledged QoS 1 messages an MQTT 5 broker may have in
 #: flight to us (the CONNECT's Receive Maximum).  Messages are acknowledged
 #: after their batch is committed, so a window smaller than a batch (the
@@ -94,13 +112,6 @@ SILENCE_FACTOR = 2.0
 #: (and its queued QoS 1 messages) outlives our own restarts and outages.
 SESSION_EXPIRY = 7 * 24 * 3600
 
-#: Room in a packet for all but a PUBLISH's payload: the fixed header, a
-#: topic (at most 65,535 bytes), the packet id and MQTT 5 properties.  It is
-#: also the most any other packet from a broker may hold (CONNACK, SUBACK,
-#: PINGRESP... are a few bytes, or a reason string and user properties):
-#: a larger one is a protocol error, refused before it is buffered.
-HEADER_ROOM = 66 * 1024
-
 #: A packet must arrive whole within this many keepalive periods plus one
 #: second per L{PACKET_RATE_FLOOR} bytes of it, counted from its first
 #: byte; otherwise the link is closed.  The silence watchdog takes any byte
@@ -112,26 +123,6 @@ PACKET_TIMEOUT_FACTOR = 1.5
 #: L{PACKET_TIMEOUT_FACTOR}): a 256 MiB packet gets 256 s more.
 PACKET_RATE_FLOOR = 1024 * 1024
 
-#: Threads for the sites' blocking connects (L{ConnectThreads}).  A connect
-#: to a host that drops SYNs holds its thread for the connect timeout (5 s):
-#: this many such attempts at once still leave threads for the others.
-CONNECT_THREADS = 32
-
-
-class ConnectFailed(Exception):
-    """
-    A connection attempt failed.
-
-    @ivar category: a short machine-readable class of failure: C{refused},
-        C{timeout}, C{dns}, C{tls}, C{auth}, C{protocol} or C{network}.
-    @ivar detail: a human-readable explanation (never containing secrets).
-    """
-
-    def __init__(self, category: str, detail: str) -> None:
-        super().__init__(f"{category}: {detail}")
-        self.category = category
-        self.detail = detail
-
 
 @attrs.frozen
 class SubscriptionResult:
@@ -142,208 +133,6 @@ class SubscriptionResult:
     topic: str
     granted: bool
     reason: str
-
-
-class ReceivedMessage(NamedTuple):
-    """
-    One PUBLISH received from a broker.
-
-    A named tuple rather than an attrs class: one is made per message, and
-    this costs a fifth as much.
-
-    @ivar topic: decoded with C{surrogateescape}: bytes that are not UTF-8
-        become lone surrogates (U+DC80..U+DCFF), so two different topics
-        never decode alike; C{topic.encode("utf-8", "surrogateescape")}
-        gives the broker's bytes back.  A NUL is kept as it came.
-    @ivar generation: which connection of this client carried it; an
-        acknowledgement for an older generation is dropped because its
-        packet identifier means nothing on a new connection.
-    @ivar size: the payload's full length in bytes when the transport read
-        the packet without holding it (one longer than the payload limit);
-        if the payload itself is over the limit, C{payload} is only its
-        first L{DEAD_LETTER_KEEP} bytes.  -1 (the default) means
-        C{len(payload)}.
-    @ivar sha256: the SHA-256 digest of the full payload when C{payload} is
-        only its beginning (so C{size > len(payload)}); None when nothing
-        was cut.
-    """
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    mid: int
-    generation: int
-    size: int = -1
-    sha256: bytes | None = None
-
-
-def _empty_in_packet() -> paho._InPacket:
-    """
-    paho's state for a packet it has not started to read.
-    """
-    return {
-        "command": 0,
-        "have_remaining": 0,
-        "remaining_count": [],
-        "remaining_mult": 1,
-        "remaining_length": 0,
-        "packet": bytearray(b""),
-        "to_process": 0,
-        "pos": 0,
-    }
-
-
-#: Why a QoS 2 PUBLISH closes the link.
-_QOS2_PUBLISH = (
-    "a PUBLISH at QoS 2 or 3, but every subscription asked for QoS 0 or 1 "
-    "(the broker must downgrade to the subscription's QoS)"
-)
-
-
-class _Malformed(Exception):
-    """
-    A packet breaks the protocol's encoding.
-    """
-
-
-class _Oversized:
-    """
-    A PUBLISH too large to hold, read as it arrives: its MQTT 5 properties
-    are skipped, the first C{keep} bytes of its payload are kept, and every
-    payload byte goes through SHA-256 when the payload is cut.
-
-    @ivar total: the whole packet's size in bytes (for the timeout message).
-    @ivar started: when its first byte arrived (reactor seconds).
-    """
-
-    def __init__(
-        self,
-        topic: str,
-        qos: int,
-        retain: bool,
-        mid: int,
-        skip: int,
-        size: int,
-        keep: int,
-        total: int,
-        started: float,
-    ) -> None:
-        self.topic = topic
-        self.qos = qos
-        self.retain = retain
-        self.mid = mid
-        self.skip = skip
-        self.left = size
-        self.size = size
-        self.keep = keep
-        self.kept = bytearray()
-        self.digest = hashlib.sha256() if size > keep else None
-        self.total = total
-        self.started = started
-
-    @property
-    def remaining(self) -> int:
-        return self.skip + self.left
-
-    def feed(self, data: bytes) -> None:
-        """
-        Take the next bytes of the packet (no more than L{remaining}).
-        """
-        if self.skip:
-            skipped = min(self.skip, len(data))
-            self.skip -= skipped
-            data = data[skipped:]
-        room = self.keep - len(self.kept)
-        if room > 0:
-            self.kept += data[:room]
-        if self.digest is not None:
-            self.digest.update(data)
-        self.left -= len(data)
-
-    def message(self, generation: int) -> ReceivedMessage:
-        return ReceivedMessage(
-            self.topic,
-            bytes(self.kept),
-            self.qos,
-            self.retain,
-            self.mid,
-            generation,
-            self.size,
-            self.digest.digest() if self.digest is not None else None,
-        )
-
-
-def _varint(buffer: bytearray, i: int, limit: int) -> tuple[int, int] | None:
-    """
-    The MQTT variable byte integer (1 to 4 bytes, 7 bits each) at
-    C{buffer[i]}: its value and the index after it, or None when it runs
-    on past C{limit}.
-
-    @raise _Malformed: when it is longer than four bytes.
-    """
-    value = 0
-    shift = 0
-    while i < limit:
-        byte = buffer[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, i
-        shift += 7
-        if shift > 21:
-            raise _Malformed("longer than four bytes")
-    return None
-
-
-def classify_connect_error(e: BaseException) -> ConnectFailed:
-    """
-    Turn an exception from paho's blocking C{reconnect()} into a failure
-    category that an operator can act on.
-    """
-    if isinstance(e, ConnectFailed):
-        return e
-    if isinstance(e, socket.gaierror):
-        return ConnectFailed("dns", f"cannot resolve host: {e.strerror or e}")
-    if isinstance(e, ssl.SSLCertVerificationError):
-        return ConnectFailed("tls", f"certificate verification failed: {e.verify_message}")
-    if isinstance(e, ssl.SSLError):
-        return ConnectFailed("tls", f"TLS handshake failed: {e.reason or e}")
-    if isinstance(e, ConnectionRefusedError):
-        return ConnectFailed("refused", "connection refused")
-    if isinstance(e, TimeoutError | socket.timeout):
-        return ConnectFailed("timeout", "timed out connecting")
-    if isinstance(e, OSError):
-        return ConnectFailed("network", e.strerror or str(e))
-    return ConnectFailed("protocol", f"{type(e).__name__}: {e}")
-
-
-def tls_context(settings: TlsSettings) -> ssl.SSLContext:
-    """
-    The TLS context for a broker: certificates and host names verified
-    against the given CA bundle (or the system's), a client certificate for
-    mutual TLS, unless the settings explicitly opt out of checking.
-
-    Blocking (it reads files): call it from the connecting thread.
-    """
-    context = ssl.create_default_context(cafile=settings.ca_certs)
-    if settings.certfile is not None:
-        context.load_cert_chain(settings.certfile, settings.keyfile)
-    if settings.insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def classify_connack(reason: ReasonCode) -> ConnectFailed:
-    """
-    Turn a refusing CONNACK into a failure; bad credentials are reported as
-    such.
-    """
-    # MQTT 3.1.1 return codes 4 and 5 and their MQTT 5 equivalents.
-    if reason.value in (4, 5, 0x86, 0x87, 0x8C):
-        return ConnectFailed("auth", f"broker refused the credentials: {reason}")
-    return ConnectFailed("protocol", f"broker refused the connection: {reason}")
 
 
 @runtime_checkable
@@ -406,84 +195,6 @@ class _SocketDescriptor:
         return f"mqtt:{self._connection.site_id}"
 
 
-class KeepaliveSweep:
-    """
-    One timer per reactor for every connection's housekeeping: once a
-    second, paho's C{loop_misc} (PINGREQ, keepalive timeout) and our
-    silent-link watchdog for each client that has a socket.  With a timer
-    per site, a thousand idle sites cost a thousand timer reschedules a
-    second.
-    """
-
-    log = Logger()
-    _of: weakref.WeakKeyDictionary[Any, KeepaliveSweep] = weakref.WeakKeyDictionary()
-
-    @classmethod
-    def of(cls, reactor: Any) -> KeepaliveSweep:
-        """
-        The sweep of this reactor (made on first use).
-        """
-        sweep = cls._of.get(reactor)
-        if sweep is None:
-            sweep = cls._of[reactor] = cls(reactor)
-        return sweep
-
-    def __init__(self, clock: Any) -> None:
-        self._clock = clock
-        self._clients: dict[MQTTClient, None] = {}
-        self._timer: LoopingCall | None = None
-
-    def __len__(self) -> int:
-        return len(self._clients)
-
-    def add(self, client: MQTTClient) -> None:
-        self._clients[client] = None
-        if self._timer is None:
-            self._timer = LoopingCall(self._tick)
-            self._timer.clock = self._clock
-            self._timer.start(1.0, now=False)
-
-    def discard(self, client: MQTTClient) -> None:
-        self._clients.pop(client, None)
-        if not self._clients and self._timer is not None:
-            self._timer.stop()
-            self._timer = None
-
-    def _tick(self) -> None:
-        for client in list(self._clients):
-            try:
-                client._loop_misc()
-            except Exception:
-                self.log.failure("keepalive check of site {site_id} failed", site_id=client.site_id)
-
-
-class ConnectThreads(Service):
-    """
-    The threads that run paho's blocking C{reconnect()} for the sites: a
-    pool of their own, sized for them, so that nothing else queued on the
-    reactor's pool (connection tests, name lookups) can delay a site's
-    reconnection.  Pass its C{pool} to L{MQTTClient}.
-    """
-
-    name = "connect-threads"
-
-    def __init__(
-        self, reactor: Any, size: int = CONNECT_THREADS, pool_name: str = "mqtt-connect"
-    ) -> None:
-        self._reactor = reactor
-        self.pool = ThreadPool(minthreads=0, maxthreads=size, name=pool_name)
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        # stop() joins the threads, one of which may be in a connect: not
-        # on the reactor thread.
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.pool.stop)
-
-
 class MQTTClient:
     """
     One site's paho client on the reactor.
@@ -498,8 +209,10 @@ class MQTTClient:
         is larger is read without being held (see L{ReceivedMessage.size});
         MQTT 5 brokers are told not to send packets larger than this plus
         L{HEADER_ROOM}.
-    @param threads: the pool that runs the blocking connect (a
-        L{ConnectThreads} pool, or the reactor's when None).
+    @param threads: the pool that runs the blocking connect (its
+        L{Connector <mqttsvc.mqtt.connector.Connector>}'s own).
+    @param sweep: the timer that runs L{housekeeping} once a second while
+        there is a socket.
     """
 
     log = Logger()
@@ -511,10 +224,12 @@ class MQTTClient:
         on_message: Callable[[ReceivedMessage], None],
         on_lost: Callable[[ConnectFailed], None],
         client_id: str,
+        *,
+        threads: ThreadPool,
+        sweep: KeepaliveSweep,
         connect_timeout: float = 5.0,
         persistent: bool = True,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
-        threads: ThreadPool | None = None,
     ) -> None:
         self._reactor = reactor
         self._max_payload = max_payload
@@ -542,7 +257,7 @@ class MQTTClient:
         self._socket_error: str | None = None
         self._paused = False
         self._buffer = bytearray()
-        self._oversized: _Oversized | None = None
+        self._oversized: OversizedPublish | None = None
         self._last_rx = 0.0
         # When the last packet was completed, and when the buffer last went
         # from empty to not: the later is when the partial packet in the
@@ -551,13 +266,13 @@ class MQTTClient:
         self._partial_since = 0.0
         self._heard: list[tuple[float, Deferred[None]]] = []
         self._lost_reason: ConnectFailed | None = None
-        self._sweep = KeepaliveSweep.of(reactor)
+        self._sweep = sweep
         self._client = self._make_client(client_id, connect_timeout, persistent)
 
-    def _make_client(self, client_id: str, connect_timeout: float, persistent: bool) -> paho.Client:
+    def _make_client(self, client_id: str, connect_timeout: float, persistent: bool) -> PahoClient:
         config = self._config
         v5 = config.protocol == "5"
-        client = paho.Client(
+        client = PahoClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=None if v5 else not persistent,
@@ -656,18 +371,17 @@ class MQTTClient:
         if client.socket() is None:
             return
         try:
-            data = client._sock_recv(READ_SIZE)
+            data = client.read_block(READ_SIZE)
         except BlockingIOError:
             return
         except OSError as e:
             self._socket_error = str(e) or type(e).__name__
-            client._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            client.close_for(MQTTErrorCode.MQTT_ERR_CONN_LOST)
             return
         if not data:
-            client._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            client.close_for(MQTTErrorCode.MQTT_ERR_CONN_LOST)
             return
         self._last_rx = self._reactor.seconds()
-        client._last_bytes_received = time.monotonic()
         if _QUICKACK is not None:
             _quickack(client.socket())
         self._received(data)
@@ -708,8 +422,8 @@ class MQTTClient:
             while pos + 2 <= size and not self._paused:
                 command = buffer[pos]
                 try:
-                    header = _varint(buffer, pos + 1, size)
-                except _Malformed as e:
+                    header = varint(buffer, pos + 1, size)
+                except Malformed as e:
                     self._protocol_error(f"remaining length: {e}")
                     return
                 if header is None:
@@ -731,71 +445,28 @@ class MQTTClient:
                     return
                 pos = end
                 if command & 0xF0 == 0x30 and not command & 0x04:
-                    # PUBLISH, QoS 0 or 1: topic length, topic, [packet id],
-                    # [MQTT 5 properties], payload.
-                    if length < 2:
-                        self._protocol_error("PUBLISH without a topic")
+                    # PUBLISH, QoS 0 or 1: ours to decode.
+                    try:
+                        message = decode_publish(buffer, command, i, end, v5, generation)
+                    except Malformed as e:
+                        self._protocol_error(str(e))
                         return
-                    topic_end = i + 2 + ((buffer[i] << 8) | buffer[i + 1])
-                    qos = (command >> 1) & 0x03
-                    start = topic_end + 2 if qos else topic_end
-                    if start > end:
-                        self._protocol_error("PUBLISH shorter than its topic")
-                        return
-                    mid = (buffer[topic_end] << 8) | buffer[topic_end + 1] if qos else 0
-                    if v5:
-                        # Skip the properties: none of them matter to us (we
-                        # allow no topic aliases, so the topic is always
-                        # there).
-                        try:
-                            found = _varint(buffer, start, end)
-                        except _Malformed:
-                            found = None
-                        if found is None:
-                            self._protocol_error("PUBLISH with broken properties")
-                            return
-                        properties, start = found
-                        start += properties
-                        if start > end:
-                            self._protocol_error("PUBLISH shorter than its properties")
-                            return
-                    on_message(
-                        ReceivedMessage(
-                            buffer[i + 2 : topic_end].decode("utf-8", "surrogateescape"),
-                            bytes(buffer[start:end]),
-                            qos,
-                            bool(command & 0x01),
-                            mid,
-                            generation,
-                        )
-                    )
+                    on_message(message)
                     if self._buffer is not buffer:
                         return  # the connection closed meanwhile
                     continue
                 if command & 0xF0 == 0x30:
-                    self._protocol_error(_QOS2_PUBLISH)
+                    self._protocol_error(QOS2_PUBLISH)
                     return
-                client._in_packet = {
-                    "command": command,
-                    "have_remaining": 1,
-                    "remaining_count": [],
-                    "remaining_mult": 1,
-                    "remaining_length": length,
-                    "packet": bytearray(buffer[i:end]),
-                    "to_process": 0,
-                    "pos": 0,
-                }
                 try:
-                    rc = client._packet_handle()
+                    rc = client.handle_packet(command, length, bytearray(buffer[i:end]))
                 except paho.MalformedPacket as e:
                     self.log.debug(
                         "site {site_id}: malformed packet: {error}", site_id=self.site_id, error=e
                     )
                     rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-                finally:
-                    client._in_packet = _empty_in_packet()
                 if rc:
-                    client._loop_rc_handle(rc)
+                    client.close_for(rc)
                 if client.socket() is None or self._buffer is not buffer:
                     return  # closed, or a new connection: the rest is void
                 generation = self.generation
@@ -821,60 +492,25 @@ class MQTTClient:
         @return: the position after what was read, or None when the header
             is still incomplete or the link was closed.
         """
-        command = buffer[pos]
-        if command & 0xF0 != 0x30:
-            self._protocol_error(
-                f"a packet of type {command >> 4} with {length} bytes "
-                f"(at most {HEADER_ROOM} allowed)"
+        try:
+            stream = begin_oversized(
+                buffer,
+                pos,
+                i,
+                length,
+                self._config.protocol == "5",
+                self._max_payload,
+                max(self._partial_since, self._last_packet_at),
             )
+        except Malformed as e:
+            self._protocol_error(str(e))
             return None
-        qos = (command >> 1) & 0x03
-        if qos > 1:
-            self._protocol_error(_QOS2_PUBLISH)
+        if stream is None:
             return None
-        size = len(buffer)
-        end = i + length
-        if i + 2 > size:
-            return None
-        topic_end = i + 2 + ((buffer[i] << 8) | buffer[i + 1])
-        start = topic_end + 2 if qos else topic_end
-        if start > end:
-            self._protocol_error("PUBLISH shorter than its topic")
-            return None
-        if start > size:
-            return None
-        properties = 0
-        if self._config.protocol == "5":
-            try:
-                found = _varint(buffer, start, min(size, end))
-            except _Malformed:
-                found = None
-            if found is None:
-                if min(size, end) - start < 4 and size < end:
-                    return None  # the properties' length is still to come
-                self._protocol_error("PUBLISH with broken properties")
-                return None
-            properties, start = found
-        payload = end - start - properties
-        if payload < 0:
-            self._protocol_error("PUBLISH shorter than its properties")
-            return None
-        stream = self._oversized = _Oversized(
-            buffer[i + 2 : topic_end].decode("utf-8", "surrogateescape"),
-            qos,
-            bool(command & 0x01),
-            (buffer[topic_end] << 8) | buffer[topic_end + 1] if qos else 0,
-            properties,
-            payload,
-            payload if payload <= self._max_payload else DEAD_LETTER_KEEP,
-            end - pos,
-            max(self._partial_since, self._last_packet_at),
-        )
-        stop = min(size, end)
-        stream.feed(bytes(buffer[start:stop]))
+        self._oversized = stream
         if not stream.remaining:
             self._finish_oversized(stream)
-        return stop
+        return min(len(buffer), i + length)
 
     def _read_oversized(self, data: bytes) -> bytes:
         """
@@ -894,7 +530,7 @@ class MQTTClient:
             return b""  # closed by whoever took the message
         return data[wanted:]
 
-    def _finish_oversized(self, stream: _Oversized) -> None:
+    def _finish_oversized(self, stream: OversizedPublish) -> None:
         self._oversized = None
         self._last_packet_at = self._last_rx
         self.log.debug(
@@ -915,12 +551,7 @@ class MQTTClient:
         buffer = self._buffer
         if not buffer:
             return None
-        try:
-            header = _varint(buffer, 1, len(buffer))
-        except _Malformed:
-            header = None
-        size = len(buffer) if header is None else header[0] + header[1]
-        return size, max(self._partial_since, self._last_packet_at)
+        return packet_size(buffer), max(self._partial_since, self._last_packet_at)
 
     def _read_failed(self, failure: Failure) -> None:
         """
@@ -947,12 +578,17 @@ class MQTTClient:
         self._buffer = bytearray()
         self._oversized = None
         self._lost_reason = ConnectFailed("protocol", why)
-        self._client._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+        self._client.close_for(MQTTErrorCode.MQTT_ERR_PROTOCOL)
 
     def _writable(self) -> None:
         self._client.loop_write()
 
-    def _loop_misc(self) -> None:
+    def housekeeping(self) -> None:
+        """
+        Once a second, from the L{KeepaliveSweep}: close a silent link or
+        one stuck in a packet, tell who waits for proof of life, and let
+        paho send PINGREQ and judge its keepalive.
+        """
         if self._paused:
             # Not reading, so not hearing PINGRESP either: neither paho's
             # keepalive nor the watchdog can judge the link now.
@@ -1088,12 +724,11 @@ class MQTTClient:
         self._lost_reason = None
         attempt: Deferred[bool] = Deferred()
         self._connecting = attempt
-        pool = self._threads if self._threads is not None else self._reactor.getThreadPool()
-        opened = self._opening = deferToThreadPool(self._reactor, pool, self._open)
+        opened = self._opening = deferToThreadPool(self._reactor, self._threads, self._open)
 
         def opened_ok(rc: object) -> None:
             if self._aborted:
-                self._client._sock_close()
+                self._client.close_socket()
                 self._fail_attempt(attempt, ConnectFailed("network", "attempt cancelled"))
                 return
             self._sweep.add(self)
@@ -1151,7 +786,7 @@ class MQTTClient:
         if self._connecting is attempt:
             self._connecting = None
             self._sweep.discard(self)
-            self._client._sock_close()
+            self._client.close_socket()
             attempt.errback(ConnectFailed("timeout", "no CONNACK from the broker"))
 
     def subscribe(self, topics: list[tuple[str, int]]) -> Deferred[list[SubscriptionResult]]:
@@ -1232,16 +867,12 @@ class MQTTClient:
         if not self._connected:
             return 0
         generation = self.generation
-        pack = _PUBACK.pack
-        pubacks = [
-            pack(PUBACK, 2, m.mid) for m in messages if m.qos == 1 and m.generation == generation
-        ]
-        if pubacks:
-            # PUBACK is the same four bytes in MQTT 3.1.1 and 5; paho
-            # writes a queued packet as bytes, so one entry holds them all.
-            self._client._packet_queue(PUBACK, b"".join(pubacks), 0, 1)
+        mids = [m.mid for m in messages if m.qos == 1 and m.generation == generation]
+        if mids:
+            # paho writes a queued packet as bytes, so one entry holds them all.
+            self._client.queue_packet(PUBACK, encode_pubacks(mids))
         # No QoS 2 message reaches here: _frame closes the link on one.
-        return len(pubacks)
+        return len(mids)
 
     @property
     def connected(self) -> bool:
@@ -1263,7 +894,7 @@ class MQTTClient:
                 return waiter
             self._sweep.discard(self)
             self._cancel_connack_timeout()
-            self._client._sock_close()
+            self._client.close_socket()
             return succeed(None)
         if not self._connected:
             return succeed(None)
@@ -1284,7 +915,7 @@ class MQTTClient:
         if self._opening is not None:
             return
         self._lost_reason = reason
-        self._client._sock_close()
+        self._client.close_socket()
         self._paho_disconnect(
             self._client,
             None,

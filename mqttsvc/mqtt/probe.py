@@ -1,14 +1,15 @@
 """
-A dry-run connection: can mqttsvc reach this broker with these settings?
+Probing a broker, a dry-run connection: can mqttsvc reach this broker with
+these settings?
 
-Used by C{site.test} before a site is saved.  It connects once with a
-throw-away client id and a clean session (so the broker keeps nothing),
-reports the broker's verdict, and disconnects.
+Used by C{site.test} before a site is saved.  L{ConnectionTests.probe}
+connects once with a throw-away client id and a clean session (so the
+broker keeps nothing), reports the broker's verdict, and disconnects.
 
-Tests run on threads of their own, a few at a time (L{ConnectionTests}): a
-connect blocks its thread for up to the connect timeout, and sixty tests of
-a host that drops SYNs once filled the reactor's pool, so that a real
-site's reconnect waited 28 s for a thread.
+Probes run on threads of their own, a few at a time: a connect blocks its
+thread for up to the connect timeout, and sixty tests of a host that drops
+SYNs once filled the reactor's pool, so that a real site's reconnect waited
+28 s for a thread.
 """
 
 from __future__ import annotations
@@ -20,48 +21,54 @@ from twisted.internet import defer
 from twisted.internet.defer import CancelledError, DeferredSemaphore
 
 from mqttsvc.config import SiteConfig
-from mqttsvc.mqtt.transport import ConnectFailed, ConnectThreads, MQTTClient
+from mqttsvc.mqtt.connector import Connector
+from mqttsvc.mqtt.errors import ConnectFailed
+from mqttsvc.mqtt.keepalive import KeepaliveSweep
 
-#: How long the whole check may take, waiting for a free slot included.
-CHECK_TIMEOUT = 10.0
+#: How long the whole probe may take, waiting for a free slot included.
+PROBE_TIMEOUT = 10.0
 
-#: How many checks connect at once (each on a thread of its own).
-CHECK_THREADS = 4
+#: How many probes connect at once (each on a thread of its own).
+PROBE_THREADS = 4
 
-#: How many more checks may wait for a free slot; past that a check is
+#: How many more probes may wait for a free slot; past that a probe is
 #: refused at once as C{busy}.
-CHECK_QUEUE = 16
+PROBE_QUEUE = 16
 
-#: The longest a check's connect may block its thread.
-CHECK_CONNECT_TIMEOUT = 5.0
+#: The longest a probe's connect may block its thread.
+PROBE_CONNECT_TIMEOUT = 5.0
 
 
-class ConnectionTests(ConnectThreads):
+class ConnectionTests(Connector):
     """
-    Runs connection checks on a small pool of their own (connect threads
-    like the sites', but not theirs), at most C{threads} at a time and
-    C{waiting} more queued.
+    Runs the probes of C{site.test}: a connector of its own (connect
+    threads like the sites', but not theirs), at most C{threads} probes at
+    a time and C{waiting} more queued.
 
-    @ivar pool: the checks' threads, running while the service runs.
+    @ivar pool: the probes' threads, running while the service runs.
     """
 
     name = "connection-tests"
 
     def __init__(
-        self, reactor: Any, threads: int = CHECK_THREADS, waiting: int = CHECK_QUEUE
+        self,
+        reactor: Any,
+        sweep: KeepaliveSweep,
+        threads: int = PROBE_THREADS,
+        waiting: int = PROBE_QUEUE,
     ) -> None:
-        super().__init__(reactor, threads, pool_name="mqtt-connection-tests")
+        super().__init__(reactor, sweep, threads, pool_name="mqtt-connection-tests")
         self._slots = DeferredSemaphore(threads)
         self._waiting = waiting
 
-    async def check(self, config: SiteConfig, within: float = CHECK_TIMEOUT) -> dict[str, Any]:
+    async def probe(self, config: SiteConfig, within: float = PROBE_TIMEOUT) -> dict[str, Any]:
         """
         Connect once and disconnect, within C{within} seconds in all.
 
         @return: C{{"ok": True, "category": None, "error": None}}, or C{ok}
             false with the failure's category (C{refused}, C{timeout},
             C{dns}, C{tls}, C{auth}, C{protocol}, C{network}, or C{busy}
-            when too many checks are running already) and explanation.
+            when too many probes are running already) and explanation.
         """
         slots = self._slots
         if not slots.tokens and len(slots.waiting) >= self._waiting:
@@ -85,15 +92,13 @@ class ConnectionTests(ConnectThreads):
 
     async def _connect(self, config: SiteConfig, within: float) -> dict[str, Any]:
         reactor = self._reactor
-        client = MQTTClient(
-            reactor,
+        client = self.client(
             config,
             on_message=lambda message: None,
             on_lost=lambda error: None,
             client_id=f"mqttsvc-check-{uuid.uuid4().hex[:12]}",
-            connect_timeout=min(CHECK_CONNECT_TIMEOUT, within),
+            connect_timeout=min(PROBE_CONNECT_TIMEOUT, within),
             persistent=False,
-            threads=self.pool,
         )
         attempt = client.connect()
         attempt.addTimeout(within, reactor)
