@@ -20,7 +20,7 @@ import pytest
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
-UNIT = DEPLOY / "mqttsvc.runtime.root"
+UNIT = DEPLOY / "mqttsvc.service"
 
 
 def services(text: str) -> dict[str, str]:
@@ -124,7 +124,7 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     if analyze is None:
         pytest.skip("systemd-analyze is not installed here: the unit was checked by its text only")
     bin_dir = Path(sys.executable).parent
-    unit = tmp_path / "mqttsvc.runtime.root"
+    unit = tmp_path / "mqttsvc.service"
     unit.write_text(
         UNIT.read_text()
         .replace("/opt/mqttsvc/bin", str(bin_dir))
