@@ -349,7 +349,7 @@ class ObservationMethods:
                 outcomes["replayed"].append(id_)
                 done.append(id_)
                 replayed += 1
-            await write_effects(cursor, effects)
+            await write_effects(cursor.execute, effects)
             if done:
                 await cursor.execute("DELETE FROM dead_letter WHERE id = ANY(%s)", (done,))
             for id_, reason in reasons:
