@@ -300,14 +300,17 @@ def _observe_commits(writer: Any) -> array[float]:
     C{observe} hook, which the metrics use too).
     """
     seconds = array("d")
-    observe = writer.observe
+    for lane in writer.lanes:
+        observe = lane.observe
 
-    def observed(size: int, took: float) -> None:
-        seconds.append(took)
-        if observe is not None:
-            observe(size, took)
+        def observed(
+            size: int, took: float, observe: Callable[[int, float], None] | None = observe
+        ) -> None:
+            seconds.append(took)
+            if observe is not None:
+                observe(size, took)
 
-    writer.observe = observed
+        lane.observe = observed
     return seconds
 
 
@@ -319,7 +322,7 @@ async def ingest_mqttsvc(reactor: Any, p: Params) -> Params:
     from bench.service import Tree, until
 
     tree = Tree(reactor, p["dsn"])
-    writer = tree.store.writer
+    writer = tree.ingest.writer
     commits = _observe_commits(writer)
     profiler = cProfile.Profile() if p.get("profile") else None
     cpu = time.process_time()
@@ -383,7 +386,7 @@ async def latency_mqttsvc(reactor: Any, p: Params) -> Params:
     await tree.start()
     sites = len(p["sites"])
     await until(reactor, lambda: tree.subscribed() >= sites, 30, "every site subscribed")
-    writer = tree.store.writer
+    writer = tree.ingest.writer
     total = int(p["rate"] * p["seconds"])
     # Warm up with the same messages as fast as they go: every device is
     # then known, as in a service that has been running, instead of the
@@ -469,7 +472,7 @@ async def many_sites(reactor: Any, p: Params) -> Params:
         reactor, lambda: tree.connected() >= count, p["timeout"], "every site connected", 0.01
     )
     await until(reactor, lambda: tree.subscribed() >= count, p["timeout"], "every site subscribed")
-    await tree.store.writer.whenIdle()
+    await tree.ingest.writer.whenIdle()
     await sleep(reactor, 1.0)
     rss = proc_status("VmRSS")
     cpu = time.process_time()
@@ -572,8 +575,8 @@ async def offline(reactor: Any, p: Params) -> Params:
 
     tree = Tree(reactor, p["dsn"])
     await tree.start()
-    detector = tree.supervisor.devices
-    writer = tree.store.writer
+    detector = tree.ingest.devices
+    writer = tree.ingest.writer
     count = p["devices"]
     deadlines: dict[Any, float] = {}
     marked = array("d")
@@ -672,8 +675,8 @@ async def known_devices(reactor: Any, p: Params) -> Params:
     await tree.start()
     start_seconds = time.perf_counter() - started
     rss = proc_status("VmRSS")
-    tracked = len(tree.supervisor.devices)
-    await tree.store.writer.whenIdle()
+    tracked = len(tree.ingest.devices)
+    await tree.ingest.writer.whenIdle()
     [(events,)] = await tree.store.pool.query("SELECT count(*) FROM device_event")
     gc.collect()
     tracemalloc.start()
@@ -721,7 +724,7 @@ async def fairness(reactor: Any, p: Params) -> Params:
 
     flood_site, quiet_site = p["flood_site"], p["quiet_site"]
     tree = Tree(reactor, p["dsn"])
-    writer = tree.store.writer
+    writer = tree.ingest.writer
     samples = array("d")
     holds: dict[str, int] = {flood_site: 0, quiet_site: 0}
     flooded = [0]

@@ -23,6 +23,7 @@ from twisted.internet.task import deferLater
 
 from bench.workload import INSTANCE
 from mqttsvc.db.store import Store
+from mqttsvc.ingest.service import Ingest
 from mqttsvc.sites.supervisor import SiteSupervisor
 from mqttsvc.tap import Options, buildService, check_values
 
@@ -50,6 +51,7 @@ class Tree:
         check_values(options)
         self.root: IService = buildService(options, reactor, None)
         self.store: Store = self.root.getServiceNamed("store")
+        self.ingest: Ingest = self.root.getServiceNamed("ingest")
         self.supervisor: SiteSupervisor = self.root.getServiceNamed("sites")
         self.url = ""
 

@@ -58,6 +58,7 @@ from mqttsvc.db.secrets import load_key
 from mqttsvc.db.store import Store
 from mqttsvc.events.alerts import LIMIT, AlertDispatcher, AlertRules, describe_url, http_post
 from mqttsvc.events.hub import EventHub
+from mqttsvc.ingest.service import Ingest
 from mqttsvc.ingest.writer import BATCH_DELAY, BATCH_SIZE, WRITE_CONNECTIONS
 from mqttsvc.mqtt.connector import Connector
 from mqttsvc.mqtt.keepalive import KeepaliveSweep
@@ -477,23 +478,39 @@ def buildService(
     options: Options, reactor: Any, tokens: Tokens | None, deadline: float | None = None
 ) -> RootService:
     """
-    The service tree: store, site supervisor, web server, and the SSH
-    manhole when C{--manhole} is given.
+    The service tree: store, ingest (writer and device liveness), site
+    supervisor, web server, and the SSH manhole when C{--manhole} is given.
 
     @param deadline: seconds after the stop began by which the process
         exits (L{RootService}); None for a tree that shares its process
         (tests).
     """
     root = RootService(deadline)
+    metrics = Metrics()
+    # The root stops its children last first: the store (its pools) after
+    # the ingest writer has written what the sites left, the writer after
+    # the sites, and device liveness before them (no device is declared
+    # offline while the sites disconnect).
     store = Store(
         reactor,
         options["db"],
-        batch_size=options["batch-size"],
-        batch_delay=options["batch-delay-ms"] / 1000.0,
         secrets=options.get("secrets"),
         write_connections=options["write-connections"],
     )
     store.setServiceParent(root)
+    ingest = Ingest(
+        reactor,
+        store.write_pool,
+        store.devices,
+        lanes=options["write-connections"],
+        batch_size=options["batch-size"],
+        batch_delay=options["batch-delay-ms"] / 1000.0,
+        repair_interval=options["monitor-interval"],
+        observe=metrics.observe_batch,
+        on_stall=store.write_lane_stalled,
+        on_device_limit=store.device_limit_reached,
+    )
+    ingest.setServiceParent(root)
     # One housekeeping timer for every broker connection, the sites' and
     # site.test's.
     sweep = KeepaliveSweep(reactor)
@@ -503,6 +520,7 @@ def buildService(
     supervisor = SiteSupervisor(
         reactor,
         store,
+        ingest,
         instance=options["instance"],
         monitor_interval=options["monitor-interval"],
         probe_interval=options["probe-interval"],
@@ -513,6 +531,7 @@ def buildService(
         max_devices=options["max-devices"],
     )
     supervisor.setServiceParent(root)
+    ingest.liveness.setServiceParent(root)
     ConfigListener(reactor, options["db"], supervisor.notified, supervisor.resync).setServiceParent(
         root
     )
@@ -545,16 +564,16 @@ def buildService(
     # site.test's own threads, apart from the sites' connects.
     connection_tests = ConnectionTests(reactor, sweep)
     connection_tests.setServiceParent(root)
-    dispatcher = control_plane(reactor, store, supervisor, connection_tests, descriptors)
-    metrics = Metrics()
-    store.writer.observe = metrics.observe_batch
-    metrics.watch(supervisor, store.writer)
+    dispatcher = control_plane(
+        reactor, store, supervisor, connection_tests, descriptors, writer=ingest.writer
+    )
+    metrics.watch(supervisor, ingest)
     metrics.watch_descriptors(descriptors)
     web = WebApp(
         dispatcher,
         tokens,
         metrics.render,
-        partial(readiness, reactor, store, supervisor),
+        partial(readiness, reactor, store, supervisor, ingest.writer),
         events=streams,
     )
     if tokens is None:

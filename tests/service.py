@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 
 from mqttsvc.db.secrets import Secrets
 from mqttsvc.db.store import Store
+from mqttsvc.ingest.service import Ingest
 from mqttsvc.sites.supervisor import SiteSupervisor
 from mqttsvc.tap import Options, buildService, check_values
 
@@ -48,6 +49,7 @@ class RunningService:
         options["secrets"] = TEST_SECRETS
         self.root = buildService(options, reactor, None)
         self.store: Store = self.root.getServiceNamed("store")
+        self.ingest: Ingest = self.root.getServiceNamed("ingest")
         self.supervisor: SiteSupervisor = self.root.getServiceNamed("sites")
         self.url = ""
         self._ids = 0

@@ -46,16 +46,6 @@ POOL_RUNNERS = frozenset({"query", "operation", "transaction", "run"})
 #: Drivers that only the database package may import.
 DRIVERS = ("psycopg2", "txpostgres")
 
-#: Places outside the database package that still run SQL, by module and
-#: function, each with the issue that moves it.  Every entry must still
-#: match something (see L{test_no_stale_exception}), so that this list only
-#: shrinks.
-KNOWN: dict[tuple[str, str], str] = {
-    # The batch writer sends the statements that mqttsvc.db.batch builds;
-    # issue 16 moves the writing into the database package.
-    ("mqttsvc/ingest/writer.py", "write_batch"): "issue 16",
-}
-
 
 def _modules() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if DATABASE not in p.parents)
@@ -142,24 +132,13 @@ def _violations() -> list[tuple[str, int, str, str]]:
 def test_no_sql_outside_the_database_package() -> None:
     """
     No module of mqttsvc outside C{mqttsvc.db} writes SQL, runs a
-    statement, or imports a PostgreSQL driver (but for the L{KNOWN} places
-    on their way there).
+    statement, or imports a PostgreSQL driver.
     """
     found = [
         f"{module}:{line} ({function or 'module'}): {what}"
         for module, line, function, what in _violations()
-        if (module, function) not in KNOWN
     ]
     assert found == [], "SQL belongs in mqttsvc.db, behind a named method:\n" + "\n".join(found)
-
-
-def test_no_stale_exception() -> None:
-    """
-    Every L{KNOWN} place still runs SQL: once it no longer does, it leaves
-    the list.
-    """
-    places = {(module, function) for module, _, function, _ in _violations()}
-    assert set(KNOWN) <= places, set(KNOWN) - places
 
 
 @pytest.mark.parametrize(

@@ -155,7 +155,7 @@ async def test_a_site_at_its_device_limit(
     started = time.monotonic()
     await service.start()
     try:
-        assert service.supervisor.devices.site_count(site_id) == count
+        assert service.ingest.devices.site_count(site_id) == count
         await subscribed(service, site_id)
         load_seconds = time.monotonic() - started
         await publish(
@@ -405,7 +405,7 @@ async def test_a_flooding_site_never_pauses_a_quiet_one_in_its_lane(
     from bench.wire import publish_all, publish_packet
 
     flood, quiet = same_lane_sites(site_id)
-    assert running.store.writer.lane(flood) is running.store.writer.lane(quiet)
+    assert running.ingest.writer.lane(flood) is running.ingest.writer.lane(quiet)
     # A broker of our own: the shared one drops what passes 1,000 queued.
     for site in (flood, quiet):
         await create_site(running, site, port=private_broker.port)

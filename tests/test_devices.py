@@ -443,7 +443,7 @@ async def test_known_devices_go_offline_after_every_restart(
             # finds them unknown already (no row).
             assert summaries[0] == ("mqttsvc started", count)
             assert summaries[1:] == [("site connection stopping", count + 1)] * restart
-            assert service.supervisor.devices_repaired == 0
-            assert service.supervisor.devices.counts()["offline"] == count + 1
+            assert service.ingest.liveness.devices_repaired == 0
+            assert service.ingest.devices.counts()["offline"] == count + 1
         finally:
             await service.stop()

@@ -31,7 +31,15 @@ from mqttsvc.mqtt.errors import ConnectFailed
 from mqttsvc.mqtt.keepalive import KeepaliveSweep
 from mqttsvc.mqtt.probe import PROBE_QUEUE, PROBE_THREADS, ConnectionTests
 from mqttsvc.records import DeadLetter, ResumeState
-from mqttsvc.sites.site import MAX_RETRIES, PROVING_TIME, SiteService, SiteState
+from mqttsvc.sites.site import (
+    MAX_RETRIES,
+    PROVING_TIME,
+    MessageSink,
+    Reader,
+    SiteService,
+    SiteState,
+)
+from tests.conformance import assert_implements
 from tests.conftest import BROKER_HOST, BROKER_PORT
 from tests.fakebroker import PUBACK, FakeBroker, pattern, publish_header
 from tests.publish import publish
@@ -93,10 +101,21 @@ class Writer:
         for d in waiting:
             d.callback(None)
 
+    def attach(self, site_id: str, reader: Reader) -> None:
+        pass  # never presses
+
+    def detach(self, site_id: str, reader: Reader) -> None:
+        pass
+
     def next(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self._waiting.append(d)
         return d
+
+
+def test_the_writer_fake_is_a_message_sink() -> None:
+    """The fake writer has what a site uses of the real one, and no more."""
+    assert_implements(Writer, MessageSink, extra=["next"])
 
 
 class States:

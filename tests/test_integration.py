@@ -120,7 +120,7 @@ async def test_burst_is_batched(running: RunningService, sql: Any, site_id: str)
     """Many messages are committed in far fewer transactions than messages."""
     await create(running, site_id)
     await connected(running, site_id)
-    before = running.store.writer.batches_written
+    before = running.ingest.writer.batches_written
     messages = [
         (f"{site_id}/gateway/gw-{i % 50}/heartbeat", b'{"status": "ok"}') for i in range(1000)
     ]
@@ -134,7 +134,7 @@ async def test_burst_is_batched(running: RunningService, sql: Any, site_id: str)
 
     await eventually(done, what="1000 messages committed")
     assert query(sql, "SELECT count(*) FROM gateway WHERE site_id = %s", site_id) == [(50,)]
-    assert running.store.writer.batches_written - before < 500
+    assert running.ingest.writer.batches_written - before < 500
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
@@ -340,7 +340,7 @@ async def test_shutdown_and_start_again(
     assert query(sql, "SELECT status FROM mqtt_connection WHERE site_id = %s", site_id) == [
         ("disconnected",)
     ]
-    assert first.store.writer.queued == 0
+    assert first.ingest.writer.queued == 0
     second = RunningService(reactor, db_dsn)
     await second.start()
     try:

@@ -24,7 +24,7 @@ from mqttsvc.config import DEAD_LETTER_KEEP, MAX_TOPIC_BYTES, default_topics
 from mqttsvc.db.batch import TOPIC_RAW_KEEP
 from mqttsvc.db.pool import ConnectionPool, is_rejection
 from mqttsvc.ingest.processing import Router, process
-from mqttsvc.ingest.writer import BatchWriter, WriterLanes
+from mqttsvc.ingest.writer import BatchWriter, CommitListener, WritePool, WriterLanes
 from mqttsvc.records import (
     DeadLetter,
     DeviceKey,
@@ -34,6 +34,7 @@ from mqttsvc.records import (
     Reading,
     TopicSeen,
 )
+from tests.conformance import assert_implements
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -277,7 +278,7 @@ class Unreachable:
         self.attempts = 0
         self.reject = reject
 
-    async def operation(self, sql: str, params: list[Any]) -> None:
+    async def operation(self, sql: str, params: Any = None) -> None:
         self.attempts += 1
         if self.reject:
             raise ValueError("A string literal cannot contain NUL (0x00) characters.")
@@ -322,8 +323,17 @@ def test_bytes_press_every_site_and_a_greedy_site_is_held_alone() -> None:
     assert len(greedy.committed_messages) == 4 and len(modest.committed_messages) == 2
 
 
-async def _succeed(sql: str, params: list[Any]) -> None:
+async def _succeed(sql: str, params: Any = None) -> None:
     pass
+
+
+def test_the_fakes_match_the_writer_interfaces() -> None:
+    """
+    The pool and listener fakes of this module stand for the writer's
+    L{WritePool} and L{CommitListener} Protocols, and nothing more.
+    """
+    assert_implements(Unreachable, WritePool)
+    assert_implements(Listener, CommitListener, extra=["all"])
 
 
 def test_a_lane_that_cannot_commit_is_visible() -> None:
@@ -334,9 +344,8 @@ def test_a_lane_that_cannot_commit_is_visible() -> None:
     """
     clock = Clock()
     pool = Unreachable()
-    lanes = WriterLanes(clock, pool, lanes=1)  # type: ignore[arg-type]
     stalls: list[tuple[int, float, str, bool]] = []
-    lanes.watch_stalls(lambda *stall: stalls.append(stall))
+    lanes = WriterLanes(clock, pool, lanes=1, on_stall=lambda *stall: stalls.append(stall))
     lanes.submit([TopicSeen("a", "t", T0)])
     clock.advance(0.01)
     for _ in range(4):
@@ -544,23 +553,17 @@ async def test_poison_through_the_broker_stalls_nothing(
 
 def test_a_pressing_lane_pauses_only_its_own_sites() -> None:
     """
-    The supervisor pauses the sites of a lane whose backlog is over its
-    high water, and only those: a site whose lane commits keeps reading.
+    The writer pauses the running sites of a lane whose backlog is over
+    its high water, and only those: a site whose lane commits keeps reading.
     """
     from mqttsvc.config import SiteConfig
     from mqttsvc.sites.site import SiteService
-    from mqttsvc.sites.supervisor import SiteSupervisor
     from tests.test_site_machine import FakeClient
     from tests.test_writer import _StalledPool, two_lanes_sites
 
     clock = Clock()
     pool = _StalledPool()
-    lanes = WriterLanes(clock, pool, lanes=2, batch_size=2, high_water=4, low_water=1)  # type: ignore[arg-type]
-
-    class Store:
-        writer = lanes
-
-    supervisor = SiteSupervisor(clock, Store(), client_factory=FakeClient)  # type: ignore[arg-type]
+    lanes = WriterLanes(clock, pool, lanes=2, batch_size=2, high_water=4, low_water=1)
     stalled, free = two_lanes_sites(lanes, "pause")
     clients: dict[str, FakeClient] = {}
     for site_id in (stalled, free):
@@ -571,7 +574,6 @@ def test_a_pressing_lane_pauses_only_its_own_sites() -> None:
             return clients[site_id]
 
         site = SiteService(clock, config, lanes, lambda *_: None, client_factory=factory)
-        site.setServiceParent(supervisor)
         site.startService()
     for _ in range(6):
         lanes.submit([TopicSeen(stalled, "t", T0)])

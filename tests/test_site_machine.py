@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -20,17 +21,21 @@ from mqttsvc.mqtt.client import BrokerClient, SubscriptionResult
 from mqttsvc.mqtt.codec import ReceivedMessage
 from mqttsvc.mqtt.connector import ClientFactory
 from mqttsvc.mqtt.errors import ConnectFailed
-from mqttsvc.records import ConnectionEvent, ResumeState
+from mqttsvc.records import ConnectionEvent, DeviceKey, DeviceStatus, ResumeState
 from mqttsvc.sites.site import (
     DISCONNECT_TIMEOUT,
     DRAIN_TIMEOUT,
     MAX_RETRIES,
     PROBE_INTERVAL,
     PROVING_TIME,
+    DeviceTracker,
+    MessageSink,
+    Reader,
     SiteService,
     SiteState,
     retry_delay,
 )
+from tests.conformance import assert_implements
 
 
 class FakeClient:
@@ -124,11 +129,27 @@ def test_the_fake_client_is_a_broker_client() -> None:
 
 
 class FakeWriter:
-    def __init__(self) -> None:
-        self.submitted: list[tuple[list[Any], Any, Any]] = []
+    """
+    Stands in for the ingest writer (a L{MessageSink}): records what is
+    queued, and which site runs.
+    """
 
-    def queue(self, effects: list[Any], listener: Any, message: Any, size: int) -> None:
+    def __init__(self, pressing: bool = False) -> None:
+        self.submitted: list[tuple[list[Any], Any, Any]] = []
+        self.readers: dict[str, Reader] = {}
+        self.pressing = pressing
+
+    def queue(self, effects: list[Any], listener: Any, message: Any, size: int = 0) -> None:
         self.submitted.append((effects, listener, message))
+
+    def attach(self, site_id: str, reader: Reader) -> None:
+        self.readers[site_id] = reader
+        if self.pressing:
+            reader.pause_reading()
+
+    def detach(self, site_id: str, reader: Reader) -> None:
+        if self.readers.get(site_id) is reader:
+            del self.readers[site_id]
 
     def commit(self, index: int) -> None:
         _, listener, message = self.submitted[index]
@@ -152,7 +173,7 @@ class Harness:
         config = SiteConfig(site_id="north", host="127.0.0.1", topics=default_topics("north"))
         self.states: list[SiteState] = []
         self.events: list[ConnectionEvent] = []
-        self.writer = FakeWriter()
+        self.writer = kwargs.pop("writer", None) or FakeWriter()
         clients: list[FakeClient] = []
 
         def factory(*args: Any, **kw: Any) -> FakeClient:
@@ -386,7 +407,8 @@ def test_topics_change_without_reconnecting() -> None:
     h.site.startService()
     h.connect()
     new = (default_topics("north")[0], TopicSubscription("north/extra/#", "other"))
-    h.site.update_topics(new)
+    d = h.site.reconfigure(attrs.evolve(h.site.config, topics=new))
+    assert d.result is True
     assert h.client.unsubscribed == [["north/datalogger/+/+/heartbeat", "north/sensor/+/data"]]
     assert h.client.subscriptions[-1] == [("north/gateway/+/heartbeat", 1), ("north/extra/#", 1)]
     assert len(h.client.attempts) == 1
@@ -699,3 +721,79 @@ def test_a_broker_that_refuses_every_filter_proves_nothing() -> None:
     )
     assert h.client.proofs == []
     assert (h.state.state, h.state.retry_count) == ("connected", 1)
+
+
+class FakeDevices:
+    """
+    Stands in for device liveness (a L{DeviceTracker}): every device is
+    new, and limit changes are recorded.
+    """
+
+    def __init__(self) -> None:
+        self.limit_changes: list[str] = []
+
+    def seen(
+        self, key: DeviceKey, interval: float, grace: float, limit: int | None = None
+    ) -> DeviceStatus | None:
+        return None
+
+    def limit_changed(self, site_id: str) -> None:
+        self.limit_changes.append(site_id)
+
+
+def test_fakes_match_the_interfaces_they_stand_for() -> None:
+    """
+    The fakes of this module have the methods, with the same parameters,
+    of the Protocols the site is given, and none the site no longer calls.
+    """
+    assert_implements(FakeWriter, MessageSink, extra=["commit"])
+    assert_implements(FakeDevices, DeviceTracker)
+    assert_implements(FakeClient, BrokerClient)
+
+
+def test_a_connection_change_asks_to_be_replaced() -> None:
+    """
+    A configuration whose connection settings differ is refused (the
+    supervisor replaces the service): nothing changes on this connection.
+    """
+    h = Harness()
+    h.site.startService()
+    h.connect()
+    d = h.site.reconfigure(attrs.evolve(h.site.config, port=1884))
+    assert d.result is False
+    assert h.site.config.port == 1883
+    assert (h.client.unsubscribed, len(h.client.subscriptions)) == ([], 1)
+    assert len(h.client.attempts) == 1 and h.client.disconnects == []
+
+
+def test_a_device_limit_change_applies_in_place() -> None:
+    """
+    A new device limit is taken without reconnecting or resubscribing, and
+    device liveness hears that the site's limit changed; the same
+    configuration again changes nothing.
+    """
+    devices = FakeDevices()
+    h = Harness(devices=devices)
+    h.site.startService()
+    h.connect()
+    d = h.site.reconfigure(attrs.evolve(h.site.config, max_devices=5))
+    assert d.result is True
+    assert h.site.config.max_devices == 5 and devices.limit_changes == ["north"]
+    assert h.site.reconfigure(h.site.config).result is True
+    assert devices.limit_changes == ["north"]
+    assert (h.client.unsubscribed, len(h.client.subscriptions)) == ([], 1)
+    assert len(h.client.attempts) == 1
+
+
+def test_a_running_site_is_attached_to_its_writer() -> None:
+    """
+    A site attaches to the writer when it starts (a lane that presses then
+    pauses it at once) and detaches when it stops.
+    """
+    writer = FakeWriter(pressing=True)
+    h = Harness(writer=writer)
+    h.site.startService()
+    assert writer.readers == {"north": h.site}
+    assert h.client.paused == 1
+    h.site.stopService()
+    assert writer.readers == {}

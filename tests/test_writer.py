@@ -17,9 +17,10 @@ from twisted.internet.task import Clock
 
 from mqttsvc.config import ConfigError
 from mqttsvc.db.pool import ConnectionPool
-from mqttsvc.ingest.writer import BatchWriter, WriterLanes
+from mqttsvc.ingest.writer import BatchWriter, CommitListener, WritePool, WriterLanes
 from mqttsvc.records import DeadLetter, DeviceKey, DeviceSeen, DeviceStatus, Reading, TopicSeen
 from mqttsvc.tap import Options, check_values
+from tests.conformance import assert_implements
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -211,20 +212,22 @@ async def test_group_commit_waits_for_size_or_delay(db_dsn: str, site_id: str) -
 
 def test_back_pressure_between_the_water_marks() -> None:
     """Past high water the writer asks to pause reading; under low water, to resume."""
-    from twisted.internet.task import Clock
-
-    class NeverWrites:
-        async def transaction(self, work: Any) -> None:
-            raise AssertionError("not reached: the clock never advances")
-
+    clock = Clock()
+    pool = _StalledPool()
     pressure: list[bool] = []
+    queued_then: list[int] = []
+
+    def pressed(pressing: bool) -> None:
+        pressure.append(pressing)
+        queued_then.append(writer.queued)
+
     writer = BatchWriter(
-        Clock(),
-        NeverWrites(),
+        clock,
+        pool,
         batch_size=2,
         high_water=5,
         low_water=2,
-        on_pressure=pressure.append,  # type: ignore[arg-type]
+        on_pressure=pressed,
     )
     for _ in range(4):
         writer.submit([TopicSeen("s", "x", T0)])
@@ -233,6 +236,13 @@ def test_back_pressure_between_the_water_marks() -> None:
     assert pressure == [True]
     writer.submit([TopicSeen("s", "x", T0)])
     assert pressure == [True]
+    # The database answers one batch of two at a time: reading resumes
+    # once the queue is down to the low water mark (2), not before.
+    while pool.pending or writer.queued:
+        clock.advance(0.02)
+        pool.answer_all()
+    assert pressure == [True, False]
+    assert queued_then == [5, 2]
 
 
 AWKWARD = [
@@ -339,6 +349,15 @@ class _StalledPool:
             d.callback(None)
 
 
+def test_the_fakes_match_the_writer_interfaces() -> None:
+    """
+    The pool and listener fakes of this module stand for the writer's
+    L{WritePool} and L{CommitListener} Protocols, and nothing more.
+    """
+    assert_implements(_StalledPool, WritePool, extra=["answer_all"])
+    assert_implements(_Site, CommitListener)
+
+
 def test_each_lane_presses_its_own_sites() -> None:
     """
     Back-pressure is per lane: each lane over its high water asks its own
@@ -347,9 +366,16 @@ def test_each_lane_presses_its_own_sites() -> None:
     """
     clock = Clock()
     pool = _StalledPool()
-    lanes = WriterLanes(clock, pool, lanes=2, batch_size=2, high_water=4, low_water=1)  # type: ignore[arg-type]
     pressure: list[tuple[int, bool]] = []
-    lanes.on_pressure = lambda lane, pressing: pressure.append((lane, pressing))
+    lanes = WriterLanes(
+        clock,
+        pool,
+        lanes=2,
+        batch_size=2,
+        high_water=4,
+        low_water=1,
+        on_pressure=lambda lane, pressing: pressure.append((lane, pressing)),
+    )
     a, b = two_lanes_sites(lanes, "press")
     first, second = lanes.index(a), lanes.index(b)
     for _ in range(6):
@@ -413,7 +439,7 @@ def test_a_flooding_site_is_held_alone_and_a_quiet_one_never_pauses() -> None:
     pressure: list[bool] = []
     writer = BatchWriter(
         clock,
-        pool,  # type: ignore[arg-type]
+        pool,
         batch_size=100,
         high_water=2000,
         low_water=200,

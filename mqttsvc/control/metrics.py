@@ -16,14 +16,14 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mqttsvc.sites.states import STATES
+
 if TYPE_CHECKING:
     from mqttsvc.control.httpserver import BoundedSite
     from mqttsvc.control.sse import EventStreams
-    from mqttsvc.ingest.writer import WriterLanes
+    from mqttsvc.ingest.service import Ingest
     from mqttsvc.runtime.descriptors import DescriptorBudget
     from mqttsvc.sites.supervisor import SiteSupervisor
-
-STATES = ("stopped", "connecting", "connected", "waiting", "error", "stopping", "restarting")
 
 
 class _DescriptorCollector(Collector):
@@ -46,9 +46,10 @@ class _DescriptorCollector(Collector):
 
 
 class _LiveCollector(Collector):
-    def __init__(self, supervisor: SiteSupervisor, writer: WriterLanes) -> None:
+    def __init__(self, supervisor: SiteSupervisor, ingest: Ingest) -> None:
         self._supervisor = supervisor
-        self._writer = writer
+        self._writer = ingest.writer
+        self._liveness = ingest.liveness
 
     def collect(self) -> Iterator[Metric]:
         sites = self._supervisor.sites()
@@ -118,14 +119,14 @@ class _LiveCollector(Collector):
         devices = GaugeMetricFamily(
             "mqttsvc_devices", "Tracked devices by status", labels=["status"]
         )
-        for status, count in sorted(self._supervisor.devices.counts().items()):
+        for status, count in sorted(self._liveness.devices.counts().items()):
             devices.add_metric([status], count)
         yield devices
         yield CounterMetricFamily(
             "mqttsvc_devices_repaired",
             "Devices of connected sites found without an offline deadline and given one (a bug "
             "if ever above 0)",
-            value=self._supervisor.devices_repaired,
+            value=self._liveness.devices_repaired,
         )
 
 
@@ -181,11 +182,11 @@ class Metrics:
         self.batch_size.observe(messages)
         self.commit_seconds.observe(seconds)
 
-    def watch(self, supervisor: SiteSupervisor, writer: WriterLanes) -> None:
+    def watch(self, supervisor: SiteSupervisor, ingest: Ingest) -> None:
         """
         Report the live state of these at every scrape.
         """
-        self.registry.register(_LiveCollector(supervisor, writer))
+        self.registry.register(_LiveCollector(supervisor, ingest))
 
     def watch_descriptors(self, budget: DescriptorBudget) -> None:
         """

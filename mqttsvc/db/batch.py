@@ -3,14 +3,16 @@ How one batch of effects becomes one statement per table.
 
 Effects are folded first (one row may appear only once in an C{INSERT ...
 ON CONFLICT DO UPDATE}), then each table gets one multi-row statement whose
-rows travel as arrays that C{unnest} turns back into rows.  Everything in a
-batch is one transaction (the caller's).
+rows travel as arrays that C{unnest} turns back into rows.  The statements
+of a batch are sent as one query: one round trip and, without an explicit
+C{BEGIN}, one implicit transaction of their own (L{write_effects} on a pool's
+C{operation}), or part of the caller's transaction when sent on its cursor.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -535,16 +537,22 @@ def batch_statements(
     return ";\n".join(sql), params
 
 
+#: What sends one query: a pool's C{operation} (its own implicit
+#: transaction) or a cursor's C{execute} (inside the caller's transaction).
+Executes = Callable[[str, Any], Awaitable[object]]
+
+
 async def write_effects(
-    cursor: Any,
+    execute: Executes,
     effects: Iterable[Effect],
     statuses: Iterable[StatusUpdate] = (),
-    events: list[ConnectionEvent] | None = None,
+    events: Iterable[ConnectionEvent] = (),
 ) -> None:
     """
     Write effects, site statuses and connection events with one statement
-    per table, sent in one round trip on C{cursor}.
+    per table, sent as one query through C{execute} (see L{Executes});
+    nothing when there is nothing to write.
     """
-    script = batch_statements(effects, statuses, events or ())
+    script = batch_statements(effects, statuses, events)
     if script is not None:
-        await cursor.execute(*script)
+        await execute(*script)

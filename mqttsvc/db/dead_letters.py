@@ -161,7 +161,7 @@ class DeadLetters:
                 effects.extend(verdict)
                 outcomes["replayed"].append(id_)
                 done.append(id_)
-            await write_effects(cursor, effects)
+            await write_effects(cursor.execute, effects)
             if done:
                 await cursor.execute("DELETE FROM dead_letter WHERE id = ANY(%s)", (done,))
             for id_, reason in reasons:

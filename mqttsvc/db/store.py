@@ -4,8 +4,9 @@ repositories, one per kind of row (L{Sites}, L{Devices}, L{Readings},
 L{Topics}, L{Events}, L{DeadLetters}), so that the rest of mqttsvc reads
 and writes the database only through methods named for what they mean.
 
-It owns two connection pools, one for the batched writer (message effects
-and connection status, written one batch at a time) and one for the control
+It owns two connection pools: C{write_pool}, which the ingest writer's
+lanes write through (message effects and connection status, one batch at a
+time per lane, one connection per lane), and C{pool} for the control
 plane's reads and writes, so that a burst of RPC calls never delays a
 commit that MQTT acknowledgements wait for.
 """
@@ -26,18 +27,19 @@ from mqttsvc.db.readings import Readings
 from mqttsvc.db.secrets import Secrets
 from mqttsvc.db.sites import Sites
 from mqttsvc.db.topics import Topics
-from mqttsvc.ingest.writer import BATCH_DELAY, BATCH_SIZE, WRITE_CONNECTIONS, WriterLanes
+from mqttsvc.ingest.writer import WRITE_CONNECTIONS
 from mqttsvc.records import DeviceKey
 
 
 class Store(Service):
     """
     The database side of mqttsvc, as a service: started first, stopped
-    last, after the writer has written what it holds.
+    last (after the ingest writer has written what it holds), when it
+    closes its pools.
 
-    @param reactor: drives the txpostgres connections and the writer's
-        timers.
+    @param reactor: drives the txpostgres connections.
     @param dsn: a libpq connection string.
+    @param write_connections: the size of C{write_pool}.
     """
 
     log = Logger()
@@ -48,12 +50,9 @@ class Store(Service):
         reactor: Any,
         dsn: str,
         rpc_connections: int = 3,
-        batch_size: int = BATCH_SIZE,
-        batch_delay: float = BATCH_DELAY,
         secrets: Secrets | None = None,
         write_connections: int = WRITE_CONNECTIONS,
     ) -> None:
-        self._reactor = reactor
         self.secrets = secrets
         self.pool = ConnectionPool(reactor, dsn, size=rpc_connections)
         self.sites = Sites(self.pool, secrets)
@@ -62,17 +61,9 @@ class Store(Service):
         self.topics = Topics(self.pool)
         self.events = Events(self.pool)
         self.dead_letters = DeadLetters(self.pool)
-        self._writer_pool = ConnectionPool(reactor, dsn, size=write_connections)
-        self.writer = WriterLanes(
-            reactor,
-            self._writer_pool,
-            lanes=write_connections,
-            batch_size=batch_size,
-            batch_delay=batch_delay,
-        )
-        self.writer.watch_stalls(self._stalled)
+        self.write_pool = ConnectionPool(reactor, dsn, size=write_connections)
 
-    def _stalled(self, lane: int, seconds: float, error: str, recovered: bool) -> None:
+    def write_lane_stalled(self, lane: int, seconds: float, error: str, recovered: bool) -> None:
         """
         A write lane has committed nothing for a while (C{error} is why), or
         commits again: say so as a C{service} event.  When the database is
@@ -117,22 +108,9 @@ class Store(Service):
             )
         )
 
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> None:
         super().stopService()
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self) -> None:
-        # The site supervisor has stopped before us: flush what is left,
-        # but never hang shutdown on a database that is gone.
-        idle = self.writer.whenIdle()
-        idle.addTimeout(5.0, self._reactor)
-        try:
-            await idle
-        except Exception:
-            self.log.warn(
-                "shutting down with {count} messages unwritten; the broker will redeliver them",
-                count=self.writer.queued,
-            )
-        self.writer.stop()
+        # The ingest writer has stopped before us, having written what it
+        # could.
         self.pool.close()
-        self._writer_pool.close()
+        self.write_pool.close()

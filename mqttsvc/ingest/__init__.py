@@ -1,3 +1,14 @@
 """
-Ingest.
+Ingest: from a received message to committed rows.
+
+Owns processing (topic routing, payload parsing, effects:
+L{mqttsvc.ingest.processing}), device liveness (the offline detector and
+its service, L{mqttsvc.ingest.liveness}), the batch writer and its lanes
+(L{mqttsvc.ingest.writer}), and the L{mqttsvc.ingest.service.Ingest}
+service that owns the last two and is given every callback it reports
+through when it is built.
+
+May import: L{mqttsvc.config}, L{mqttsvc.records}, L{mqttsvc.runtime},
+L{mqttsvc.db}.  Never the sites: they reach ingest through their own
+Protocols.
 """

@@ -20,17 +20,28 @@ A site-wide change (a site's connection lost, every device unknown) is one
 L{SiteDevicesStatus}, not one change per device: it is written as one
 statement per table and one event.  A site may have a limit on its
 devices: a new one beyond it is refused (L{DeviceLimit}).
+
+L{Liveness} is the detector as a service: it loads the devices the database
+knows, is fed each site's connection changes, writes the changes its timer
+makes, and runs the repair now and then.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import Cooperator, LoopingCall
+from twisted.logger import Logger
 
-from mqttsvc.records import DeviceKey, DeviceStatus, SiteDevicesStatus
+from mqttsvc.config import OfflinePolicy
+from mqttsvc.records import DeviceKey, DeviceStatus, Effect, SiteDevicesStatus
 
 ONLINE, OFFLINE, UNKNOWN = "online", "offline", "unknown"
 
@@ -372,3 +383,177 @@ class OfflineDetector:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+
+class KnownDevices(Protocol):
+    """
+    Where the devices of earlier runs are read from (the store's
+    L{mqttsvc.db.devices.Devices}).
+    """
+
+    def known(self) -> AsyncIterator[list[tuple[DeviceKey, str, float | None, str | None]]]:
+        """
+        Every known device, in pages: key, stored status, own interval
+        (None when it never said), status before its site made it unknown.
+        """
+        ...
+
+
+class Liveness(Service):
+    """
+    Device liveness as a service: the L{OfflineDetector}, fed by the sites'
+    connection changes (L{site_up}, L{site_down}), loaded once from the database
+    before any site starts (L{ready}), its changes written through
+    C{write}, and repaired every C{repair_interval} seconds (L{repair}).
+
+    @param write: writes device status changes (the ingest writer's
+        C{submit}).
+    @param on_limit: called with the site, its limit and the refused
+        device the first time a site refuses a device for its limit.
+    """
+
+    log = Logger()
+    name = "liveness"
+
+    def __init__(
+        self,
+        clock: Any,
+        known: KnownDevices,
+        write: Callable[[list[Effect]], Deferred[None]],
+        *,
+        on_limit: Callable[[str, int, DeviceKey], None] | None = None,
+        repair_interval: float,
+    ) -> None:
+        self._write = write
+        self._on_limit = on_limit
+        self._known = known
+        self.devices = OfflineDetector(clock, self._changed, self._limit)
+        # The devices are loaded once, before any site is started, however
+        # many reconciliations ask for them at once (the monitor's first
+        # pass, the configuration listener's resync, a notification).
+        self._loaded = False
+        self._loading = DeferredLock()
+        #: Devices found stuck (see L{OfflineDetector.repair}): a bug.
+        self.devices_repaired = 0
+        self._cooperator = Cooperator(scheduler=lambda f: clock.callLater(0, f), started=True)
+        self._repairs = LoopingCall(self.repair_once)
+        self._repairs.clock = clock
+        self._repair_interval = repair_interval
+
+    def startService(self) -> None:
+        super().startService()
+        repairing: Deferred[Any] = self._repairs.start(self._repair_interval, now=False)
+        repairing.addErrback(lambda f: self.log.failure("the device repair stopped", f))
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._repairs.running:
+            self._repairs.stop()
+        self.devices.stop()
+
+    def repair_once(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.repair()).addErrback(
+            lambda f: self.log.failure("repairing the devices failed", f)
+        )
+
+    async def repair(self) -> None:
+        """
+        Look for devices that can never go offline (see
+        L{OfflineDetector.repair}); there should be none.  Any found is a
+        bug: it is logged as an error and counted, and the device is given
+        its deadline.
+        """
+        found: list[DeviceKey] = []
+        await self._cooperator.cooperate(self.devices.repair(found)).whenDone()
+        if found:
+            self.devices_repaired += len(found)
+            self.log.error(
+                "{count} devices of connected sites had no offline deadline (a bug); they have "
+                "one now; the first: {key}",
+                count=len(found),
+                key=found[0],
+            )
+
+    async def ready(self, policies: Callable[[], Awaitable[Mapping[str, OfflinePolicy]]]) -> None:
+        """
+        Load the known devices, once: whoever comes second waits for the
+        first load instead of running another.
+
+        @param policies: gives each site's offline policy, when the load
+            needs them.
+        """
+        if self._loaded:
+            return
+        async with self._loading:
+            if self._loaded:
+                return
+            await self._load(await policies())
+
+    async def _load(self, policies: Mapping[str, OfflinePolicy]) -> None:
+        """
+        Rebuild the detector from the database: every device is unknown
+        until its site is connected, then gets a grace period.
+        """
+        default = OfflinePolicy()
+        # One summary per site, however many pages its devices came in.
+        unknown: dict[str, SiteDevicesStatus] = {}
+        count = 0
+        async for page in self._known.known():
+            known = []
+            for key, status, interval, before in page:
+                policy = policies.get(key.site_id, default)
+                known.append((key, status, interval or policy.interval(key.kind), before))
+            count += len(known)
+            for change in self.devices.load(known, "mqttsvc started"):
+                earlier = unknown.get(change.site_id)
+                if earlier is not None:
+                    change = attrs.evolve(change, devices=earlier.devices + change.devices)
+                unknown[change.site_id] = change
+        self._changed(list(unknown.values()))
+        self._loaded = True
+        self.log.info("tracking {count} known devices", count=count)
+
+    def site_up(self, site_id: str, grace: float) -> None:
+        """
+        A site's connection is up: its devices get their grace (C{grace}
+        times their interval) before they are declared offline.
+        """
+        self.devices.site_up(site_id, grace)
+
+    def site_down(self, site_id: str, reason: str) -> None:
+        """
+        A site's connection is no longer up: its devices are unknown.
+        """
+        down = self.devices.site_down(site_id, reason)
+        if down is not None:
+            self._changed([down])
+
+    def forget_site(self, site_id: str) -> None:
+        """
+        The site is deleted: stop tracking its devices.
+        """
+        self.devices.forget_site(site_id)
+
+    def _limit(self, site_id: str, limit: int, device: DeviceKey) -> None:
+        self.log.error(
+            "site {site_id} has reached its limit of {limit} devices: new device ids are dead "
+            "letters from now on (the first: {device})",
+            site_id=site_id,
+            limit=limit,
+            device=device,
+        )
+        if self._on_limit is not None:
+            self._on_limit(site_id, limit, device)
+
+    def _changed(self, changes: Iterable[Effect]) -> None:
+        changes = list(changes)
+        if not changes:
+            return
+        written = self._write(changes)
+        written.addErrback(
+            lambda f: self.log.warn(
+                "could not record {count} device status changes: {error}",
+                count=len(changes),
+                error=f.getErrorMessage(),
+            )
+        )

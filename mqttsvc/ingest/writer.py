@@ -7,8 +7,10 @@ has waited C{batch_delay} seconds, whichever comes first (group commit), in
 one transaction with one statement per table, sent as one query: one round
 trip per batch.  After the commit each message's owner (its site) hears once
 per batch which of its messages are committed, so that their MQTT
-acknowledgements go out only then.  One batch is written at a time, which
-keeps each site's writes in order; the next one gathers meanwhile.
+acknowledgements go out only then.  A L{BatchWriter} (one lane) writes one
+batch at a time, which keeps each site's writes in order; the next one
+gathers meanwhile.  L{WriterLanes} runs several lanes side by side, each on
+a connection of its own, and sends every site's writes to one of them.
 
 Memory is bounded in messages and in bytes.  When more than C{high_water}
 messages or C{high_bytes} wait (the database is slow or down), the writer
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol
 
@@ -45,8 +47,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from mqttsvc.db.batch import batch_statements
-from mqttsvc.db.pool import ConnectionPool, is_rejection
+from mqttsvc.db.batch import write_effects
+from mqttsvc.db.pool import is_rejection
 from mqttsvc.records import (
     ConnectionEvent,
     DeadLetter,
@@ -88,6 +90,16 @@ STALLED_AFTER = 10.0
 #: What each effect of a queued message costs beyond the message's payload
 #: and topic: its objects and its share of the statement, roughly.
 MESSAGE_OVERHEAD = 256
+
+
+class WritePool(Protocol):
+    """
+    What the writer needs of its connection pool
+    (L{mqttsvc.db.pool.ConnectionPool}): to send one query, which is one
+    implicit transaction.
+    """
+
+    def operation(self, sql: str, params: Any = None) -> Awaitable[object]: ...
 
 
 class CommitListener(Protocol):
@@ -147,8 +159,8 @@ class _SiteRecords:
             self.statuses.setdefault(site_id, update)
         self.events[:0] = older.events
 
-    async def write(self, pool: ConnectionPool) -> None:
-        await write_batch(pool, (), self.statuses.values(), self.events)
+    async def write(self, pool: WritePool) -> None:
+        await write_effects(pool.operation, (), self.statuses.values(), self.events)
 
 
 class _Retry(Exception):
@@ -168,7 +180,7 @@ class BatchWriter:
 
     @param clock: schedules flushes and retries.
     @param pool: the connection pool to write through (one connection is
-        enough: only one batch is written at a time, which also keeps the
+        enough: this lane writes one batch at a time, which also keeps the
         writes of one site in order).
     @param batch_size: write as soon as this many messages wait; also the
         most written in one transaction.
@@ -186,6 +198,11 @@ class BatchWriter:
     @param on_pressure: called with True when the queue passes
         C{high_water} or C{high_bytes}, and with False once it is back under
         C{low_water} and a quarter of C{high_bytes}.
+    @param observe: called with each committed batch's size and write time.
+    @param on_stall: called once when failing writes pass L{STALLED_AFTER}
+        seconds (with the seconds, the error and False), and once when
+        writes succeed again after that (with the seconds it lasted, the
+        last error and True).
     """
 
     log = Logger()
@@ -193,7 +210,7 @@ class BatchWriter:
     def __init__(
         self,
         clock: IReactorTime,
-        pool: ConnectionPool,
+        pool: WritePool,
         batch_size: int = BATCH_SIZE,
         batch_delay: float = BATCH_DELAY,
         max_retry_delay: float = 2.0,
@@ -204,6 +221,8 @@ class BatchWriter:
         high_bytes: int = DEFAULT_HIGH_BYTES,
         site_bytes: int = DEFAULT_SITE_BYTES,
         site_messages: int | None = None,
+        observe: Callable[[int, float], None] | None = None,
+        on_stall: Callable[[float, str, bool], None] | None = None,
     ) -> None:
         self._clock = clock
         self._pool = pool
@@ -220,8 +239,7 @@ class BatchWriter:
             site_messages if site_messages is not None else max(1, self._high_water // 10)
         )
         self.on_pressure = on_pressure
-        #: Called with each committed batch's size and write time.
-        self.observe: Callable[[int, float], None] | None = None
+        self.observe = observe
         self.pressing = False
         self._retrying = False
         self._queue: deque[_Pending] = deque()
@@ -239,11 +257,7 @@ class BatchWriter:
         #: When the current run of failed writes began, and its last error.
         self.failing_since: float | None = None
         self.last_error: str | None = None
-        #: Called once when failing writes pass L{STALLED_AFTER} seconds
-        #: (with the seconds, the error and False), and once when writes
-        #: succeed again after that (with the seconds it lasted, the last
-        #: error and True).
-        self.on_stall: Callable[[float, str, bool], None] | None = None
+        self.on_stall = on_stall
         self._stall_reported = False
         self.batches_written = 0
         self.messages_written = 0
@@ -412,8 +426,8 @@ class BatchWriter:
         delay: float | None = None
         started = self._clock.seconds()
         try:
-            await write_batch(
-                self._pool,
+            await write_effects(
+                self._pool.operation,
                 (e for p in batch for e in p[0]),
                 records.statuses.values(),
                 records.events,
@@ -562,7 +576,7 @@ class BatchWriter:
                 part, refused = work.pop()
                 if refused is None:
                     try:
-                        await write_batch(self._pool, (e for p in part for e in p[0]))
+                        await write_effects(self._pool.operation, (e for p in part for e in p[0]))
                     except Exception as e:
                         if not is_rejection(e):
                             raise _Retry(_left(part, work), e) from None
@@ -600,7 +614,7 @@ class BatchWriter:
             attempts = [dead] if dead and len(dead) < len(effects) else []
         for attempt in attempts:
             try:
-                await write_batch(self._pool, attempt)
+                await write_effects(self._pool.operation, attempt)
             except Exception as e:
                 if not is_rejection(e):
                     raise _Retry(left, e) from None
@@ -633,21 +647,6 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-async def write_batch(
-    pool: ConnectionPool,
-    effects: Iterable[Effect],
-    statuses: Iterable[StatusUpdate] = (),
-    events: Iterable[ConnectionEvent] = (),
-) -> None:
-    """
-    Write one batch as one query (one round trip, one implicit
-    transaction); nothing when there is nothing to write.
-    """
-    script = batch_statements(effects, statuses, events)
-    if script is not None:
-        await pool.operation(*script)
-
-
 def _text_size(effect: Effect) -> int:
     """
     The text an effect that belongs to no message adds to a statement,
@@ -671,6 +670,16 @@ def _site_of(effect: Effect) -> str:
     return effect.site_id
 
 
+class Reader(Protocol):
+    """
+    A running site, as far as back-pressure goes.
+    """
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
 class WriterLanes:
     """
     Several L{BatchWriter}s, each writing through a database connection of
@@ -683,7 +692,17 @@ class WriterLanes:
     shortens the wait for a commit and uses a second core of the database
     server.
 
+    A lane over its high water pauses the running sites of that lane (they
+    L{attach} while they run), and resumes them once it is back under its
+    low water; sites in other lanes read on.
+
     It offers what L{BatchWriter} offers, over all lanes.
+
+    @param on_pressure: also told of each lane's pressure (its index and
+        whether it presses), after its sites were paused or resumed.
+    @param on_stall: called with a lane's index and what L{BatchWriter}'s
+        C{on_stall} is called with.
+    @param options: the L{BatchWriter} options of every lane.
     """
 
     log = Logger()
@@ -691,19 +710,28 @@ class WriterLanes:
     def __init__(
         self,
         clock: IReactorTime,
-        pool: ConnectionPool,
+        pool: WritePool,
         lanes: int = WRITE_CONNECTIONS,
+        *,
+        on_pressure: Callable[[int, bool], None] | None = None,
+        on_stall: Callable[[int, float, str, bool], None] | None = None,
         **options: Any,
     ) -> None:
         self._pressing_lanes: set[int] = set()
-        #: Called with a lane's index and True when that lane asks its
-        #: sites to stop reading, and False when they may read again.
-        self.on_pressure: Callable[[int, bool], None] | None = None
+        self.on_pressure = on_pressure
         self._lanes = [
-            BatchWriter(clock, pool, on_pressure=partial(self._lane_pressure, i), **options)
+            BatchWriter(
+                clock,
+                pool,
+                on_pressure=partial(self._lane_pressure, i),
+                on_stall=None if on_stall is None else partial(on_stall, i),
+                **options,
+            )
             for i in range(lanes)
         ]
         self._by_site: dict[str, BatchWriter] = {}
+        #: The running sites, by id.
+        self._readers: dict[str, Reader] = {}
 
     def lane(self, site_id: str) -> BatchWriter:
         """
@@ -721,12 +749,36 @@ class WriterLanes:
         """
         return self._lanes.index(self.lane(site_id))
 
+    def attach(self, site_id: str, reader: Reader) -> None:
+        """
+        A site's service runs: pause it whenever its lane presses, at once
+        if it presses now.
+        """
+        self._readers[site_id] = reader
+        if self.lane(site_id).pressing:
+            reader.pause_reading()
+
+    def detach(self, site_id: str, reader: Reader) -> None:
+        """
+        That service of the site no longer runs.
+        """
+        if self._readers.get(site_id) is reader:
+            del self._readers[site_id]
+
     def _lane_pressure(self, index: int, pressing: bool) -> None:
         # A lane presses only its own sites: the others' lanes commit.
         if pressing:
             self._pressing_lanes.add(index)
         else:
             self._pressing_lanes.discard(index)
+        lane = self._lanes[index]
+        for site_id, reader in list(self._readers.items()):
+            if self.lane(site_id) is not lane:
+                continue
+            if pressing:
+                reader.pause_reading()
+            else:
+                reader.resume_reading()
         if self.on_pressure is not None:
             self.on_pressure(index, pressing)
 
@@ -748,15 +800,6 @@ class WriterLanes:
         if seconds < STALLED_AFTER:
             return None
         return f"database: nothing committed for {seconds:.0f}s: {lane.last_error}"
-
-    def watch_stalls(self, on_stall: Callable[[int, float, str, bool], None]) -> None:
-        """
-        Call C{on_stall(lane, seconds, error, False)} when a lane has failed
-        to commit for L{STALLED_AFTER} seconds, and C{on_stall(lane,
-        seconds, error, True)} once it commits again.
-        """
-        for i, lane in enumerate(self._lanes):
-            lane.on_stall = partial(on_stall, i)
 
     def failing(self) -> list[tuple[int, float, str]]:
         """
@@ -817,15 +860,6 @@ class WriterLanes:
     @property
     def bytes_held(self) -> int:
         return sum(lane.bytes_held for lane in self._lanes)
-
-    @property
-    def observe(self) -> Callable[[int, float], None] | None:
-        return self._lanes[0].observe
-
-    @observe.setter
-    def observe(self, observe: Callable[[int, float], None] | None) -> None:
-        for lane in self._lanes:
-            lane.observe = observe
 
 
 def _all(deferreds: list[Deferred[None]]) -> Deferred[None]:

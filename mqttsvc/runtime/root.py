@@ -1,10 +1,11 @@
 """
 The root service of mqttsvc.
 
-Its children start in the order they were added (store, sites, web) and
-stop in reverse, each only after the one after it has finished stopping:
-the web server stops taking calls, every site disconnects cleanly and
-reports it, and only then does the store write what is left and close.
+Its children start in the order they were added (store, ingest, sites,
+web) and stop in reverse, each only after the one after it has finished
+stopping: the web server stops taking calls, every site disconnects
+cleanly and reports it, the ingest writer writes what is left, and only
+then does the store close its connections.
 
 Shutdown has a deadline: whatever state a child is in (a database that
 holds a write forever, a connect stuck in a thread), the process exits

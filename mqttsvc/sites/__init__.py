@@ -1,3 +1,17 @@
 """
 Sites and their supervisor.
+
+Owns each site's MQTT connection as a service with its state machine
+(L{mqttsvc.sites.site.SiteService}), the one list of site states and the
+status each shows as (L{mqttsvc.sites.states}), and the supervisor that
+adds, removes and reconfigures the site services by name
+(L{mqttsvc.sites.supervisor.SiteSupervisor}); a site decides what a new
+configuration means for it (resubscribe, or a new connection).
+
+May import: L{mqttsvc.config}, L{mqttsvc.records}, L{mqttsvc.runtime},
+L{mqttsvc.mqtt}; the ingest side only through the Protocols declared here
+(C{MessageSink}, C{DeviceTracker}, C{IngestPort}), except the pure
+L{mqttsvc.ingest.processing} functions and L{mqttsvc.ingest.liveness.DeviceLimit}
+that a site calls on its message path.  The supervisor reads the site rows
+from L{mqttsvc.db.store}.
 """

@@ -35,7 +35,7 @@ from mqttsvc.config import (
     SiteConfig,
     TopicSubscription,
 )
-from mqttsvc.ingest.liveness import DeviceLimit, OfflineDetector
+from mqttsvc.ingest.liveness import DeviceLimit
 from mqttsvc.ingest.processing import (
     Router,
     process,
@@ -48,12 +48,24 @@ from mqttsvc.mqtt.errors import ConnectFailed
 from mqttsvc.records import (
     ConnectionEvent,
     DeadLetter,
+    DeviceKey,
     DeviceSeen,
+    DeviceStatus,
     ResumeState,
     StatusUpdate,
     TopicSeen,
 )
 from mqttsvc.runtime.summary import Summary
+from mqttsvc.sites.states import (
+    CONNECTED,
+    CONNECTING,
+    ERROR,
+    RESTARTING,
+    STATUS_OF_STATE,
+    STOPPED,
+    STOPPING,
+    WAITING,
+)
 
 #: Consecutive failed attempts after which a site gives up (status error).
 MAX_RETRIES = 10
@@ -129,26 +141,60 @@ class SiteState:
         )
 
 
-_STATUS_OF_STATE = {
-    "stopped": "disconnected",
-    "connecting": "connecting",
-    "connected": "connected",
-    "waiting": "disconnected",
-    "error": "error",
-    "stopping": "disconnected",
-    "restarting": "connecting",
-}
+class Reader(Protocol):
+    """
+    What the writer may ask of a site: to stop reading from its broker
+    while its write lane is full, and to read again.
+    """
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
 
 
 class MessageSink(Protocol):
     """
-    Where a site's messages go (the L{mqttsvc.ingest.writer.WriterLanes}).
+    Where a site's messages go: the ingest side's writer
+    (L{mqttsvc.ingest.writer.WriterLanes}); the site needs nothing else of it.
     """
 
-    def queue(self, effects: list[Any], listener: Any, message: Any, size: int) -> None:
+    def queue(self, effects: list[Any], listener: Any, message: Any, size: int = 0) -> None:
         """
         Write C{effects}; then call C{listener.committed([message, ...])}.
         C{size} is the message's bytes; past its share, C{listener.hold}.
+        """
+
+    def attach(self, site_id: str, reader: Reader) -> None:
+        """
+        The running service of a site: pause it while its lane presses
+        (at once, if the lane presses now).
+        """
+
+    def detach(self, site_id: str, reader: Reader) -> None:
+        """
+        C{reader} no longer runs for its site.
+        """
+
+
+class DeviceTracker(Protocol):
+    """
+    What a site tells device liveness (the ingest side's
+    L{mqttsvc.ingest.liveness.OfflineDetector}): every device that speaks.
+    """
+
+    def seen(
+        self, key: DeviceKey, interval: float, grace: float, limit: int | None = None
+    ) -> DeviceStatus | None:
+        """
+        A device spoke now: its change to online, if it was not.
+
+        @raise mqttsvc.ingest.liveness.DeviceLimit: for a new device past
+            C{limit}.
+        """
+
+    def limit_changed(self, site_id: str) -> None:
+        """
+        The site's device limit changed: its next refusal is a first again.
         """
 
 
@@ -248,7 +294,7 @@ class _SiteCore:
         return SiteState(
             site_id=self.config.site_id,
             state=state,
-            status=_STATUS_OF_STATE[state],
+            status=STATUS_OF_STATE[state],
             retry_count=self.retry_count,
             next_retry=self.next_retry,
             last_error=self.last_error,
@@ -284,7 +330,7 @@ class _SiteCore:
             self.report(self.state, None)
             return
         self.state = snapshot
-        from_state = previous.state if previous is not None else "stopped"
+        from_state = previous.state if previous is not None else STOPPED
         self.log.info(
             "site {site_id}: {from_state} -> {to_state}{why}",
             site_id=self.config.site_id,
@@ -358,7 +404,7 @@ class _SiteCore:
         def verdicts(results: list[SubscriptionResult]) -> None:
             if self.attempt != token or self.state is None:
                 return
-            if self.state.state == "connected" and (not results or any(r.granted for r in results)):
+            if self.state.state == CONNECTED and (not results or any(r.granted for r in results)):
                 # A broker that refuses every filter proves nothing.
                 self.await_proof(inputs)
             self.subscriptions = tuple(results)
@@ -387,7 +433,7 @@ class _SiteCore:
 
         def heard(_: object) -> None:
             if self.attempt == token and self.state is not None:
-                if self.state.state == "connected":
+                if self.state.state == CONNECTED:
                     inputs._proven()
 
         self.client.heard_after(self.connected_at + self.proving_time).addCallback(heard)
@@ -414,7 +460,7 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
     def attemptConnection(c: _SiteInputs, s: _SiteCore) -> int:
         s.attempt += 1
         token = s.attempt
-        s.enter("connecting")
+        s.enter(CONNECTING)
 
         def connected(session_present: bool) -> None:
             if s.attempt == token:
@@ -436,14 +482,14 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
 
     def scheduleRetry(c: _SiteInputs, s: _SiteCore) -> IDelayedCall:
         call = s.clock.callLater(s.until_next_retry(), c._retryDue)
-        s.enter("waiting")
+        s.enter(WAITING)
         return call
 
     def scheduleProbe(c: _SiteInputs, s: _SiteCore) -> IDelayedCall:
         if s.next_retry is None:
             s.next_retry = datetime.fromtimestamp(s.clock.seconds() + s.probe_interval, UTC)
         call = s.clock.callLater(s.until_next_retry(), c._probeDue)
-        if s.state is None or s.state.state != "error":
+        if s.state is None or s.state.state != ERROR:
             s.log.error(
                 "site {site_id} gave up after {retries} failed attempts ({error}); "
                 "next probe at {next_retry}",
@@ -452,7 +498,7 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
                 error=s.last_error,
                 next_retry=s.next_retry.isoformat(),
             )
-        s.enter("error")
+        s.enter(ERROR)
         return call
 
     def becomeConnected(c: _SiteInputs, s: _SiteCore, session_present: bool) -> BrokerClient:
@@ -465,20 +511,20 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
         s.reason = "session resumed" if session_present else "new session"
         if not session_present:
             s.subscribed = ()
-        s.enter("connected")
+        s.enter(CONNECTED)
         if s.subscribed != s.wanted():
             s.subscribe(c)
         else:
             s.await_proof(c)
         return s.client
 
-    Stopped = machine.state("Stopped")
-    Connecting = machine.state("Connecting", attemptConnection)
-    Connected = machine.state("Connected", becomeConnected)
-    Waiting = machine.state("Waiting", scheduleRetry)
-    Error = machine.state("Error", scheduleProbe)
-    Stopping = machine.state("Stopping")
-    Restarting = machine.state("Restarting")
+    Stopped = machine.state(STOPPED)
+    Connecting = machine.state(CONNECTING, attemptConnection)
+    Connected = machine.state(CONNECTED, becomeConnected)
+    Waiting = machine.state(WAITING, scheduleRetry)
+    Error = machine.state(ERROR, scheduleProbe)
+    Stopping = machine.state(STOPPING)
+    Restarting = machine.state(RESTARTING)
 
     Stopped.upon(_SiteInputs.start).to(Connecting).returns(None)
     Stopped.upon(_SiteInputs.restart).to(Connecting).returns(None)
@@ -504,7 +550,7 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
     def proven(c: _SiteInputs, s: _SiteCore, client: BrokerClient) -> None:
         s.retry_count = 0
         s.reason = "the connection proved itself"
-        s.enter("connected")
+        s.enter(CONNECTED)
 
     @pep614(Stopped.upon(_SiteInputs.stop).loop())
     def alreadyStopped(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
@@ -530,10 +576,10 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
                 retries=s.retry_count,
                 next_retry=s.next_retry.isoformat() if s.next_retry is not None else None,
             )
-            s.state = s.snapshot("stopped")
+            s.state = s.snapshot(STOPPED)
             return succeed(None)
         cancelTimer(c, s, timer)
-        s.enter("stopped")
+        s.enter(STOPPED)
         return succeed(None)
 
     pep614(Waiting.upon(_SiteInputs.stop).to(Stopped))(stopTimer)
@@ -543,12 +589,12 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
 
     def beginStopping(c: _SiteInputs, s: _SiteCore, data: object) -> Deferred[None]:
         waiter = s.wait_for_stop()
-        s.enter("stopping")
+        s.enter(STOPPING)
         s.close(c)
         return waiter
 
     def beginRestarting(c: _SiteInputs, s: _SiteCore, data: object) -> None:
-        s.enter("restarting")
+        s.enter(RESTARTING)
         s.close(c)
 
     pep614(Connecting.upon(_SiteInputs.stop).to(Stopping))(beginStopping)
@@ -562,12 +608,12 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
 
     @pep614(Restarting.upon(_SiteInputs.stop).to(Stopping))
     def stopRestarting(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
-        s.enter("stopping")
+        s.enter(STOPPING)
         return s.wait_for_stop()
 
     @pep614(Stopping.upon(_SiteInputs._closed).to(Stopped))
     def stopped(c: _SiteInputs, s: _SiteCore) -> None:
-        s.enter("stopped")
+        s.enter(STOPPED)
         s.finish_stopping()
 
     @pep614(Restarting.upon(_SiteInputs._closed).to(Connecting))
@@ -588,15 +634,16 @@ class SiteService(Service):
 
     @param reactor: the reactor (time, threads and file descriptors).
     @param config: the site.
-    @param writer: where message effects go (the L{mqttsvc.ingest.writer.WriterLanes}).
+    @param writer: where message effects go (a L{MessageSink}); the site
+        attaches to it while it runs, so that a full write lane pauses it.
     @param report: called with a L{SiteState} and the L{ConnectionEvent} on
         every state change, and with the state and None when only what the
         state shows changed.
     @param instance: this mqttsvc instance's name, part of the client id.
     @param resume: the connection state the database remembers; a site in
         error stays in error, a waiting site waits for its next retry.
-    @param devices: the offline detector that learns of every device that
-        speaks.
+    @param devices: device liveness, which learns of every device that
+        speaks (a L{DeviceTracker}).
     @param max_payload: payloads larger than this (bytes) are dead letters;
         the transport holds no more of one than
         L{mqttsvc.config.DEAD_LETTER_KEEP}.
@@ -624,7 +671,7 @@ class SiteService(Service):
         jitter: Callable[[], float] | None = None,
         probe_interval: float = PROBE_INTERVAL,
         proving_time: float = PROVING_TIME,
-        devices: OfflineDetector | None = None,
+        devices: DeviceTracker | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         client_factory: ClientFactory,
         max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
@@ -709,12 +756,18 @@ class SiteService(Service):
         """
         The current state snapshot.
         """
-        return self._core.state or self._core.snapshot("stopped")
+        return self._core.state or self._core.snapshot(STOPPED)
 
     def startService(self) -> None:
         super().startService()
         if not (self._pressed or self._held):
             self._core.client.resume()
+        self._begin()
+        # After the first attempt began, as the supervisor used to: a lane
+        # that presses now pauses this site at once.
+        self._writer.attach(self.config.site_id, self)
+
+    def _begin(self) -> None:
         resume, self._resume = self._resume, None
         core = self._core
         if resume is not None and resume.retry_count > 0:
@@ -732,6 +785,7 @@ class SiteService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        self._writer.detach(self.config.site_id, self)
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
@@ -809,7 +863,31 @@ class SiteService(Service):
         elif self.running and not self._pressed:
             self._core.client.resume()
 
-    def set_max_devices(self, max_devices: int | None) -> None:
+    def reconfigure(self, config: SiteConfig) -> Deferred[bool]:
+        """
+        Take a new configuration of this site (the supervisor calls this
+        for every reconciliation of a running site): new subscriptions are
+        subscribed on the current connection, a new device limit applies
+        from the next new device.  Changed connection settings cannot be
+        taken in place: the site says so and the supervisor replaces it
+        with a new service (a new connection, with a fresh retry count).
+
+        @return: fires with whether this service carries on with
+            C{config}; False when it must be replaced.
+        """
+        if self.config.connection_differs(config):
+            self.log.info("site {site_id} changed: reconnecting", site_id=self.name)
+            return succeed(False)
+        if self.config.topics != config.topics:
+            self.log.info("site {site_id} subscriptions changed", site_id=self.name)
+            self._update_topics(config.topics)
+        if self.config.max_devices != config.max_devices:
+            self._set_max_devices(config.max_devices)
+            if self._devices is not None:
+                self._devices.limit_changed(self.config.site_id)
+        return succeed(True)
+
+    def _set_max_devices(self, max_devices: int | None) -> None:
         """
         Change the site's device limit (None: the service's); devices
         already tracked stay.
@@ -818,7 +896,7 @@ class SiteService(Service):
         self._core.config = self.config
         self._max_devices = max_devices or self._default_max_devices
 
-    def update_topics(self, topics: tuple[TopicSubscription, ...]) -> None:
+    def _update_topics(self, topics: tuple[TopicSubscription, ...]) -> None:
         """
         Change the subscriptions without reconnecting: drop the removed
         filters and subscribe the current set (the broker keeps one
@@ -829,7 +907,7 @@ class SiteService(Service):
         self.config = attrs.evolve(self.config, topics=topics)
         self._core.config = self.config
         self._router = Router(topics)
-        if self.state.state != "connected":
+        if self.state.state != CONNECTED:
             self._core.subscribed = ()
             return
         self._core.client.unsubscribe(removed)

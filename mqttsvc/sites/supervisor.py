@@ -5,26 +5,29 @@ to the database by reconciling by name.
 Reconciliation happens on start, for a single site whenever the database
 notifies a configuration change (within a second), after the notification
 connection comes back (anything may have changed meanwhile), and every
-C{monitor_interval} seconds as a safety net.  For each site it compares the
-row with the running service: a new enabled site starts, a removed or
-disabled one stops with a clean DISCONNECT, a changed connection setting
-reconnects, and a changed subscription list resubscribes without
-reconnecting.
+C{monitor_interval} seconds as a safety net.  As Buildbot's service manager
+does, the supervisor only adds, removes and reconfigures: a new enabled
+site starts, a removed or disabled one stops with a clean DISCONNECT, and a
+running one is given its row's configuration (L{SiteService.reconfigure}),
+which the site applies (new subscriptions, a new device limit) or refuses
+when it needs a new connection; then it is replaced.
 
 It also keeps what the status calls need without reading the database:
 each site's stored status and configuration error, and the number of sites
 in each connection status, updated on every reconcile and state change.
+It passes each site's state reports on to the ingest side (L{IngestPort}),
+which writes them and feeds device liveness.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
-from twisted.internet.task import Cooperator, LoopingCall
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mqttsvc.config import (
@@ -35,16 +38,56 @@ from mqttsvc.config import (
 )
 from mqttsvc.db.sites import SiteRow
 from mqttsvc.db.store import Store
-from mqttsvc.ingest.liveness import OfflineDetector
 from mqttsvc.mqtt.connector import ClientFactory
-from mqttsvc.records import ConnectionEvent, DeviceKey, Effect, SiteDevicesStatus
-from mqttsvc.sites.site import PROBE_INTERVAL, PROVING_TIME, SiteCounters, SiteService, SiteState
+from mqttsvc.records import ConnectionEvent, StatusUpdate
+from mqttsvc.sites.site import (
+    PROBE_INTERVAL,
+    PROVING_TIME,
+    DeviceTracker,
+    MessageSink,
+    SiteCounters,
+    SiteService,
+    SiteState,
+)
+from mqttsvc.sites.states import CONNECTED, STATUSES
+
+
+class IngestPort(Protocol):
+    """
+    What the sites need of the ingest side (L{mqttsvc.ingest.service.Ingest}).
+    """
+
+    @property
+    def writer(self) -> MessageSink:
+        "Where the sites' messages go."
+
+    @property
+    def devices(self) -> DeviceTracker:
+        "Device liveness, told of every device that speaks."
+
+    def devices_ready(
+        self, policies: Callable[[], Awaitable[Mapping[str, OfflinePolicy]]]
+    ) -> Awaitable[None]:
+        """
+        Load the devices the database knows, once, before any site starts;
+        C{policies} gives each site's offline policy when the load needs it.
+        """
+
+    def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:
+        "Write a site's connection status and the event that led to it."
+
+    def site_up(self, site_id: str, grace: float) -> None:
+        "A site's connection is up: its devices get their grace period."
+
+    def site_down(self, site_id: str, reason: str) -> None:
+        "A site's connection is no longer up: its devices are unknown."
+
+    def site_removed(self, site_id: str) -> None:
+        "A site is deleted: forget its devices."
+
 
 #: Seconds between two full reconciliations (the old service's health check).
 MONITOR_INTERVAL = 30.0
-
-#: The connection statuses a site can be in, as C{service.status} counts them.
-STATUSES = ("connected", "connecting", "disconnected", "error")
 
 
 def idle_status(stored: str) -> str:
@@ -79,6 +122,8 @@ class SiteSupervisor(MultiService):
     Runs a L{SiteService} per enabled site, reconciled by name.
 
     @param instance: this mqttsvc instance's name, part of every client id.
+    @param store: where the sites' rows are read.
+    @param ingest: where the sites' messages and state reports go.
     @param client_factory: makes each site's broker client
         (L{mqttsvc.mqtt.connector.Connector.client}).
     @param max_clock_skew: seconds a message's C{ts} may be ahead.
@@ -92,6 +137,7 @@ class SiteSupervisor(MultiService):
         self,
         reactor: Any,
         store: Store,
+        ingest: IngestPort,
         *,
         instance: str = "local",
         monitor_interval: float = MONITOR_INTERVAL,
@@ -108,18 +154,9 @@ class SiteSupervisor(MultiService):
         self._max_clock_skew = max_clock_skew
         self._max_devices = max_devices
         self._client_factory = client_factory
-        self.devices = OfflineDetector(reactor, self._devices_changed, self._device_limit)
-        # The devices are loaded once, before any site is started, however
-        # many reconciliations ask for them at once (the monitor's first
-        # pass, the configuration listener's resync, a notification).
-        self._devices_loaded = False
-        self._devices_loading = DeferredLock()
-        #: Devices found stuck (see L{OfflineDetector.repair}): a bug.
-        self.devices_repaired = 0
-        self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f), started=True)
-        store.writer.on_pressure = self._pressure
         self._reactor = reactor
         self._store = store
+        self._ingest = ingest
         self._instance = instance
         self._probe_interval = probe_interval
         self._proving_time = proving_time
@@ -165,7 +202,7 @@ class SiteSupervisor(MultiService):
 
     def _monitor_once(self) -> Deferred[None]:
         # LoopingCall waits for this, so two passes never overlap.
-        passed = Deferred.fromCoroutine(self._monitor_pass())
+        passed = Deferred.fromCoroutine(self.reconcile_all())
 
         def failed(f: Any) -> None:
             self.log.warn(
@@ -180,119 +217,30 @@ class SiteSupervisor(MultiService):
 
         return passed.addCallback(loaded).addErrback(failed)
 
-    async def _monitor_pass(self) -> None:
-        await self.reconcile_all()
-        await self.repair_devices()
-
-    async def repair_devices(self) -> None:
-        """
-        Look for devices that can never go offline (see
-        L{OfflineDetector.repair}); there should be none.  Any found is a
-        bug: it is logged as an error and counted, and the device is given
-        its deadline.
-        """
-        found: list[DeviceKey] = []
-        await self._cooperator.cooperate(self.devices.repair(found)).whenDone()
-        if found:
-            self.devices_repaired += len(found)
-            self.log.error(
-                "{count} devices of connected sites had no offline deadline (a bug); they have "
-                "one now; the first: {key}",
-                count=len(found),
-                key=found[0],
-            )
-
     async def reconcile_all(self) -> None:
         """
         Bring every site in line with the database (the first time, after
-        loading the devices it knows).
+        the ingest side has loaded the devices it knows).
         """
         rows = {row.config.site_id: row for row in await self._store.sites.all()}
-        await self._devices_ready(rows)
+
+        async def policies() -> Mapping[str, OfflinePolicy]:
+            return _policies(rows)
+
+        await self._ingest.devices_ready(policies)
         for site_id in sorted(set(rows) | set(self.namedServices) | set(self._known)):
             await self._apply(site_id, rows.get(site_id))
 
-    async def _devices_ready(self, rows: dict[str, SiteRow] | None = None) -> None:
-        """
-        Load the known devices, once: whoever comes second waits for the
-        first load instead of running another.
-        """
-        if self._devices_loaded:
-            return
-        async with self._devices_loading:
-            if self._devices_loaded:
-                return
-            if rows is None:
-                rows = {row.config.site_id: row for row in await self._store.sites.all()}
-            await self._load_devices(rows)
-
-    async def _load_devices(self, rows: dict[str, SiteRow]) -> None:
-        """
-        Rebuild the offline detector from the database: every device is
-        unknown until its site is connected, then gets a grace period.
-        """
-        default = OfflinePolicy()
-        # One summary per site, however many pages its devices came in.
-        unknown: dict[str, SiteDevicesStatus] = {}
-        count = 0
-        async for page in self._store.devices.known():
-            known = []
-            for key, status, interval, before in page:
-                row = rows.get(key.site_id)
-                policy = row.config.offline if row is not None else default
-                known.append((key, status, interval or policy.interval(key.kind), before))
-            count += len(known)
-            for change in self.devices.load(known, "mqttsvc started"):
-                earlier = unknown.get(change.site_id)
-                if earlier is not None:
-                    change = attrs.evolve(change, devices=earlier.devices + change.devices)
-                unknown[change.site_id] = change
-        self._devices_changed(list(unknown.values()))
-        self._devices_loaded = True
-        self.log.info("tracking {count} known devices", count=count)
-
-    def _pressure(self, lane: int, pressing: bool) -> None:
-        """
-        A write lane asks its sites to stop reading (or lets them read
-        again); sites in other lanes read on.
-        """
-        writer = self._store.writer
-        for site in self.sites():
-            if writer.index(site.config.site_id) != lane:
-                continue
-            if pressing:
-                site.pause_reading()
-            else:
-                site.resume_reading()
-
-    def _device_limit(self, site_id: str, limit: int, device: DeviceKey) -> None:
-        self.log.error(
-            "site {site_id} has reached its limit of {limit} devices: new device ids are dead "
-            "letters from now on (the first: {device})",
-            site_id=site_id,
-            limit=limit,
-            device=device,
-        )
-        self._store.device_limit_reached(site_id, limit, device)
-
-    def _devices_changed(self, changes: Sequence[Effect]) -> None:
-        if not changes:
-            return
-        written = self._store.writer.submit(list(changes))
-        written.addErrback(
-            lambda f: self.log.warn(
-                "could not record {count} device status changes: {error}",
-                count=len(changes),
-                error=f.getErrorMessage(),
-            )
-        )
+    async def _listed_policies(self) -> Mapping[str, OfflinePolicy]:
+        rows = {row.config.site_id: row for row in await self._store.sites.all()}
+        return _policies(rows)
 
     async def reconcile(self, site_id: str) -> None:
         """
         Bring one site in line with its row (or its absence), once the
         known devices are loaded.
         """
-        await self._devices_ready()
+        await self._ingest.devices_ready(self._listed_policies)
         await self._apply(site_id, await self._store.sites.get(site_id))
 
     def notified(self, site_id: str) -> None:
@@ -337,21 +285,14 @@ class SiteSupervisor(MultiService):
                 if row is None:
                     self._known.pop(site_id, None)
                     self._counters.pop(site_id, None)
-                    self.devices.forget_site(site_id)
+                    self._ingest.site_removed(site_id)
                 return
             if current is None:
                 self._attach(row)
-            elif current.config.connection_differs(row.config):
-                self.log.info("site {site_id} changed: reconnecting", site_id=site_id)
+            elif not await current.reconfigure(row.config):
+                # The site needs a new connection for this configuration.
                 await current.disownServiceParent()
                 self._attach(row, resume=False)
-            else:
-                if current.config.topics != row.config.topics:
-                    self.log.info("site {site_id} subscriptions changed", site_id=site_id)
-                    current.update_topics(row.config.topics)
-                if current.config.max_devices != row.config.max_devices:
-                    current.set_max_devices(row.config.max_devices)
-                    self.devices.limit_changed(site_id)
         finally:
             self._recount(site_id)
             lock.release()
@@ -406,13 +347,13 @@ class SiteSupervisor(MultiService):
         site = self._site_factory(
             self._reactor,
             row.config,
-            self._store.writer,
+            self._ingest.writer,
             self._report,
             instance=self._instance,
             resume=row.resume_state() if resume else None,
             probe_interval=self._probe_interval,
             proving_time=self._proving_time,
-            devices=self.devices,
+            devices=self._ingest.devices,
             max_payload=self._max_payload,
             client_factory=self._client_factory,
             max_clock_skew=self._max_clock_skew,
@@ -420,12 +361,10 @@ class SiteSupervisor(MultiService):
             counters=self._counters.setdefault(row.config.site_id, SiteCounters()),
         )
         site.setServiceParent(self)
-        if self._store.writer.lane(row.config.site_id).pressing:
-            site.pause_reading()
         return site
 
     def _report(self, state: SiteState, event: ConnectionEvent | None) -> None:
-        self._store.writer.set_status(state.as_update(), event)
+        self._ingest.site_reported(state.as_update(), event)
         known = self._known.get(state.site_id)
         if known is not None:
             known.status = state.status
@@ -433,14 +372,13 @@ class SiteSupervisor(MultiService):
             self._recount(state.site_id)
         if event is None or event.to_state == event.from_state:
             return
-        if event.to_state == "connected":
+        # What the connection means for the site's devices.
+        if event.to_state == CONNECTED:
             site = self.site(event.site_id)
             grace = site.config.offline.grace if site is not None else OfflinePolicy().grace
-            self.devices.site_up(event.site_id, grace)
-        elif event.from_state == "connected":
-            down = self.devices.site_down(event.site_id, f"site connection {event.to_state}")
-            if down is not None:
-                self._devices_changed([down])
+            self._ingest.site_up(event.site_id, grace)
+        elif event.from_state == CONNECTED:
+            self._ingest.site_down(event.site_id, f"site connection {event.to_state}")
 
     def site(self, site_id: str) -> SiteService | None:
         """
@@ -473,10 +411,13 @@ class SiteSupervisor(MultiService):
         """
         if self._monitor.running:
             self._monitor.stop()
-        self.devices.stop()
         self.running = False
         stops = [Deferred.fromCoroutine(_maybe(s.shut_down())) for s in self.sites()]
         return gatherResults(stops, consumeErrors=True).addCallback(lambda _: None)
+
+
+def _policies(rows: Mapping[str, SiteRow]) -> Mapping[str, OfflinePolicy]:
+    return {site_id: row.config.offline for site_id, row in rows.items()}
 
 
 async def _maybe(d: Deferred[None] | None) -> None:

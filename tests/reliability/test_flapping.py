@@ -93,7 +93,7 @@ async def test_hundred_sites_flapping(
         private_broker.start()
     for site_id in sites:
         await running.call("site.delete", [site_id])
-    await running.store.writer.whenIdle()
+    await running.ingest.writer.whenIdle()
 
     assert running.supervisor.sites() == []
     await eventually(lambda: descriptors() == 0, what="no MQTT socket left in the reactor")
@@ -122,7 +122,7 @@ async def test_hundred_sites_flapping(
     # (--write-connections, 2: this said 7 in all from before the writer had
     # lanes, and failed whenever the control pool had all three open), the
     # configuration and event listeners (1 each), and this query's own.
-    write_lanes = len({running.store.writer.index(site_id) for site_id in sites})
+    write_lanes = len({running.ingest.writer.index(site_id) for site_id in sites})
     assert db_connections <= 3 + write_lanes + 2 + 1, (db_connections, write_lanes)
     report["100 sites flapping for a minute"] = {
         "injected": ", ".join(f"{n} {a}" for a, n in actions.items()),

@@ -13,6 +13,7 @@ from mqttsvc.control.rpc.openrpc import document
 from mqttsvc.control.rpc.sites import SiteMethods
 from mqttsvc.db.pool import DatabaseUnavailable
 from mqttsvc.db.store import Store
+from mqttsvc.ingest.writer import WriterLanes
 from mqttsvc.mqtt.probe import ConnectionTests
 from mqttsvc.runtime.descriptors import DescriptorBudget
 from mqttsvc.sites.supervisor import SiteSupervisor
@@ -28,12 +29,16 @@ def control_plane(
     supervisor: SiteSupervisor,
     connection_tests: ConnectionTests,
     descriptors: DescriptorBudget | None = None,
+    *,
+    writer: WriterLanes,
 ) -> Dispatcher:
     """
     The dispatcher of every control plane method.
     """
     methods = [
-        *SiteMethods(reactor, store, supervisor, connection_tests, descriptors).methods(),
+        *SiteMethods(
+            reactor, store, supervisor, connection_tests, descriptors, writer=writer
+        ).methods(),
         *ObservationMethods(store).methods(),
     ]
 

@@ -32,10 +32,12 @@ from mqttsvc.control.rpc.dispatcher import (
 from mqttsvc.db.pages import Page, iso
 from mqttsvc.db.sites import CONFIG_COLUMNS, SiteExists, SiteRow
 from mqttsvc.db.store import Store
+from mqttsvc.ingest.writer import WriterLanes
 from mqttsvc.mqtt.probe import ConnectionTests
 from mqttsvc.runtime.descriptors import DescriptorBudget
 from mqttsvc.sites.site import SiteService
-from mqttsvc.sites.supervisor import STATUSES, SiteSupervisor, idle_status
+from mqttsvc.sites.states import STATUSES
+from mqttsvc.sites.supervisor import SiteSupervisor, idle_status
 
 
 class SiteMethods:
@@ -52,9 +54,12 @@ class SiteMethods:
         supervisor: SiteSupervisor,
         connection_tests: ConnectionTests,
         descriptors: DescriptorBudget | None = None,
+        *,
+        writer: WriterLanes,
     ) -> None:
         self._reactor = reactor
         self._store = store
+        self._writer = writer
         self._supervisor = supervisor
         self._connection_tests = connection_tests
         self._descriptors = descriptors
@@ -376,7 +381,7 @@ class SiteMethods:
         return self._status(await self._row(site_id))
 
     def _write_problem(self, site_id: str) -> str | None:
-        return self._store.writer.problem(site_id)
+        return self._writer.problem(site_id)
 
     async def _set_enabled(self, call: Call, enabled: bool) -> str:
         site_id: str = call.params["site_id"]
@@ -395,7 +400,7 @@ class SiteMethods:
     async def _settled_status(self, site_id: str) -> dict[str, Any]:
         # The row's status columns are written by the batch writer; wait for
         # it so that what we return and what the row says agree.
-        await self._store.writer.whenIdle()
+        await self._writer.whenIdle()
         return self._status(await self._row(site_id))
 
     async def site_start(self, call: Call) -> dict[str, Any]:
