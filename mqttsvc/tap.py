@@ -55,11 +55,11 @@ from mqttsvc.control.web import WebApp, access_log_line
 from mqttsvc.db import schema as database
 from mqttsvc.db.notifications import ConfigListener
 from mqttsvc.db.secrets import load_key
-from mqttsvc.db.store import Store
+from mqttsvc.db.store import WRITE_CONNECTIONS, Store
 from mqttsvc.events.alerts import LIMIT, AlertDispatcher, AlertRules, describe_url, http_post
 from mqttsvc.events.hub import EventHub
 from mqttsvc.ingest.service import Ingest
-from mqttsvc.ingest.writer import BATCH_DELAY, BATCH_SIZE, WRITE_CONNECTIONS
+from mqttsvc.ingest.writer import BATCH_DELAY, BATCH_SIZE
 from mqttsvc.mqtt.connector import Connector
 from mqttsvc.mqtt.keepalive import KeepaliveSweep
 from mqttsvc.mqtt.probe import ConnectionTests

@@ -5,7 +5,8 @@ metrics (L{metrics}), health (L{health}), the API tokens (L{tokens}) and the
 SSH manhole (L{manhole}).  Its RPC handlers validate, call the database's
 repositories and the services, and shape the answer; they write no SQL.
 
-It may import every room below it: L{mqttsvc.config}, L{mqttsvc.records},
-L{mqttsvc.runtime}, L{mqttsvc.db}, L{mqttsvc.mqtt}, L{mqttsvc.sites},
-L{mqttsvc.ingest} and L{mqttsvc.events}.
+May import: config, records, runtime, db, mqtt, sites, ingest, events.
+
+That is every room: it is the top of the house, and nothing imports it but
+the wiring (C{mqttsvc.tap}, C{mqttsvc.cli}).
 """

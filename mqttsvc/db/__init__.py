@@ -18,6 +18,7 @@ what they mean:
   - L{pages}: keyset pages and the one way a stored time is shown.
 
 No module of mqttsvc outside this package writes SQL or imports a
-PostgreSQL driver (C{tests/test_architecture_sql.py}).  It may import only
-L{mqttsvc.config}, L{mqttsvc.records} and L{mqttsvc.runtime}.
+PostgreSQL driver (C{tests/test_architecture_sql.py}).
+
+May import: config, records, runtime.
 """

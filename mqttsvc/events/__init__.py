@@ -3,6 +3,5 @@ Events out: the event hub (L{hub}), which hands every new event of the
 database's C{event_log} to its subscribers once, in order, and the webhook
 alerts (L{alerts}) that subscribe to it.
 
-It may import L{mqttsvc.config}, L{mqttsvc.records}, L{mqttsvc.runtime} and
-L{mqttsvc.db}.
+May import: config, records, runtime, db.
 """

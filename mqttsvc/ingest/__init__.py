@@ -8,7 +8,7 @@ its service, L{mqttsvc.ingest.liveness}), the batch writer and its lanes
 service that owns the last two and is given every callback it reports
 through when it is built.
 
-May import: L{mqttsvc.config}, L{mqttsvc.records}, L{mqttsvc.runtime},
-L{mqttsvc.db}.  Never the sites: they reach ingest through their own
-Protocols.
+May import: config, records, runtime, db.
+
+Never the sites: they reach ingest through their own Protocols.
 """

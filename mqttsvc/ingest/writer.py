@@ -49,6 +49,7 @@ from twisted.logger import Logger
 
 from mqttsvc.db.batch import write_effects
 from mqttsvc.db.pool import is_rejection
+from mqttsvc.db.store import WRITE_CONNECTIONS
 from mqttsvc.records import (
     ConnectionEvent,
     DeadLetter,
@@ -65,10 +66,6 @@ from mqttsvc.records import (
 #: --batch-delay-ms).
 BATCH_SIZE = 1000
 BATCH_DELAY = 0.01
-
-#: Lanes (database connections) writing side by side, each for its share of
-#: the sites: two kept both cores busy (10,746 -> 14,779 msg/s, #7).
-WRITE_CONNECTIONS = 2
 
 #: The most bytes of messages written in one batch (their payloads and
 #: topics, plus L{MESSAGE_OVERHEAD} each): every statement stays far below

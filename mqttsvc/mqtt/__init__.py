@@ -17,8 +17,9 @@ The broker connection: everything between a broker's socket and a site.
     connect threads and makes clients (L{ClientFactory}).
   - L{probe <mqttsvc.mqtt.probe>}: the dry-run connects of C{site.test}.
 
-It may import, of mqttsvc, only L{mqttsvc.config} and L{mqttsvc.runtime};
-nothing of sites, ingest, db, control or events.  C{mqttsvc.tap} wires it:
+May import: config, runtime.
+
+Nothing of sites, ingest, db, control or events.  C{mqttsvc.tap} wires it:
 one L{KeepaliveSweep}, a L{Connector} for the sites and a
 L{ConnectionTests} for C{site.test}.
 """

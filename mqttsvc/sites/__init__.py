@@ -8,10 +8,11 @@ adds, removes and reconfigures the site services by name
 (L{mqttsvc.sites.supervisor.SiteSupervisor}); a site decides what a new
 configuration means for it (resubscribe, or a new connection).
 
-May import: L{mqttsvc.config}, L{mqttsvc.records}, L{mqttsvc.runtime},
-L{mqttsvc.mqtt}; the ingest side only through the Protocols declared here
-(C{MessageSink}, C{DeviceTracker}, C{IngestPort}), except the pure
-L{mqttsvc.ingest.processing} functions and L{mqttsvc.ingest.liveness.DeviceLimit}
-that a site calls on its message path.  The supervisor reads the site rows
-from L{mqttsvc.db.store}.
+May import: config, records, runtime, mqtt, ingest, db.
+
+The ingest side's services are reached only through the Protocols declared
+here (C{MessageSink}, C{DeviceTracker}, C{IngestPort}); what a site imports
+from ingest is the pure L{mqttsvc.ingest.processing} functions and
+L{mqttsvc.ingest.liveness.DeviceLimit}, which it calls on its message path.
+The supervisor reads the site rows through L{mqttsvc.db.store}.
 """
