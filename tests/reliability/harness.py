@@ -33,7 +33,9 @@ class LoadPublisher:
     """
     Publishes C{count} sensor readings for a site at C{rate} per second,
     QoS 1, on a persistent session that survives broker restarts, in a
-    thread; C{acked} counts the broker's PUBACKs.
+    thread; C{acked} counts the broker's PUBACKs.  A test whose load only
+    has to last as long as its injections calls L{finish} once they are
+    over: C{count} is then what was published.
     """
 
     def __init__(self, port: int, site_id: str, count: int, rate: float) -> None:
@@ -45,6 +47,7 @@ class LoadPublisher:
         self.published = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._finishing = False
         self.error: BaseException | None = None
 
     def payload(self, i: int) -> tuple[str, bytes]:
@@ -54,7 +57,15 @@ class LoadPublisher:
         )
 
     def start(self) -> None:
+        """Start publishing, in a thread of its own."""
         self._thread.start()
+
+    def finish(self) -> None:
+        """
+        Publish nothing more: what was published so far becomes the whole
+        load (C{count}), whose PUBACKs L{wait} still waits for.
+        """
+        self._finishing = True
 
     def _on_publish(self, *args: Any) -> None:
         with self._lock:
@@ -75,12 +86,15 @@ class LoadPublisher:
             client.loop_start()
             started = time.monotonic()
             for i in range(self.count):
+                if self._finishing:
+                    break
                 topic, body = self.payload(i)
                 client.publish(topic, body, qos=1)
                 self.published = i + 1
                 lag = started + (i + 1) / self.rate - time.monotonic()
                 if lag > 0:
                     time.sleep(lag)
+            self.count = self.published
             wait_until(lambda: self.acked >= self.count, within=120, what="every PUBACK")
             client.disconnect()
             client.loop_stop()
