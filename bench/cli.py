@@ -22,6 +22,7 @@ import psycopg2
 from bench import environment, report, wire, workload
 from bench.child import parse_result
 from bench.environment import Broker, Database
+from bench.servers import free_port
 
 Params = dict[str, Any]
 
@@ -397,7 +398,7 @@ def devices_rep(run: Runner, size: Params, rep: int) -> Params:
     with Database("devices") as db:
         # A port nothing listens on: the start-up measured is the load,
         # not the connects.
-        workload.insert_sites(db.dsn, sites, environment.free_port())
+        workload.insert_sites(db.dsn, sites, free_port())
         conn = psycopg2.connect(db.dsn)
         try:
             with conn, conn.cursor() as cur:
