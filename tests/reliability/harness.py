@@ -64,7 +64,11 @@ class LoadPublisher:
         """
         Publish nothing more: what was published so far becomes the whole
         load (C{count}), whose PUBACKs L{wait} still waits for.
+
+        @raise AssertionError: if the load had run out already, so that
+            the test's injections did not all happen under load.
         """
+        assert self.published < self.count, "the load ran out before the injections were over"
         self._finishing = True
 
     def _on_publish(self, *args: Any) -> None:
@@ -125,7 +129,22 @@ def readings(dsn: str, site_id: str) -> tuple[int, int]:
         conn.close()
 
 
+def all_committed(dsn: str, site_id: str, count: int, within: float) -> tuple[int, int]:
+    """
+    Wait until C{count} of a site's readings are committed, and return
+    L{readings} then: a test asserts C{(count, count)}, every message once.
+    """
+    return wait_until(
+        lambda: (r := readings(dsn, site_id))[0] >= count and r,
+        within=within,
+        what=f"all {count} readings",
+    )
+
+
 def sql(dsn: str, text: str, *params: Any) -> list[tuple[Any, ...]]:
+    """
+    Run one statement on a connection of its own (autocommit); its rows.
+    """
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     try:
