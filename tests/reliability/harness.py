@@ -51,6 +51,7 @@ class LoadPublisher:
         self.error: BaseException | None = None
 
     def payload(self, i: int) -> tuple[str, bytes]:
+        """The topic and payload of message C{i}: one reading, ts BASE + i ms."""
         return (
             f"{self.site_id}/sensor/s{i % 10}/data",
             json.dumps({"ts": BASE + i / 1000.0, "value": i}).encode(),
@@ -219,6 +220,7 @@ class CuttableProxy:
                     pass
 
     def cut(self) -> None:
+        """Drop every connection and refuse new ones until L{restore}."""
         self.cut_off = True
         with self._lock:
             doomed = list(self._open)
@@ -229,13 +231,16 @@ class CuttableProxy:
                 pass
 
     def freeze(self) -> None:
+        """Keep every connection open but forward nothing until L{restore}."""
         self.frozen = True
 
     def restore(self) -> None:
+        """Forward again, and accept new connections."""
         self.cut_off = False
         self.frozen = False
 
     def close(self) -> None:
+        """Stop listening and drop every connection."""
         self._running = False
         self.cut()
         self._listener.close()
@@ -298,6 +303,7 @@ class Service:
         return (self.directory / f"twistd-{self.starts}.log").read_text(errors="replace")
 
     def start(self) -> None:
+        """Start it (again) and wait until it answers JSON-RPC."""
         self.starts += 1
         log = self.directory / f"twistd-{self.starts}.log"
         with log.open("wb") as out:
@@ -330,6 +336,7 @@ class Service:
         wait_until(lambda: self.call("site.status", [site_id])["subscriptions"], what="subscribed")
 
     def call(self, method: str, params: Any = None) -> Any:
+        """Call a JSON-RPC method with the token; its result (an error fails the test)."""
         import urllib.request
 
         body: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": 1}
@@ -346,6 +353,7 @@ class Service:
         return answer["result"]
 
     def metrics(self) -> str:
+        """The text of C{/metrics}."""
         import urllib.request
 
         request = urllib.request.Request(
@@ -356,6 +364,7 @@ class Service:
             return str(response.read().decode())
 
     def rss_mb(self) -> float:
+        """The process's resident memory, in MB."""
         assert self.process is not None
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -373,10 +382,12 @@ class Service:
         return time.monotonic() - started
 
     def kill(self) -> None:
+        """SIGKILL, as a crash; wait for the process to be gone."""
         assert self.process is not None
         self.process.kill()
         self.process.wait(timeout=30)
 
     def stop(self) -> None:
+        """SIGTERM, if it still runs."""
         if self.process is not None and self.process.poll() is None:
             self.terminate()
