@@ -496,7 +496,7 @@ async def many_sites(reactor: Any, p: Params) -> Params:
 async def _control_loads(reactor: Any, tree: Any, p: Params) -> Params:
     from bench.service import until
 
-    port = int(tree.url.rsplit(":", 1)[1])
+    port = tree.port
     loads = {
         "healthz": ("/healthz", [""]),
         "site.status": (

@@ -1,7 +1,8 @@
 """
-What a benchmark runs against: a private Mosquitto, a fresh PostgreSQL
-database, and the facts about the machine and the versions that the report
-prints.
+What a benchmark runs against: a private Mosquitto and a fresh PostgreSQL
+database with the benchmark's settings (the servers themselves are
+in L{bench.servers}, shared with the tests), and the facts about the machine
+and the versions that the report prints.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import subprocess
-import time
 import uuid
 from importlib import metadata
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import psycopg2
 
-from mqttsvc.db import schema as database
+from bench.servers import Mosquitto, ScratchDatabase
 
 #: The PostgreSQL server to create benchmark databases on (trust
 #: authentication, a user allowed to create databases).
@@ -45,16 +44,6 @@ BROKER_SETTINGS = {
 }
 
 
-def free_port() -> int:
-    """
-    A TCP port on 127.0.0.1 that nothing listens on right now.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def raise_file_limit(wanted: int = 16384) -> int:
     """
     Raise this process's soft limit of open files (1,000 sites are 1,000
@@ -69,115 +58,25 @@ def raise_file_limit(wanted: int = 16384) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-class Broker:
+class Broker(Mosquitto):
     """
-    A Mosquitto of our own on a free loopback port, started with
-    L{BROKER_SETTINGS} (and C{overrides} of them).
+    A private Mosquitto (L{bench.servers.Mosquitto}) with L{BROKER_SETTINGS}
+    and C{overrides} of them.  It inherits its limit of open files from
+    C{python -m bench}, which raises it (L{raise_file_limit}) first.
     """
 
     def __init__(self, directory: Path, overrides: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.settings = {**BROKER_SETTINGS, **(overrides or {})}
-        self.config = directory / "mosquitto.conf"
-        # Started as root, mosquitto drops to its own user, which may not
-        # read our directory: stay root.
-        lines = ["user root"] if os.geteuid() == 0 else []
-        lines.append(f"listener {self.port} 127.0.0.1")
-        lines.append("allow_anonymous true")
-        lines += [f"{k} {v}" for k, v in self.settings.items()]
-        self.config.write_text("\n".join(lines) + "\n")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        raise_file_limit()
-        with (self.directory / "mosquitto.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [mosquitto, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.process.poll() is not None:
-                    log_text = (self.directory / "mosquitto.log").read_text(errors="replace")
-                    raise RuntimeError(
-                        f"mosquitto exited with {self.process.returncode}: {log_text[-500:]}"
-                    ) from None
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening within 10 s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.process = None
-
-    def __enter__(self) -> Broker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(directory, {**BROKER_SETTINGS, **(overrides or {})})
 
 
-def _with_dbname(dsn: str, name: str) -> str:
-    params = psycopg2.extensions.parse_dsn(dsn)
-    params["dbname"] = name
-    return " ".join(f"{k}={v}" for k, v in params.items())
-
-
-class Database:
+class Database(ScratchDatabase):
     """
-    A database of its own for one measurement: created and migrated with
-    C{mqttsvc.db.schema.migrate}, dropped afterwards.
+    A database of its own for one measurement, on the server of
+    L{ADMIN_DSN}: created and migrated, dropped afterwards.
     """
 
     def __init__(self, label: str = "bench") -> None:
-        self.name = f"mqttsvc_{label}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-        self.dsn = _with_dbname(ADMIN_DSN, self.name)
-
-    def _admin(self) -> Any:
-        conn = psycopg2.connect(ADMIN_DSN)
-        conn.autocommit = True
-        return conn
-
-    def create(self) -> None:
-        conn = self._admin()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{self.name}"')
-        finally:
-            conn.close()
-        database.migrate(self.dsn)
-
-    def drop(self) -> None:
-        conn = self._admin()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()",
-                    (self.name,),
-                )
-                cur.execute(f'DROP DATABASE IF EXISTS "{self.name}"')
-        finally:
-            conn.close()
-
-    def __enter__(self) -> Database:
-        self.create()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.drop()
+        super().__init__(ADMIN_DSN, f"mqttsvc_{label}_{os.getpid()}_{uuid.uuid4().hex[:6]}")
 
 
 def proc_status(field: str) -> int:

@@ -1,7 +1,8 @@
 """
-mqttsvc's real service tree in the benchmark's own process, built exactly
-as C{twistd mqttsvc} builds it (C{tap.Options}, C{tap.check_values},
-C{tap.buildService}), and small helpers to wait on it.
+mqttsvc's real service tree in the calling process, built exactly as
+C{twistd mqttsvc} builds it (C{tap.Options}, C{tap.check_values},
+C{tap.buildService}), and small helpers to wait on it.  The one builder
+for the benchmarks and the tests (C{tests/service.py} adds JSON-RPC calls).
 
 In-process rather than a C{twistd} subprocess: the benchmark reads the
 writer's and the sites' own counters, hooks the commit of each message to
@@ -22,6 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from bench.workload import INSTANCE
+from mqttsvc.db.secrets import Secrets
 from mqttsvc.db.store import Store
 from mqttsvc.ingest.service import Ingest
 from mqttsvc.sites.supervisor import SiteSupervisor
@@ -32,9 +34,23 @@ class Tree:
     """
     The service tree on a database, with its JSON-RPC listener on a free
     loopback port and no tokens.
+
+    @param extra_args: more C{twistd mqttsvc} options.
+    @param instance: the C{--instance} name (in the sites' client ids).
+    @param secrets: the key for stored passwords, in place of
+        C{--secret-key-file}: trees built one after the other with the
+        same key read each other's.
+    @ivar url: the JSON-RPC endpoint, once started (L{start}).
     """
 
-    def __init__(self, reactor: Any, dsn: str, *extra_args: str) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        dsn: str,
+        *extra_args: str,
+        instance: str = INSTANCE,
+        secrets: Secrets | None = None,
+    ) -> None:
         self.reactor = reactor
         options = Options(environ={})
         options.parseOptions(
@@ -44,24 +60,36 @@ class Tree:
                 "--rpc",
                 "tcp:0:interface=127.0.0.1",
                 "--instance",
-                INSTANCE,
+                instance,
                 *extra_args,
             ]
         )
         check_values(options)
+        if secrets is not None:
+            options["secrets"] = secrets
         self.root: IService = buildService(options, reactor, None)
         self.store: Store = self.root.getServiceNamed("store")
         self.ingest: Ingest = self.root.getServiceNamed("ingest")
         self.supervisor: SiteSupervisor = self.root.getServiceNamed("sites")
+        self.port = 0
         self.url = ""
 
     async def start(self) -> None:
+        """
+        Start the tree; return once its sites are loaded and its web
+        service listens.
+        """
         self.root.startService()
         await self.supervisor.whenLoaded()
+        # The endpoint service's Deferred for its listening port.
         port = await self.root.getServiceNamed("web")._waitingForPort  # type: ignore[attr-defined]
-        self.url = f"http://127.0.0.1:{port.getHost().port}"
+        self.port = port.getHost().port
+        self.url = f"http://127.0.0.1:{self.port}/rpc"
 
     async def stop(self, within: float = 60.0) -> None:
+        """
+        Stop the tree; fail if that takes over C{within} seconds.
+        """
         stopped: Deferred[None] = self.root.stopService()
         stopped.addTimeout(within, self.reactor)
         await stopped
@@ -74,9 +102,11 @@ class Tree:
         return sum(site.messages_committed for site in self.supervisor.sites())
 
     def connected(self) -> int:
+        """Sites connected to their broker."""
         return sum(1 for site in self.supervisor.sites() if site.state.state == "connected")
 
     def subscribed(self) -> int:
+        """Sites whose every subscription the broker granted."""
         return sum(
             1
             for site in self.supervisor.sites()
@@ -102,4 +132,5 @@ async def until(
 
 
 async def sleep(reactor: Any, seconds: float) -> None:
+    """Wait C{seconds} on C{reactor}."""
     await deferLater(reactor, seconds, lambda: None)

@@ -1,7 +1,8 @@
 """
 Shared fixtures: a real PostgreSQL database created for the test run and
 dropped after it, the machine's Mosquitto, and private Mosquitto brokers
-for tests that need to stop one.
+for tests that need to stop one (the servers themselves are
+L{bench.servers}, which the benchmarks share).
 
 The reactor is imported inside fixtures, never at module level, so that
 pytest-twisted installs it first.
@@ -10,10 +11,7 @@ pytest-twisted installs it first.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -24,7 +22,8 @@ import psycopg2
 import pytest
 import pytest_twisted
 
-from mqttsvc.db import schema as database
+from bench.servers import Mosquitto, ScratchDatabase
+from bench.servers import free_port as free_port  # many tests import it from here
 
 # A deadline on every test, asynchronous fixture and teardown.
 pytest_plugins = ["tests.deadline"]
@@ -37,6 +36,10 @@ BROKER_PORT = int(os.environ.get("MQTTSVC_TEST_BROKER_PORT", "1883"))
 
 
 def admin_dsn(dbname: str = "postgres") -> str:
+    """
+    The test server's DSN for database C{dbname} (by default the one a
+    user connects to first, to create others).
+    """
     return f"host={PG_HOST} port={PG_PORT} user={PG_USER} dbname={dbname}"
 
 
@@ -54,21 +57,8 @@ def scratch_database(prefix: str) -> Iterator[str]:
     """
     A new migrated database named after C{prefix}, dropped on leaving.
     """
-    name = f"{prefix}_{uuid.uuid4().hex[:6]}"
-    admin = psycopg2.connect(admin_dsn())
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    dsn = admin_dsn(name)
-    database.migrate(dsn)
-    try:
-        yield dsn
-    finally:
-        with admin.cursor() as cur:
-            # FORCE terminates what is still connected and drops in one step
-            # (a separate pg_terminate_backend races with backends exiting).
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with ScratchDatabase(admin_dsn(), f"{prefix}_{uuid.uuid4().hex[:6]}") as scratch:
+        yield scratch.dsn
 
 
 @pytest.fixture
@@ -121,66 +111,33 @@ async def running(db_dsn: str, no_sites: None) -> AsyncIterator[Any]:
     await service.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class PrivateBroker:
+class PrivateBroker(Mosquitto):
     """
-    A Mosquitto of our own on a free port, which a test may stop and start.
+    A Mosquitto of our own on a free port (L{bench.servers.Mosquitto}),
+    which a test may stop and start: persistent, so that it keeps its
+    sessions' queues across a stop, and queueing without limit for a slow
+    subscriber, as mqttsvc's brokers should be configured (Mosquitto's
+    default drops after 1000).
+
+    @param extra_config: more C{mosquitto.conf} lines (TLS, a password file).
+    @param anonymous: whether clients may connect without a user name.
     """
 
-    def __init__(self, directory: Path, extra_config: str = "") -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.config = directory / "mosquitto.conf"
-        # Started as root, mosquitto drops to its own user, which cannot read
-        # the test's private directory: stay root.
-        run_as = "user root\n" if os.geteuid() == 0 else ""
-        self.config.write_text(
-            run_as + f"listener {self.port} 127.0.0.1\n"
-            "persistence true\n"
-            f"persistence_location {directory}/\n"
-            "allow_anonymous true\n"
-            # Queue without limit for a slow subscriber, as mqttsvc's brokers
-            # should be configured (Mosquitto's default drops after 1000).
-            "max_queued_messages 0\n"
-            f"{extra_config}"
-        )
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        with (self.directory / "mosquitto.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [mosquitto, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.process.poll() is not None:
-                    log = (self.directory / "mosquitto.log").read_text(errors="replace")
-                    raise RuntimeError(
-                        f"mosquitto exited with {self.process.returncode}: {log[-500:]}"
-                    ) from None
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening within 10 s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-        self.process = None
+    def __init__(self, directory: Path, extra_config: str = "", anonymous: bool = True) -> None:
+        settings = {
+            "persistence": "true",
+            "persistence_location": f"{directory}/",
+            "allow_anonymous": "true" if anonymous else "false",
+            "max_queued_messages": "0",
+        }
+        super().__init__(directory, settings, extra_config)
 
 
 @pytest.fixture
 def private_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
+    """
+    A started L{PrivateBroker}, stopped after the test.
+    """
     broker = PrivateBroker(tmp_path)
     broker.start()
     yield broker
@@ -199,10 +156,7 @@ def password_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
         check=True,
         capture_output=True,
     )
-    broker = PrivateBroker(tmp_path, f"password_file {passwords}\n")
-    broker.config.write_text(
-        broker.config.read_text().replace("allow_anonymous true", "allow_anonymous false")
-    )
+    broker = PrivateBroker(tmp_path, f"password_file {passwords}\n", anonymous=False)
     broker.start()
     yield broker
     broker.stop()

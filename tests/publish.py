@@ -13,6 +13,10 @@ from twisted.internet.threads import deferToThread
 
 
 def publish_blocking(host: str, port: int, messages: list[tuple[str, bytes]], retain: bool) -> None:
+    """
+    Publish C{(topic, payload)} pairs with QoS 1 from this thread, and
+    return once the broker has acknowledged all of them (10 s each at most).
+    """
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-pub-{uuid.uuid4().hex[:8]}")
     client.connect(host, port)
     client.loop_start()

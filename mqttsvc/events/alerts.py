@@ -19,18 +19,18 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from mqttsvc.db.events import Event
 
@@ -389,37 +389,30 @@ class AlertDispatcher(Service):
 
 class _Discard(Protocol):
     """
-    Reads a response body to its end and forgets it.
+    Reads a response body to its end and forgets it; L{done} fires then.
+
+    Not L{twisted.web.client.readBody}: that keeps the whole body in
+    memory, however much a receiver (anyone's server) sends, and every
+    buffer of ours is bounded.  This keeps nothing; how long it reads is
+    bounded by the attempt's timeout, and cancelling L{done} closes the
+    connection, as cancelling readBody's Deferred does.
     """
 
     def __init__(self) -> None:
-        self.done: Deferred[None] = Deferred()
+        self.done: Deferred[None] = Deferred(self._abort)
+
+    def _abort(self, done: Deferred[None]) -> None:
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
 
     def dataReceived(self, data: bytes) -> None:
         pass
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self.done.callback(None)
-
-
-@implementer(IBodyProducer)
-class _Body:
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
+        # Not after a cancel, which has fired it already.
+        if not self.done.called:
+            self.done.callback(None)
 
 
 def http_post(reactor: Any, timeout: float = TIMEOUT) -> Post:
@@ -427,17 +420,21 @@ def http_post(reactor: Any, timeout: float = TIMEOUT) -> Post:
     A L{Post} over Twisted's HTTP client: no connection is kept between
     alerts, each attempt has C{timeout} seconds.
     """
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
     from twisted.web.http_headers import Headers
 
     agent = Agent(
         reactor, pool=HTTPConnectionPool(reactor, persistent=False), connectTimeout=timeout
     )
     headers = Headers({b"Content-Type": [b"application/json"], b"User-Agent": [b"mqttsvc-alerts"]})
+    # FileBodyProducer writes through a Cooperator; the default one runs on
+    # the global reactor, this one on ours.
+    cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
 
     def post(url: str, body: bytes) -> Deferred[int]:
         async def request() -> int:
-            response = await agent.request(b"POST", url.encode(), headers, _Body(body))
+            producer = FileBodyProducer(BytesIO(body), cooperator)
+            response = await agent.request(b"POST", url.encode(), headers, producer)
             drained = _Discard()
             response.deliverBody(drained)
             await drained.done

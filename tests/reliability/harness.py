@@ -33,7 +33,9 @@ class LoadPublisher:
     """
     Publishes C{count} sensor readings for a site at C{rate} per second,
     QoS 1, on a persistent session that survives broker restarts, in a
-    thread; C{acked} counts the broker's PUBACKs.
+    thread; C{acked} counts the broker's PUBACKs.  A test whose load only
+    has to last as long as its injections calls L{finish} once they are
+    over: C{count} is then what was published.
     """
 
     def __init__(self, port: int, site_id: str, count: int, rate: float) -> None:
@@ -45,16 +47,30 @@ class LoadPublisher:
         self.published = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._finishing = False
         self.error: BaseException | None = None
 
     def payload(self, i: int) -> tuple[str, bytes]:
+        """The topic and payload of message C{i}: one reading, ts BASE + i ms."""
         return (
             f"{self.site_id}/sensor/s{i % 10}/data",
             json.dumps({"ts": BASE + i / 1000.0, "value": i}).encode(),
         )
 
     def start(self) -> None:
+        """Start publishing, in a thread of its own."""
         self._thread.start()
+
+    def finish(self) -> None:
+        """
+        Publish nothing more: what was published so far becomes the whole
+        load (C{count}), whose PUBACKs L{wait} still waits for.
+
+        @raise AssertionError: if the load had run out already, so that
+            the test's injections did not all happen under load.
+        """
+        assert self.published < self.count, "the load ran out before the injections were over"
+        self._finishing = True
 
     def _on_publish(self, *args: Any) -> None:
         with self._lock:
@@ -75,12 +91,15 @@ class LoadPublisher:
             client.loop_start()
             started = time.monotonic()
             for i in range(self.count):
+                if self._finishing:
+                    break
                 topic, body = self.payload(i)
                 client.publish(topic, body, qos=1)
                 self.published = i + 1
                 lag = started + (i + 1) / self.rate - time.monotonic()
                 if lag > 0:
                     time.sleep(lag)
+            self.count = self.published
             wait_until(lambda: self.acked >= self.count, within=120, what="every PUBACK")
             client.disconnect()
             client.loop_stop()
@@ -111,7 +130,22 @@ def readings(dsn: str, site_id: str) -> tuple[int, int]:
         conn.close()
 
 
+def all_committed(dsn: str, site_id: str, count: int, within: float) -> tuple[int, int]:
+    """
+    Wait until C{count} of a site's readings are committed, and return
+    L{readings} then: a test asserts C{(count, count)}, every message once.
+    """
+    return wait_until(
+        lambda: (r := readings(dsn, site_id))[0] >= count and r,
+        within=within,
+        what=f"all {count} readings",
+    )
+
+
 def sql(dsn: str, text: str, *params: Any) -> list[tuple[Any, ...]]:
+    """
+    Run one statement on a connection of its own (autocommit); its rows.
+    """
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     try:
@@ -186,6 +220,7 @@ class CuttableProxy:
                     pass
 
     def cut(self) -> None:
+        """Drop every connection and refuse new ones until L{restore}."""
         self.cut_off = True
         with self._lock:
             doomed = list(self._open)
@@ -196,13 +231,16 @@ class CuttableProxy:
                 pass
 
     def freeze(self) -> None:
+        """Keep every connection open but forward nothing until L{restore}."""
         self.frozen = True
 
     def restore(self) -> None:
+        """Forward again, and accept new connections."""
         self.cut_off = False
         self.frozen = False
 
     def close(self) -> None:
+        """Stop listening and drop every connection."""
         self._running = False
         self.cut()
         self._listener.close()
@@ -265,6 +303,7 @@ class Service:
         return (self.directory / f"twistd-{self.starts}.log").read_text(errors="replace")
 
     def start(self) -> None:
+        """Start it (again) and wait until it answers JSON-RPC."""
         self.starts += 1
         log = self.directory / f"twistd-{self.starts}.log"
         with log.open("wb") as out:
@@ -297,6 +336,7 @@ class Service:
         wait_until(lambda: self.call("site.status", [site_id])["subscriptions"], what="subscribed")
 
     def call(self, method: str, params: Any = None) -> Any:
+        """Call a JSON-RPC method with the token; its result (an error fails the test)."""
         import urllib.request
 
         body: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": 1}
@@ -313,6 +353,7 @@ class Service:
         return answer["result"]
 
     def metrics(self) -> str:
+        """The text of C{/metrics}."""
         import urllib.request
 
         request = urllib.request.Request(
@@ -323,6 +364,7 @@ class Service:
             return str(response.read().decode())
 
     def rss_mb(self) -> float:
+        """The process's resident memory, in MB."""
         assert self.process is not None
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -340,10 +382,12 @@ class Service:
         return time.monotonic() - started
 
     def kill(self) -> None:
+        """SIGKILL, as a crash; wait for the process to be gone."""
         assert self.process is not None
         self.process.kill()
         self.process.wait(timeout=30)
 
     def stop(self) -> None:
+        """SIGTERM, if it still runs."""
         if self.process is not None and self.process.poll() is None:
             self.terminate()

@@ -11,10 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import PrivateBroker
-from tests.reliability.harness import LoadPublisher, Service, proxied_database, readings, sql
+from tests.reliability.harness import (
+    LoadPublisher,
+    Service,
+    all_committed,
+    proxied_database,
+    readings,
+    sql,
+)
 from tests.twistd_process import wait_until
 
 OUTAGE = 20.0
+#: More messages than the scenario takes at 1,000/s: the publisher is
+#: finished once writing has resumed.
+MOST_MESSAGES = 200_000
 
 
 def _queue_depth(metrics: str) -> float:
@@ -51,8 +61,9 @@ def test_database_terminated_then_unreachable(
     service.start()
     try:
         service.add_site(site_id, private_broker.port)
-        count = 40_000
-        publisher = LoadPublisher(private_broker.port, site_id, count, 1000.0)
+        # The load lasts until writing has resumed (about 30 s); a fixed
+        # 40,000 messages ran on for another 10 s of steady load.
+        publisher = LoadPublisher(private_broker.port, site_id, MOST_MESSAGES, 1000.0)
         publisher.start()
         wait_until(lambda: readings(db_dsn, site_id)[0] > 1000, within=20, what="load flowing")
 
@@ -94,12 +105,10 @@ def test_database_terminated_then_unreachable(
         recovery = time.monotonic() - restored
         assert max(rss) - rss_before < 50, (rss_before, max(rss))
 
+        publisher.finish()
         publisher.wait()
-        final = wait_until(
-            lambda: (r := readings(db_dsn, site_id))[0] >= count and r,
-            within=90,
-            what="every reading",
-        )
+        count = publisher.count
+        final = all_committed(db_dsn, site_id, count, within=90)
         assert final == (count, count)
         # ...and afterwards as a service event that says how long and why.
         [(_, seconds)] = sql(

@@ -12,8 +12,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import PrivateBroker
-from tests.reliability.harness import Service, load_a_third, proxied_database, readings
-from tests.twistd_process import wait_until
+from tests.reliability.harness import (
+    Service,
+    all_committed,
+    load_a_third,
+    proxied_database,
+    readings,
+)
 
 COUNT = 6000
 RATE = 1000.0
@@ -48,11 +53,7 @@ def test_stopped_under_load_then_started(
         restart = time.monotonic()
         service.start()
         publisher.wait()
-        final = wait_until(
-            lambda: (r := readings(db_dsn, site_id))[0] >= COUNT and r,
-            within=60,
-            what=f"all {COUNT} readings",
-        )
+        final = all_committed(db_dsn, site_id, COUNT, within=60)
         recovered = time.monotonic() - restart
         assert final == (COUNT, COUNT), final
         assert service.call("site.status", [site_id])["state"] == "connected"
@@ -97,11 +98,7 @@ def test_sigterm_exits_in_time_while_the_database_holds_every_write(
         proxy.restore()
         service.start()
         publisher.wait()
-        final = wait_until(
-            lambda: (r := readings(db_dsn, site_id))[0] >= COUNT and r,
-            within=60,
-            what=f"all {COUNT} readings",
-        )
+        final = all_committed(db_dsn, site_id, COUNT, within=60)
         assert final == (COUNT, COUNT), final
         report["mqttsvc SIGTERM while the database holds every write"] = {
             "injected": "database frozen (connections open, nothing answered), then SIGTERM",
