@@ -401,7 +401,7 @@ async def latency_mqttsvc(reactor: Any, p: Params) -> Params:
         interval=0.05,
     )
     _result_of(warmup, "publish-steady")
-    await writer.whenIdle()
+    await writer.when_idle()
     commits = _observe_commits(writer)
     batches_before, written_before = writer.batches_written, writer.messages_written
     samples = array("d")
@@ -472,7 +472,7 @@ async def many_sites(reactor: Any, p: Params) -> Params:
         reactor, lambda: tree.connected() >= count, p["timeout"], "every site connected", 0.01
     )
     await until(reactor, lambda: tree.subscribed() >= count, p["timeout"], "every site subscribed")
-    await tree.ingest.writer.whenIdle()
+    await tree.ingest.writer.when_idle()
     await sleep(reactor, 1.0)
     rss = proc_status("VmRSS")
     cpu = time.process_time()
@@ -676,7 +676,7 @@ async def known_devices(reactor: Any, p: Params) -> Params:
     start_seconds = time.perf_counter() - started
     rss = proc_status("VmRSS")
     tracked = len(tree.ingest.devices)
-    await tree.ingest.writer.whenIdle()
+    await tree.ingest.writer.when_idle()
     [(events,)] = await tree.store.pool.query("SELECT count(*) FROM device_event")
     gc.collect()
     tracemalloc.start()

@@ -482,7 +482,7 @@ a fresh reactor, against a **private Mosquitto** (its own port and configuration
 per repetition) and a **fresh PostgreSQL database** (created, migrated with
 `mqttsvc.db.schema.migrate`, dropped). Only 127.0.0.1 is used. mqttsvc runs **in-process**,
 built exactly as `twistd mqttsvc` builds it (`tap.Options`, `tap.check_values`,
-`tap.buildService`): the benchmark reads the sites' and the writer's own counters, hooks
+`tap.build_service`): the benchmark reads the sites' and the writer's own counters, hooks
 the commit of each message to time it, and profiles the reactor thread — none of which a
 `twistd` subprocess would show — while the child process keeps memory and CPU figures
 mqttsvc's own. Sites are written into `mqtt_connection`/`mqtt_topic` by SQL, as the

@@ -1,7 +1,7 @@
 """
 mqttsvc's real service tree in the calling process, built exactly as
 C{twistd mqttsvc} builds it (C{tap.Options}, C{tap.check_values},
-C{tap.buildService}), and small helpers to wait on it.  The one builder
+C{tap.build_service}), and small helpers to wait on it.  The one builder
 for the benchmarks and the tests (C{tests/service.py} adds JSON-RPC calls).
 
 In-process rather than a C{twistd} subprocess: the benchmark reads the
@@ -27,7 +27,7 @@ from mqttsvc.db.secrets import Secrets
 from mqttsvc.db.store import Store
 from mqttsvc.ingest.service import Ingest
 from mqttsvc.sites.supervisor import SiteSupervisor
-from mqttsvc.tap import Options, buildService, check_values
+from mqttsvc.tap import Options, build_service, check_values
 
 
 class Tree:
@@ -67,7 +67,7 @@ class Tree:
         check_values(options)
         if secrets is not None:
             options["secrets"] = secrets
-        self.root: IService = buildService(options, reactor, None)
+        self.root: IService = build_service(options, reactor, None)
         self.store: Store = self.root.getServiceNamed("store")
         self.ingest: Ingest = self.root.getServiceNamed("ingest")
         self.supervisor: SiteSupervisor = self.root.getServiceNamed("sites")
@@ -80,7 +80,7 @@ class Tree:
         service listens.
         """
         self.root.startService()
-        await self.supervisor.whenLoaded()
+        await self.supervisor.when_loaded()
         # The endpoint service's Deferred for its listening port.
         port = await self.root.getServiceNamed("web")._waitingForPort  # type: ignore[attr-defined]
         self.port = port.getHost().port

@@ -43,7 +43,7 @@ from mqttsvc.control.httpserver import (
 )
 from mqttsvc.control.manhole import (
     load_host_key,
-    makeManholeService,
+    make_manhole_service,
     read_authorized_keys,
     tree_namespace,
 )
@@ -474,7 +474,7 @@ def _positive_number(name: str, value: str | float) -> float:
     return number
 
 
-def buildService(
+def build_service(
     options: Options, reactor: Any, tokens: Tokens | None, deadline: float | None = None
 ) -> RootService:
     """
@@ -593,9 +593,9 @@ def buildService(
     http.setName("web")
     http.setServiceParent(root)
     if not options["no-gc-freeze"]:
-        supervisor.whenLoaded().addCallback(lambda _: freeze_startup_heap())
+        supervisor.when_loaded().addCallback(lambda _: freeze_startup_heap())
     if options["manhole"]:
-        makeManholeService(
+        make_manhole_service(
             reactor,
             options["manhole"],
             options["manhole-keys"],
@@ -648,4 +648,4 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ],
         http=options["http-max-connections"],
     )
-    return buildService(options, reactor, tokens, options["shutdown-deadline"])
+    return build_service(options, reactor, tokens, options["shutdown-deadline"])

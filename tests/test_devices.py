@@ -424,7 +424,7 @@ async def test_known_devices_go_offline_after_every_restart(
         # both reconcile at start; add a third for good measure.
         service.supervisor.resync()
         try:
-            await service.supervisor.whenLoaded()
+            await service.supervisor.when_loaded()
             await publish([(f"{site_id}/gateway/probe/heartbeat", j({"status": "ok"}))])
             await eventually(
                 lambda: offline() == count + 1,

@@ -583,7 +583,7 @@ def test_illegal_input_raises() -> None:
     """An input with no transition from the current state is an error, not a no-op."""
     h = Harness()
     with pytest.raises(Exception, match="no transition"):
-        h.site._machine._retryDue()
+        h.site._machine._retry_due()
 
 
 def test_a_processing_bug_becomes_a_dead_letter(monkeypatch: Any) -> None:

@@ -43,7 +43,7 @@ async def assert_consistent(running: RunningService) -> dict[str, Any]:
 
     @return: the C{service.status} answer.
     """
-    await running.ingest.writer.whenIdle()
+    await running.ingest.writer.when_idle()
     listed = (await running.call("site.list", {"limit": 100}))["items"]
     expected: dict[str, Any] = {"state": "RUNNING", "total": len(listed)}
     expected.update(dict.fromkeys(STATUSES, 0))
@@ -220,7 +220,7 @@ async def test_status_calls_of_running_sites_need_no_database(
     )
     await state_of(running, site_id, "connected")
     before = await running.call("site.status", [site_id])
-    await running.ingest.writer.whenIdle()
+    await running.ingest.writer.when_idle()
 
     async def unreachable(*args: Any, **kwargs: Any) -> Any:
         raise DatabaseUnavailable("the test cut it off")

@@ -318,7 +318,7 @@ async def test_lanes_write_sites_side_by_side(db_dsn: str, sql: Any, site_id: st
         for site in (a, b):
             done.append(lanes.submit([TopicSeen(site, f"{site}/t", at)]))
     await gatherResults(done)
-    await lanes.whenIdle()
+    await lanes.when_idle()
     assert pool.open_connections == 2
     assert [lane.messages_written for lane in lanes.lanes] == [200, 200]
     assert lanes.messages_written == 400

@@ -404,7 +404,7 @@ def tree_namespace(root: MultiService, reactor: Any) -> NamespaceFactory:
     return namespace
 
 
-def makeManholeService(
+def make_manhole_service(
     reactor: Any,
     endpoint_description: str,
     authorized_keys_path: str,

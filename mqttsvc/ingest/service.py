@@ -119,7 +119,7 @@ class Ingest(Service):
     async def _stop(self) -> None:
         # The sites have stopped before us: write what is left, but never
         # hang shutdown on a database that is gone.
-        idle = self.writer.whenIdle()
+        idle = self.writer.when_idle()
         idle.addTimeout(DRAIN_TIMEOUT, self._clock)
         try:
             await idle

@@ -353,7 +353,7 @@ class BatchWriter:
             self._records.events.append(event)
         self._kick()
 
-    def whenIdle(self) -> Deferred[None]:
+    def when_idle(self) -> Deferred[None]:
         """
         Fire when everything queued so far has been written.
         """
@@ -823,8 +823,8 @@ class WriterLanes:
     def set_status(self, update: StatusUpdate, event: ConnectionEvent | None = None) -> None:
         self.lane(update.site_id).set_status(update, event)
 
-    def whenIdle(self) -> Deferred[None]:
-        return _all([lane.whenIdle() for lane in self._lanes])
+    def when_idle(self) -> Deferred[None]:
+        return _all([lane.when_idle() for lane in self._lanes])
 
     def stop(self) -> None:
         for lane in self._lanes:

@@ -208,10 +208,10 @@ class _SiteInputs(Protocol):
     def restart(self) -> None:
         "(Re)connect now; the caller has reset the retry count."
 
-    def _resumeWaiting(self) -> None:
+    def _resume_waiting(self) -> None:
         "Start as the database left it: waiting until next_retry."
 
-    def _resumeError(self) -> None:
+    def _resume_error(self) -> None:
         "Start as the database left it: given up, probing at next_retry."
 
     def _connected(self, session_present: bool) -> None:
@@ -220,7 +220,7 @@ class _SiteInputs(Protocol):
     def _proven(self) -> None:
         "The connection has proven itself (see L{PROVING_TIME})."
 
-    def _connectFailed(self) -> None:
+    def _connect_failed(self) -> None:
         "An attempt failed (already recorded); another one is due later."
 
     def _exhausted(self) -> None:
@@ -232,10 +232,10 @@ class _SiteInputs(Protocol):
     def _lost(self) -> None:
         "An established connection ended (already recorded)."
 
-    def _retryDue(self) -> None:
+    def _retry_due(self) -> None:
         "The wait before the next attempt is over."
 
-    def _probeDue(self) -> None:
+    def _probe_due(self) -> None:
         "Time for a site in error to try once more."
 
     def _closed(self) -> None:
@@ -454,10 +454,10 @@ class _SiteCore:
         closing.addBoth(closed)
 
 
-def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
+def _make_machine() -> Callable[[_SiteCore], _SiteInputs]:
     machine = TypeMachineBuilder(_SiteInputs, _SiteCore)
 
-    def attemptConnection(c: _SiteInputs, s: _SiteCore) -> int:
+    def attempt_connection(c: _SiteInputs, s: _SiteCore) -> int:
         s.attempt += 1
         token = s.attempt
         s.enter(CONNECTING)
@@ -475,20 +475,20 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
             if s.record_failure(error):
                 c._exhausted()
             else:
-                c._connectFailed()
+                c._connect_failed()
 
         s.client.connect().addCallbacks(connected, failed)
         return token
 
-    def scheduleRetry(c: _SiteInputs, s: _SiteCore) -> IDelayedCall:
-        call = s.clock.callLater(s.until_next_retry(), c._retryDue)
+    def schedule_retry(c: _SiteInputs, s: _SiteCore) -> IDelayedCall:
+        call = s.clock.callLater(s.until_next_retry(), c._retry_due)
         s.enter(WAITING)
         return call
 
-    def scheduleProbe(c: _SiteInputs, s: _SiteCore) -> IDelayedCall:
+    def schedule_probe(c: _SiteInputs, s: _SiteCore) -> IDelayedCall:
         if s.next_retry is None:
             s.next_retry = datetime.fromtimestamp(s.clock.seconds() + s.probe_interval, UTC)
-        call = s.clock.callLater(s.until_next_retry(), c._probeDue)
+        call = s.clock.callLater(s.until_next_retry(), c._probe_due)
         if s.state is None or s.state.state != ERROR:
             s.log.error(
                 "site {site_id} gave up after {retries} failed attempts ({error}); "
@@ -501,7 +501,7 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
         s.enter(ERROR)
         return call
 
-    def becomeConnected(c: _SiteInputs, s: _SiteCore, session_present: bool) -> BrokerClient:
+    def become_connected(c: _SiteInputs, s: _SiteCore, session_present: bool) -> BrokerClient:
         # The retry count stays until the connection proves itself.
         s.last_error = None
         s.next_retry = None
@@ -519,28 +519,28 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
         return s.client
 
     Stopped = machine.state(STOPPED)
-    Connecting = machine.state(CONNECTING, attemptConnection)
-    Connected = machine.state(CONNECTED, becomeConnected)
-    Waiting = machine.state(WAITING, scheduleRetry)
-    Error = machine.state(ERROR, scheduleProbe)
+    Connecting = machine.state(CONNECTING, attempt_connection)
+    Connected = machine.state(CONNECTED, become_connected)
+    Waiting = machine.state(WAITING, schedule_retry)
+    Error = machine.state(ERROR, schedule_probe)
     Stopping = machine.state(STOPPING)
     Restarting = machine.state(RESTARTING)
 
     Stopped.upon(_SiteInputs.start).to(Connecting).returns(None)
     Stopped.upon(_SiteInputs.restart).to(Connecting).returns(None)
-    Stopped.upon(_SiteInputs._resumeWaiting).to(Waiting).returns(None)
-    Stopped.upon(_SiteInputs._resumeError).to(Error).returns(None)
+    Stopped.upon(_SiteInputs._resume_waiting).to(Waiting).returns(None)
+    Stopped.upon(_SiteInputs._resume_error).to(Error).returns(None)
     Connecting.upon(_SiteInputs.start).loop().returns(None)
     Connecting.upon(_SiteInputs._connected).to(Connected).returns(None)
-    Connecting.upon(_SiteInputs._connectFailed).to(Waiting).returns(None)
+    Connecting.upon(_SiteInputs._connect_failed).to(Waiting).returns(None)
     Connecting.upon(_SiteInputs._exhausted).to(Error).returns(None)
     Connected.upon(_SiteInputs.start).loop().returns(None)
     Connected.upon(_SiteInputs._lost).to(Waiting).returns(None)
     Connected.upon(_SiteInputs._exhausted).to(Error).returns(None)
     Waiting.upon(_SiteInputs.start).loop().returns(None)
-    Waiting.upon(_SiteInputs._retryDue).to(Connecting).returns(None)
+    Waiting.upon(_SiteInputs._retry_due).to(Connecting).returns(None)
     Error.upon(_SiteInputs.start).loop().returns(None)
-    Error.upon(_SiteInputs._probeDue).to(Connecting).returns(None)
+    Error.upon(_SiteInputs._probe_due).to(Connecting).returns(None)
     Stopping.upon(_SiteInputs.start).to(Restarting).returns(None)
     Stopping.upon(_SiteInputs.restart).to(Restarting).returns(None)
     Restarting.upon(_SiteInputs.start).loop().returns(None)
@@ -553,14 +553,14 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
         s.enter(CONNECTED)
 
     @pep614(Stopped.upon(_SiteInputs.stop).loop())
-    def alreadyStopped(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
+    def already_stopped(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
         return succeed(None)
 
-    def cancelTimer(c: _SiteInputs, s: _SiteCore, timer: IDelayedCall) -> None:
+    def cancel_timer(c: _SiteInputs, s: _SiteCore, timer: IDelayedCall) -> None:
         timer.cancel()
         s.next_retry = None
 
-    def stopTimer(c: _SiteInputs, s: _SiteCore, timer: IDelayedCall) -> Deferred[None]:
+    def stop_timer(c: _SiteInputs, s: _SiteCore, timer: IDelayedCall) -> Deferred[None]:
         if s.shutting_down:
             # Nothing is written: the row keeps this site's status, retry
             # count and next retry (or the backend's change to them), and
@@ -578,36 +578,36 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
             )
             s.state = s.snapshot(STOPPED)
             return succeed(None)
-        cancelTimer(c, s, timer)
+        cancel_timer(c, s, timer)
         s.enter(STOPPED)
         return succeed(None)
 
-    pep614(Waiting.upon(_SiteInputs.stop).to(Stopped))(stopTimer)
-    pep614(Error.upon(_SiteInputs.stop).to(Stopped))(stopTimer)
-    pep614(Waiting.upon(_SiteInputs.restart).to(Connecting))(cancelTimer)
-    pep614(Error.upon(_SiteInputs.restart).to(Connecting))(cancelTimer)
+    pep614(Waiting.upon(_SiteInputs.stop).to(Stopped))(stop_timer)
+    pep614(Error.upon(_SiteInputs.stop).to(Stopped))(stop_timer)
+    pep614(Waiting.upon(_SiteInputs.restart).to(Connecting))(cancel_timer)
+    pep614(Error.upon(_SiteInputs.restart).to(Connecting))(cancel_timer)
 
-    def beginStopping(c: _SiteInputs, s: _SiteCore, data: object) -> Deferred[None]:
+    def begin_stopping(c: _SiteInputs, s: _SiteCore, data: object) -> Deferred[None]:
         waiter = s.wait_for_stop()
         s.enter(STOPPING)
         s.close(c)
         return waiter
 
-    def beginRestarting(c: _SiteInputs, s: _SiteCore, data: object) -> None:
+    def begin_restarting(c: _SiteInputs, s: _SiteCore, data: object) -> None:
         s.enter(RESTARTING)
         s.close(c)
 
-    pep614(Connecting.upon(_SiteInputs.stop).to(Stopping))(beginStopping)
-    pep614(Connected.upon(_SiteInputs.stop).to(Stopping))(beginStopping)
-    pep614(Connecting.upon(_SiteInputs.restart).to(Restarting))(beginRestarting)
-    pep614(Connected.upon(_SiteInputs.restart).to(Restarting))(beginRestarting)
+    pep614(Connecting.upon(_SiteInputs.stop).to(Stopping))(begin_stopping)
+    pep614(Connected.upon(_SiteInputs.stop).to(Stopping))(begin_stopping)
+    pep614(Connecting.upon(_SiteInputs.restart).to(Restarting))(begin_restarting)
+    pep614(Connected.upon(_SiteInputs.restart).to(Restarting))(begin_restarting)
 
     @pep614(Stopping.upon(_SiteInputs.stop).loop())
-    def alreadyStopping(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
+    def already_stopping(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
         return s.wait_for_stop()
 
     @pep614(Restarting.upon(_SiteInputs.stop).to(Stopping))
-    def stopRestarting(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
+    def stop_restarting(c: _SiteInputs, s: _SiteCore) -> Deferred[None]:
         s.enter(STOPPING)
         return s.wait_for_stop()
 
@@ -623,7 +623,7 @@ def _makeMachine() -> Callable[[_SiteCore], _SiteInputs]:
     return machine.build()
 
 
-_SiteMachine = _makeMachine()
+_SiteMachine = _make_machine()
 
 
 class SiteService(Service):
@@ -776,10 +776,10 @@ class SiteService(Service):
             core.next_retry = resume.next_retry
             core.reason = "resumed after a restart of mqttsvc"
             if resume.status == "error":
-                self._machine._resumeError()
+                self._machine._resume_error()
                 return
             if core.until_next_retry() > 0:
-                self._machine._resumeWaiting()
+                self._machine._resume_waiting()
                 return
         self._machine.start()
 

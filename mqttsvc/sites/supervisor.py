@@ -186,7 +186,7 @@ class SiteSupervisor(MultiService):
         """
         return self._loaded.called
 
-    def whenLoaded(self) -> Deferred[None]:
+    def when_loaded(self) -> Deferred[None]:
         """
         Fire once the sites in the database have been reconciled for the
         first time.

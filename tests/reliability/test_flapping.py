@@ -99,7 +99,7 @@ async def test_hundred_sites_flapping(
         private_broker.start()
     for site_id in sites:
         await running.call("site.delete", [site_id])
-    await running.ingest.writer.whenIdle()
+    await running.ingest.writer.when_idle()
 
     assert running.supervisor.sites() == []
     await eventually(lambda: descriptors() == 0, what="no MQTT socket left in the reactor")

@@ -400,7 +400,7 @@ class SiteMethods:
     async def _settled_status(self, site_id: str) -> dict[str, Any]:
         # The row's status columns are written by the batch writer; wait for
         # it so that what we return and what the row says agree.
-        await self._writer.whenIdle()
+        await self._writer.when_idle()
         return self._status(await self._row(site_id))
 
     async def site_start(self, call: Call) -> dict[str, Any]:
