@@ -17,21 +17,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from bench.wire import remaining_length
+
 CONNECT, PUBACK, PUBREC, SUBSCRIBE, PINGREQ, DISCONNECT = 1, 4, 5, 8, 12, 14
 
 
-def varint(length: int) -> bytes:
-    """The MQTT variable byte integer."""
-    encoded = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        encoded.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(encoded)
-
-
 def _packet(kind: int, flags: int, body: bytes) -> bytes:
-    return bytes([kind << 4 | flags]) + varint(len(body)) + body
+    return bytes([kind << 4 | flags]) + remaining_length(len(body)) + body
 
 
 def publish_header(
@@ -46,7 +38,7 @@ def publish_header(
         body += mid.to_bytes(2, "big")
     if v5:
         body += b"\x00"
-    return bytes([0x30 | qos << 1]) + varint(len(body) + payload_size) + body
+    return bytes([0x30 | qos << 1]) + remaining_length(len(body) + payload_size) + body
 
 
 def pattern(size: int, chunk: int = 64 * 1024) -> Iterator[bytes]:

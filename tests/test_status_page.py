@@ -6,10 +6,8 @@ second of a broker dying, and its restart button reconnects the site.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 
 from tests.browser import Browser, find_browser
 from tests.conftest import BROKER_HOST, BROKER_PORT, PrivateBroker
-from tests.twistd_process import TwistdService, wait_until
+from tests.twistd_process import TwistdService, rpc_call, wait_until
 
 T = TypeVar("T")
 
@@ -42,21 +40,7 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
 
 
 def rpc(service: TwistdService, method: str, params: Any = None) -> Any:
-    body: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": 1}
-    if params is not None:
-        body["params"] = params
-    request = urllib.request.Request(
-        service.url,
-        data=json.dumps(body).encode(),
-        headers={
-            "Content-Type": "application/json",
-            "Authorization": f"Bearer {service.TOKEN}",
-        },
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        reply = json.loads(response.read())
-    assert "error" not in reply, reply
-    return reply["result"]
+    return rpc_call(service.url, service.TOKEN, method, params, timeout=10)
 
 
 def badge(browser: Browser, site: str) -> str | None:
@@ -69,22 +53,8 @@ def badge(browser: Browser, site: str) -> str | None:
 
 
 def poll(check: Callable[[], T], within: float, what: str, interval: float = 0.02) -> T:
-    return (
-        wait_until(check, within=within, what=what)
-        if interval >= 0.05
-        else _fast(check, within, what, interval)
-    )
-
-
-def _fast(check: Callable[[], T], within: float, what: str, interval: float) -> T:
-    deadline = time.monotonic() + within
-    while True:
-        last = check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {within}s (last: {last!r})")
-        time.sleep(interval)
+    """Poll every 20 ms by default: the page's reactions are timed to within a second."""
+    return wait_until(check, within=within, what=what, interval=interval)
 
 
 def test_status_page_shows_sites_and_reacts_live(

@@ -6,6 +6,7 @@ the C{mqttsvc} command.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tests.conftest import free_port
 
@@ -32,11 +33,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def wait_until(check: Callable[[], T], *, within: float = 10.0, what: str = "the condition") -> T:
+def wait_until(
+    check: Callable[[], T],
+    *,
+    within: float = 10.0,
+    what: str = "the condition",
+    interval: float = 0.05,
+) -> T:
     """
-    Call C{check} until it returns something truthy and return that; fail
-    with the last value seen once C{within} seconds have passed.  (Blocking:
-    for tests that do not run the reactor.)
+    Call C{check} every C{interval} seconds until it returns something
+    truthy and return that; fail with the last value seen once C{within}
+    seconds have passed.  (Blocking: for tests that do not run the reactor.)
     """
     deadline = time.monotonic() + within
     while True:
@@ -45,7 +52,26 @@ def wait_until(check: Callable[[], T], *, within: float = 10.0, what: str = "the
             return last
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {within}s (last: {last!r})")
-        time.sleep(0.05)
+        time.sleep(interval)
+
+
+def rpc_call(url: str, token: str, method: str, params: Any = None, timeout: float = 20) -> Any:
+    """
+    Call a JSON-RPC method of a running mqttsvc with a bearer token and
+    return its result; an error answer fails the test.
+    """
+    body: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": 1}
+    if params is not None:
+        body["params"] = params
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        answer = json.loads(response.read())
+    assert "error" not in answer, answer
+    return answer["result"]
 
 
 class TwistdService:

@@ -21,7 +21,7 @@ import psycopg2
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import free_port
-from tests.twistd_process import BIN, clean_env, wait_until
+from tests.twistd_process import BIN, clean_env, rpc_call, wait_until
 
 #: Readings carry ts = BASE + i milliseconds: unique per message, so the
 #: table's unique key makes duplicates visible as a shortfall, never as
@@ -337,20 +337,7 @@ class Service:
 
     def call(self, method: str, params: Any = None) -> Any:
         """Call a JSON-RPC method with the token; its result (an error fails the test)."""
-        import urllib.request
-
-        body: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": 1}
-        if params is not None:
-            body["params"] = params
-        request = urllib.request.Request(
-            self.url,
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.TOKEN}"},
-        )
-        with urllib.request.urlopen(request, timeout=20) as response:
-            answer = json.loads(response.read())
-        assert "error" not in answer, answer
-        return answer["result"]
+        return rpc_call(self.url, self.TOKEN, method, params)
 
     def metrics(self) -> str:
         """The text of C{/metrics}."""
