@@ -278,9 +278,10 @@ def test_console_holds_the_live_service_tree(
         console.expect(">>> ")
         console.type(
             "print('tree', type(root).__name__, type(supervisor).__name__, "
-            "type(store).__name__, reactor.running, supervisor is root.getServiceNamed('sites'))\r"
+            "type(store).__name__, type(ingest).__name__, reactor.running, "
+            "supervisor is root.getServiceNamed('sites'))\r"
         )
-        assert "tree RootService SiteSupervisor Store True True" in console.expect(r">>> $")
+        assert "tree RootService SiteSupervisor Store Ingest True True" in console.expect(r">>> $")
         console.type("print('sites', sorted(sites), sites['north'].running)\r")
         assert "sites ['north'] 1" in console.expect(r">>> $")
 

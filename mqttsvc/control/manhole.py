@@ -388,7 +388,8 @@ def tree_namespace(root: MultiService, reactor: Any) -> NamespaceFactory:
     """
     The console namespace of mqttsvc's service tree: C{root}, C{supervisor}
     (the C{"sites"} service), C{sites} (site id to running C{SiteService},
-    the supervisor's live mapping), C{store} and C{reactor}.
+    the supervisor's live mapping), C{store}, C{ingest} (the writer and
+    device liveness) and C{reactor}.
     """
 
     def namespace() -> dict[str, object]:
@@ -398,6 +399,7 @@ def tree_namespace(root: MultiService, reactor: Any) -> NamespaceFactory:
             "supervisor": supervisor,
             "sites": supervisor.namedServices,
             "store": root.getServiceNamed("store"),
+            "ingest": root.getServiceNamed("ingest"),
             "reactor": reactor,
         }
 
