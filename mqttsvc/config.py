@@ -272,7 +272,7 @@ DEFAULT_MAX_DEVICES = 100_000
 MAX_DEVICES_LIMIT = 100_000_000
 
 #: The most of a dead letter's payload that is kept, in bytes; its full size
-#: and SHA-256 are kept beside it.  Also what the transport keeps of a
+#: and SHA-256 are kept beside it.  Also what the broker connection keeps of a
 #: payload over the limit while it discards the rest unread into memory.
 DEAD_LETTER_KEEP = 64 * 1024
 

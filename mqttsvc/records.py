@@ -134,7 +134,7 @@ class DeadLetter:
     escapes it and keeps the raw bytes beside it (L{mqttsvc.db.batch}).
 
     @ivar size: the payload's full size in bytes when C{payload} is only its
-        beginning (the transport did not keep the rest); None when it is
+        beginning (the broker connection did not keep the rest); None when it is
         whole.
     @ivar sha256: the full payload's SHA-256 when it was cut.
     """

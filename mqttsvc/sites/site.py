@@ -645,7 +645,7 @@ class SiteService(Service):
     @param devices: device liveness, which learns of every device that
         speaks (a L{DeviceTracker}).
     @param max_payload: payloads larger than this (bytes) are dead letters;
-        the transport holds no more of one than
+        the broker connection holds no more of one than
         L{mqttsvc.config.DEAD_LETTER_KEEP}.
     @param max_clock_skew: seconds a message's C{ts} may be ahead of its
         receive time; further ahead it is a dead letter.
