@@ -16,7 +16,7 @@ from typing import Any
 import psycopg2
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import Deferred, DeferredQueue, gatherResults
 from twisted.internet.task import deferLater
 
 from mqttsvc.db.batch import batch_statements, write_effects
@@ -674,3 +674,41 @@ async def test_a_batch_waits_for_an_acquisition_in_progress_then_is_fenced(
     assert fenced_sites(fenced.value) == ["s1"]
     assert readings(sql, "s1") == 0
     assert lease(sql, "s1") == ("b", 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeats_and_batches_of_many_sites_never_deadlock(
+    leases_dsn: str, leases: Leases, sql: Any
+) -> None:
+    """
+    Fifty sites whose lease rows lie in reverse site order on disk: thirty
+    heartbeats of a run while three connections write twenty fenced
+    batches of all fifty sites each.  Heartbeats and batches lock the rows
+    in site order, so every one of them succeeds (a deadlock would abort
+    one after deadlock_timeout).
+    """
+    from twisted.internet import reactor
+
+    site_ids = [f"s{i:02}" for i in range(50)]
+    add_sites(sql, *reversed(site_ids))
+    await leases.heartbeat("a", TTL)
+    for site_id in reversed(site_ids):
+        assert await leases.acquire("a", site_id, TTL) == 1
+    writers = ConnectionPool(reactor, leases_dsn, size=3)
+    fence = Fence("a", tuple(site_ids), (1,) * len(site_ids))
+
+    async def write() -> None:
+        for _ in range(20):
+            await write_effects(writers.operation, batch(*site_ids), fence=fence)
+
+    async def beat() -> None:
+        for _ in range(30):
+            assert await leases.heartbeat("a", TTL) == dict.fromkeys(site_ids, 1)
+
+    try:
+        work = [Deferred.fromCoroutine(write()) for _ in range(3)]
+        work.append(Deferred.fromCoroutine(beat()))
+        await gatherResults(work, consumeErrors=True).addTimeout(WAIT * 6, reactor)
+    finally:
+        writers.close()
+    assert readings(sql, *site_ids) == len(site_ids)
