@@ -15,6 +15,8 @@ what they mean:
   - L{events}: C{event_log} and the connection and device histories;
   - L{dead_letters}: dead letters, and their purge and replay;
   - L{batch}: the statements of one batch of the ingest writer;
+  - L{leases}: a cluster's instances, the site leases and the fence of a
+    site owner's batches;
   - L{pages}: keyset pages and the one way a stored time is shown.
 
 No module of mqttsvc outside this package writes SQL or imports a

@@ -7,6 +7,9 @@ rows travel as arrays that C{unnest} turns back into rows.  The statements
 of a batch are sent as one query: one round trip and, without an explicit
 C{BEGIN}, one implicit transaction of their own (L{write_effects} on a pool's
 C{operation}), or part of the caller's transaction when sent on its cursor.
+A batch written by a site's owner in a cluster starts with its fence
+(L{mqttsvc.db.leases.Fence}), which refuses it whole once a site has
+changed owner.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from mqttsvc.config import DEAD_LETTER_KEEP, MAX_TOPIC_BYTES
+from mqttsvc.db.leases import Fence
 from mqttsvc.records import (
     ConnectionEvent,
     DeadLetter,
@@ -128,6 +132,10 @@ INSERT INTO dead_letter (site_id, topic, topic_raw, payload, payload_size, paylo
 SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::bytea[], %s::bigint[], %s::bytea[],
                      %s::text[], %s::timestamptz[])
 """
+
+#: A fenced batch's first statement (migration 0012): it raises SQLSTATE
+#: C{MQFNC} unless the instance owns every site at its epoch.
+_FENCE = "SELECT mqttsvc_fence(%s, %s::text[], %s::bigint[])"
 
 #: The longest reason kept with a dead letter or an error, in characters.
 MAX_REASON = 1000
@@ -411,6 +419,8 @@ def batch_statements(
     effects: Iterable[Effect],
     statuses: Iterable[StatusUpdate] = (),
     events: Iterable[ConnectionEvent] = (),
+    *,
+    fence: Fence | None = None,
 ) -> tuple[str, list[Any]] | None:
     """
     Everything a batch writes, as one SQL text of several statements (one
@@ -420,6 +430,13 @@ def batch_statements(
     Sent as one query, the statements are one round trip and, without an
     explicit C{BEGIN}, one implicit transaction: all of them are committed,
     or none.
+
+    With a C{fence}, the first statement is C{mqttsvc_fence}: it raises
+    (L{mqttsvc.db.leases.fenced_sites} names the stale sites) unless the
+    fence's instance still owns each of its sites at its epoch, and holds
+    those leases (C{FOR SHARE}) until the batch commits, so that none
+    changes owner meanwhile.  Nothing to write is still None: there is
+    nothing to fence.
     """
     fold = _Fold()
     add = fold.add
@@ -534,6 +551,9 @@ def batch_statements(
         )
     if not sql:
         return None
+    if fence is not None:
+        sql.insert(0, _FENCE)
+        params[:0] = [fence.instance, text_array(fence.sites), number_array(fence.epochs)]
     return ";\n".join(sql), params
 
 
@@ -547,12 +567,15 @@ async def write_effects(
     effects: Iterable[Effect],
     statuses: Iterable[StatusUpdate] = (),
     events: Iterable[ConnectionEvent] = (),
+    *,
+    fence: Fence | None = None,
 ) -> None:
     """
     Write effects, site statuses and connection events with one statement
     per table, sent as one query through C{execute} (see L{Executes});
-    nothing when there is nothing to write.
+    nothing when there is nothing to write.  With a C{fence}, all of it
+    or nothing is written under it (see L{batch_statements}).
     """
-    script = batch_statements(effects, statuses, events)
+    script = batch_statements(effects, statuses, events, fence=fence)
     if script is not None:
         await execute(*script)
