@@ -16,6 +16,7 @@ import attrs
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 
 from mqttsvc.cluster.assignment import assign
 from mqttsvc.cluster.keeper import (
@@ -72,7 +73,7 @@ class FakeDatabase:
     def notify(self) -> None:
         # Delivered after the transaction, as NOTIFY is.
         for node in self.nodes:
-            self.clock.callLater(0, node.keeper.poke)
+            node.clock.callLater(0, node.keeper.poke)
 
     def owner(self, site_id: str) -> str | None:
         lease = self.leases.get(site_id)
@@ -84,8 +85,10 @@ class FakeDatabase:
         run it (a site being handed over runs until it has stopped).
         """
         for site_id in self.sites:
-            holders = [n.name for n in self.nodes if n.keeper.owns(site_id)]
-            running = [n.name for n in self.nodes if site_id in n.running]
+            # A frozen process holds nothing it could act on; what it holds
+            # when it resumes is checked then.
+            holders = [n.name for n in self.nodes if n.keeper.owns(site_id) and not n.frozen]
+            running = [n.name for n in self.nodes if site_id in n.running and not n.frozen]
             assert len(holders) <= 1, f"at {self.now()}: {site_id} held by {holders}"
             assert len(running) <= 1, f"at {self.now()}: {site_id} runs on {running}"
 
@@ -103,8 +106,10 @@ class FakeLeases:
     Each request can be made to fail, or to reach the database late.
     """
 
-    def __init__(self, db: FakeDatabase) -> None:
+    def __init__(self, db: FakeDatabase, clock: Clock) -> None:
         self._db = db
+        #: The instance's clock, on which answers reach it.
+        self._clock = clock
         self.failing = False
         #: Seconds the next heartbeat takes to reach the database.
         self.heartbeat_latency = 0.0
@@ -127,8 +132,7 @@ class FakeLeases:
             # keeper has given up waiting for it.
             held = self._heartbeat(instance, ttl)
             self.late_answers.append(held)
-            if not answer.called:
-                answer.callback(held)
+            self._clock.callLater(0, lambda: None if answer.called else answer.callback(held))
 
         self._db.clock.callLater(latency, arrive)
         return await answer
@@ -174,9 +178,9 @@ class FakeLeases:
         # At the instant the database hands the lease over, nobody else
         # holds or runs the site.
         for node in db.nodes:
-            if node.name != instance:
+            if node.name != instance and not node.frozen:
                 assert not node.keeper.owns(site_id), f"{node.name} still holds {site_id}"
-                assert site_id not in node.running, f"{node.name} still runs {site_id}"
+                assert site_id not in node.running or node.frozen, f"{node.name} runs {site_id}"
         lease.owner, lease.epoch, lease.expires_at = instance, lease.epoch + 1, db.now() + ttl
         db.journal.append((db.now(), "acquire", instance, site_id, lease.epoch))
         return lease.epoch
@@ -213,17 +217,21 @@ class Node:
         db: FakeDatabase,
         name: str,
         stop_time: float = 0.2,
+        clock: Clock | None = None,
         **options: Any,
     ) -> None:
         self.db = db
         self.name = name
         self.stop_time = stop_time
-        self.leases = FakeLeases(db)
+        #: The instance's own clock, when it can be frozen (SIGSTOP).
+        self.clock = clock or db.clock
+        self.frozen = False
+        self.leases = FakeLeases(db, self.clock)
         self.running: dict[str, int] = {}
         self.lost: list[tuple[float, str]] = []
         self.hand_over_starts: list[float] = []
         self.keeper = LeaseKeeper(
-            db.clock,
+            self.clock,
             self.leases,
             name,
             on_acquired=self._acquired,
@@ -252,7 +260,7 @@ class Node:
                 )
             stopped.callback(None)
 
-        self.db.clock.callLater(self.stop_time, done)
+        self.clock.callLater(self.stop_time, done)
         return stopped
 
     def owned(self) -> set[str]:
@@ -263,14 +271,25 @@ def sites(count: int) -> list[str]:
     return [f"site_{n:03d}" for n in range(count)]
 
 
+def step(db: FakeDatabase) -> None:
+    """
+    One step of the database's clock and of every instance's own clock
+    that is not frozen; then check that no site has two owners.
+    """
+    db.clock.advance(STEP)
+    for node in db.nodes:
+        if node.clock is not db.clock and not node.frozen:
+            node.clock.advance(STEP)
+    db.check()
+
+
 def run(db: FakeDatabase, seconds: float) -> None:
     """
-    Advance the clock by C{seconds}, checking after every step that no
+    Advance the clocks by C{seconds}, checking after every step that no
     site has two owners.
     """
     for _ in range(round(seconds / STEP)):
-        db.clock.advance(STEP)
-        db.check()
+        step(db)
 
 
 def run_until(db: FakeDatabase, done: Callable[[], bool], within: float) -> float:
@@ -281,8 +300,7 @@ def run_until(db: FakeDatabase, done: Callable[[], bool], within: float) -> floa
     start = db.now()
     while not done():
         assert db.now() - start < within, f"not done within {within}s"
-        db.clock.advance(STEP)
-        db.check()
+        step(db)
     return db.now() - start
 
 
@@ -317,9 +335,10 @@ def finish(db: FakeDatabase) -> None:
     for node in db.nodes:
         if node.keeper.running:
             stop(db, node)
-    db.clock.advance(0)
-    db.clock.advance(max((n.stop_time for n in db.nodes), default=0))
-    assert db.clock.getDelayedCalls() == []
+    for clock in {db.clock, *(n.clock for n in db.nodes)}:
+        clock.advance(0)
+        clock.advance(max((n.stop_time for n in db.nodes), default=0))
+        assert clock.getDelayedCalls() == []
 
 
 def test_the_fake_database_is_a_lease_store() -> None:
@@ -534,6 +553,58 @@ def test_a_renewal_that_arrives_after_the_leases_were_taken_loses_them(clock: Cl
             assert epoch > held[site_id], f"{site_id} kept its old epoch"
     for site_id, old in held.items():
         assert db.leases[site_id].epoch > old
+    finish(db)
+
+
+def test_a_process_frozen_for_60s_holds_nothing_when_it_resumes(clock: Clock) -> None:
+    """
+    SIGSTOP for 60 s, then SIGCONT: while it is frozen the other instance
+    takes its sites once its leases expire.  From the instant it resumes,
+    before any of its timers has run, it holds nothing (owns() is false,
+    the fence carries NO_EPOCH, and every epoch it held is stale in the
+    database); the renewal it sent before freezing, answered after, is not
+    trusted; it stops every site, then rejoins and takes its share again
+    by hand-over, with new epochs.
+    """
+    db = FakeDatabase(clock, sites(40))
+    a = Node(db, "a", clock=Clock())
+    b = Node(db, "b")
+    a.keeper.startService()
+    clock.advance(0.5)
+    b.keeper.startService()
+    run_until(db, settled(db, ["a", "b"]), within=30)
+    # Its next heartbeat reaches the database; the process is frozen
+    # before the answer reaches it.
+    a.leases.heartbeat_latency = 0.1
+    run_until(db, lambda: a.leases.heartbeat_latency == 0, within=LEASE_RENEW + STEP)
+    a.frozen = True
+    held = a.keeper.owned()
+    assert held and not a.leases.late_answers
+    run(db, 60)
+    assert a.leases.late_answers
+    assert {db.owner(s) for s in held} == {"b"}
+    # SIGCONT: the time has passed, nothing has run yet.
+    a.clock.rightNow = db.now()
+    a.frozen = False
+    assert a.keeper.owned() == {} and not any(a.keeper.owns(s) for s in held)
+    assert set(a.keeper.fence_for(held)[2]) == {NO_EPOCH}
+    assert all(db.leases[s].epoch > held[s] for s in held)
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "mqttsvc.cluster.keeper.LeaseKeeper":
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        a.clock.advance(0)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    db.check()
+    assert sorted(s for _, s in a.lost) == sorted(held) and a.running == {}
+    assert lines[0] == f"the renewal of a's leases was answered after {LEASE_TTL}s: ignored"
+    run_until(db, settled(db, ["a", "b"]), within=30)
+    assert all(epoch > held.get(s, 0) for s, epoch in a.keeper.owned().items())
     finish(db)
 
 

@@ -208,31 +208,42 @@ class LeaseKeeper(Service):
 
     def owns(self, site_id: str) -> bool:
         """
-        Whether this instance holds the site's lease (also while handing it
-        over: its last batch is still written with the lease's epoch).
+        Whether this instance holds the site's lease now (also while
+        handing it over: its last batch is still written with the lease's
+        epoch).  False from the moment a ttl has passed since the last
+        renewal was sent, even before the self-fence has run (after a
+        freeze the reactor may run other work first).
         """
-        return site_id in self._owned
+        return self.epoch(site_id) is not None
 
     def epoch(self, site_id: str) -> int | None:
         """
-        The epoch of the site's lease if this instance holds it.
+        The epoch of the site's lease if this instance holds it now.
         """
-        return self._owned.get(site_id)
+        return self._owned.get(site_id) if self._renewed() else None
 
     def owned(self) -> dict[str, int]:
         """
-        Every site this instance holds, with its epoch.
+        Every site this instance holds now, with its epoch.
         """
-        return dict(self._owned)
+        return dict(self._owned) if self._renewed() else {}
 
     def fence_for(self, site_ids: Iterable[str]) -> tuple[str, tuple[str, ...], tuple[int, ...]]:
         """
         What a batch of these sites' writes is fenced with: this instance,
         the sites, and the epoch of each (L{NO_EPOCH} for a site not held
-        here, which the database's fence rejects).
+        here now, which the database's fence rejects).
         """
         sites = tuple(sorted(set(site_ids)))
-        return self.instance, sites, tuple(self._owned.get(s, NO_EPOCH) for s in sites)
+        return self.instance, sites, tuple(self.epoch(s) or NO_EPOCH for s in sites)
+
+    def _renewed(self) -> bool:
+        """
+        Whether the last renewal still covers the leases, by the local
+        clock.
+        """
+        until = self._renewed_until
+        return until is not None and self._reactor.seconds() < until
 
     # The service.
 
@@ -278,7 +289,7 @@ class LeaseKeeper(Service):
     async def _renew_and_plan(self) -> None:
         sent_at = self._reactor.seconds()
         held = await self._ask(self._leases.heartbeat(self.instance, self._ttl))
-        if not self._renewed(sent_at, held):
+        if not self._take_answer(sent_at, held):
             return
         instances = await self._ask(self._leases.live_instances())
         sites = await self._ask(self._leases.enabled_sites())
@@ -334,13 +345,9 @@ class LeaseKeeper(Service):
         Whether this instance may hold leases now: running, and renewed
         within a ttl.
         """
-        return (
-            bool(self.running)
-            and self._renewed_until is not None
-            and self._reactor.seconds() < self._renewed_until
-        )
+        return bool(self.running) and self._renewed()
 
-    def _renewed(self, sent_at: float, held: dict[str, int]) -> bool:
+    def _take_answer(self, sent_at: float, held: dict[str, int]) -> bool:
         """
         Take a heartbeat's answer: lose what was taken over, release what
         is held without this keeper knowing it, and re-arm the self-fence.
