@@ -9,7 +9,7 @@ import math
 import subprocess
 import sys
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mqttsvc.cluster.assignment import Plan, assign, owner_of, plan, weight
@@ -44,6 +44,8 @@ def counts(owners: dict[str, str], instances: list[str]) -> list[int]:
 
 @settings(max_examples=60, deadline=None)
 @given(SITE_IDS, INSTANCES)
+@example({f"site_{n}" for n in range(5000)}, [f"mqttsvc-{i}" for i in range(10)])
+@example({f"site_{n}" for n in range(10)}, [f"mqttsvc-{i}" for i in range(3)])
 def test_every_site_has_one_owner_and_the_counts_are_balanced(
     site_ids: set[str], instances: list[str]
 ) -> None:
@@ -61,6 +63,8 @@ def test_every_site_has_one_owner_and_the_counts_are_balanced(
 
 @settings(max_examples=40, deadline=None)
 @given(SITE_IDS, INSTANCES)
+@example({f"site_{n}" for n in range(5000)}, [f"mqttsvc-{i}" for i in range(10)])
+@example({f"site_{n}" for n in range(100)}, [f"mqttsvc-{i}" for i in range(10)])
 def test_a_join_moves_about_one_nth_mostly_to_the_new_instance(
     site_ids: set[str], instances: list[str]
 ) -> None:

@@ -374,8 +374,8 @@ def test_bad_timings_are_refused(clock: Clock) -> None:
 def test_one_instance_acquires_every_enabled_site_at_the_rate(clock: Clock) -> None:
     """
     Alone, an instance acquires every enabled site (epoch 1) and no
-    disabled one, never more than handover_rate in any second, and keeps
-    them renewed.
+    disabled one, never more than handover_rate in any second but as many
+    as that (not waiting for the next renewal), and keeps them renewed.
     """
     db = FakeDatabase(clock, sites(90), disabled=["off_1", "off_2"])
     node = Node(db, "a")
@@ -385,7 +385,8 @@ def test_one_instance_acquires_every_enabled_site_at_the_rate(clock: Clock) -> N
     assert set(node.running.values()) == {1}
     acquired = [t for t, _, _ in db.events("acquire")]
     assert most_in_one_second(acquired) <= HANDOVER_RATE
-    assert took >= 90 // HANDOVER_RATE  # paced, not at once
+    # Paced, not all at once, and at the rate, not one batch per renewal.
+    assert 90 // HANDOVER_RATE <= took <= 90 / HANDOVER_RATE + 1
     run(db, 3 * LEASE_TTL)
     assert node.keeper.owned() == dict.fromkeys(sites(90), 1)
     assert node.lost == []

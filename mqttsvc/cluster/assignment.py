@@ -20,8 +20,10 @@ tests/test_cluster_assignment.py for the bound that is asserted).
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
+from types import MappingProxyType
 
 import attrs
 
@@ -43,8 +45,14 @@ def assign(sites: Iterable[str], instances: Collection[str]) -> dict[str, str]:
     Ties of weight (a one in 2**64 chance) are broken by the names, so the
     answer never depends on the order of the arguments.
     """
-    names = sorted(set(instances))
-    ids = sorted(set(sites))
+    return dict(_assign(tuple(sorted(set(sites))), tuple(sorted(set(instances)))))
+
+
+@functools.lru_cache(maxsize=4)
+def _assign(ids: tuple[str, ...], names: tuple[str, ...]) -> Mapping[str, str]:
+    # Kept for the next call: every keeper plans every round (2 s, and on
+    # every NOTIFY), and the sites and instances rarely change; 5,000 sites
+    # on 10 instances take about 80 ms to assign, on the reactor thread.
     if not names:
         raise ValueError("no instance to assign sites to")
     base, extra = divmod(len(ids), len(names))
@@ -65,7 +73,7 @@ def assign(sites: Iterable[str], instances: Collection[str]) -> dict[str, str]:
             owners[site_id] = name
             if len(owners) == len(ids):
                 break
-    return owners
+    return MappingProxyType(owners)
 
 
 def owner_of(site_id: str, instances: Collection[str], sites: Iterable[str]) -> str:
@@ -93,7 +101,7 @@ def plan(sites: Iterable[str], instances: Collection[str], me: str, owned: Colle
     Compare what C{me} holds (C{owned}) with what the assignment of the
     enabled C{sites} over the live C{instances} (C{me} among them) gives it.
     """
-    owners = assign(sites, {*instances, me})
+    owners = _assign(tuple(sorted(set(sites))), tuple(sorted({*instances, me})))
     held = set(owned)
     mine = {site_id for site_id, name in owners.items() if name == me}
     return Plan(acquire=tuple(sorted(mine - held)), hand_over=tuple(sorted(held - mine)))

@@ -393,17 +393,22 @@ class LeaseKeeper(Service):
             count=len(self._owned),
         )
         for site_id in sorted(self._owned):
-            self._lose(site_id, "its lease was not renewed in time")
+            self._lose(site_id)
 
-    def _lose(self, site_id: str, why: str) -> None:
+    def _lose(self, site_id: str, why: str | None = None) -> None:
+        """
+        Stop holding the site and say so; C{why} is logged, unless the
+        caller logged one line for many sites.
+        """
         del self._owned[site_id]
         self._handing_over.discard(site_id)
-        self.log.warn(
-            "{instance} lost site {site_id}: {why}",
-            instance=self.instance,
-            site_id=site_id,
-            why=why,
-        )
+        if why is not None:
+            self.log.warn(
+                "{instance} lost site {site_id}: {why}",
+                instance=self.instance,
+                site_id=site_id,
+                why=why,
+            )
         try:
             self._on_lost(site_id)
         except Exception:
@@ -522,13 +527,14 @@ class LeaseKeeper(Service):
             handed = DeferredList(list(self._handovers.values()))
             if not await _within(self._reactor, handed, STOP_TIMEOUT):
                 self.log.warn(
-                    "{count} sites of {instance} were not handed over within {timeout}s",
+                    "{count} sites of {instance} were not handed over within {timeout}s: "
+                    "stopping them now",
                     count=len(self._handovers),
                     instance=self.instance,
                     timeout=STOP_TIMEOUT,
                 )
         for site_id in sorted(self._owned):
-            self._lose(site_id, "it was not handed over in time")
+            self._lose(site_id)
         if self._release is not None:
             await _within(self._reactor, self._release, STOP_TIMEOUT)
         if self._fence is not None and self._fence.active():
