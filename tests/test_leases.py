@@ -712,3 +712,15 @@ async def test_heartbeats_and_batches_of_many_sites_never_deadlock(
     finally:
         writers.close()
     assert readings(sql, *site_ids) == len(site_ids)
+
+
+def test_the_repository_is_the_keepers_lease_store() -> None:
+    """
+    The database's leases are what the cluster room's keeper was written
+    against: the Protocol's methods with its parameters (and, beyond them,
+    only C{instances} for C{cluster.status}).
+    """
+    from mqttsvc.cluster.keeper import LeaseStore
+    from tests.conformance import assert_implements
+
+    assert_implements(Leases, LeaseStore, extra=("instances",))
