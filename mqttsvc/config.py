@@ -163,8 +163,9 @@ _CLIENT_ID_PREFIX = re.compile(r"[A-Za-z0-9_.\-]{0,64}")
 
 
 def _check_client_id_prefix(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    # The client id is {prefix}_{instance}_{site_id}: the same characters
-    # as the other two, which every broker accepts.
+    # The client id is {prefix}_{instance}_{site_id} (or {prefix}_{site_id}
+    # in a cluster): the same characters as the others, which every broker
+    # accepts.
     if not isinstance(value, str) or not _CLIENT_ID_PREFIX.fullmatch(value):
         raise ConfigError(attribute.name, "must be at most 64 letters, digits, '_', '-' or '.'")
 
@@ -450,16 +451,24 @@ class SiteConfig:
                 raise ConfigError("topics", f"topic {sub.topic!r} is listed twice")
             seen.add(sub.topic)
 
-    def client_id(self, instance: str) -> str:
+    def client_id(self, instance: str | None) -> str:
         """
-        The MQTT client identifier, C{{prefix}_{instance}_{site_id}}.
+        The MQTT client identifier: C{{prefix}_{instance}_{site_id}} for an
+        instance that runs alone, C{{prefix}_{site_id}} in a cluster
+        (C{instance} None, C{--cluster}).
 
-        It is the same on every start of the same instance, so the broker
-        resumes the persistent session (and delivers what it queued for
-        us); it differs between instances and between sites, so neither
-        two mqttsvc instances nor two sites on one broker take each other's
-        session over.
+        Alone, it is the same on every start of the same instance, so the
+        broker resumes the persistent session (and delivers what it queued
+        for us), and it differs between instances and between sites, so
+        neither two independent mqttsvc instances nor two sites on one
+        broker take each other's session over.  In a cluster it is the same
+        for every owner of the site, so that a new owner resumes the
+        session the last one left (with the messages queued while nobody
+        owned it) and the broker's client-id takeover disconnects a stale
+        owner (docs/cluster.md; the change of id: docs/upgrades.md).
         """
+        if instance is None:
+            return f"{self.client_id_prefix}_{self.site_id}"
         return f"{self.client_id_prefix}_{instance}_{self.site_id}"
 
     def connection_differs(self, other: SiteConfig) -> bool:

@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +24,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 
+from mqttsvc.cluster.keeper import HANDOVER_RATE, LEASE_RENEW, LEASE_TTL, LeaseKeeper
 from mqttsvc.config import (
     DEFAULT_MAX_CLOCK_SKEW,
     DEFAULT_MAX_DEVICES,
@@ -53,7 +54,9 @@ from mqttsvc.control.sse import HEARTBEAT, MAX_STREAMS, EventStreams
 from mqttsvc.control.tokens import Tokens, load_tokens
 from mqttsvc.control.web import WebApp, access_log_line
 from mqttsvc.db import schema as database
-from mqttsvc.db.notifications import ConfigListener
+from mqttsvc.db.leases import CHANNEL as CLUSTER_CHANNEL
+from mqttsvc.db.leases import Fence
+from mqttsvc.db.notifications import ConfigListener, NotificationListener
 from mqttsvc.db.secrets import load_key
 from mqttsvc.db.store import WRITE_CONNECTIONS, Store
 from mqttsvc.events.alerts import LIMIT, AlertDispatcher, AlertRules, describe_url, http_post
@@ -122,8 +125,28 @@ SETTINGS = [
     Setting("rpc-token-file", "File of 'NAME TOKEN' lines accepted as bearer tokens"),
     Setting(
         "instance",
-        "This instance's name in MQTT client ids; keep it stable across restarts",
+        "This instance's name: in MQTT client ids (alone), or in the cluster (--cluster, "
+        "where it must be unique among running instances); keep it stable across restarts",
         shown=": the host name",
+    ),
+    Setting(
+        "lease-ttl",
+        "With --cluster: seconds a site's lease lasts without renewal (how long a dead "
+        "instance's sites wait, at most, before others take them)",
+        LEASE_TTL,
+        number=True,
+    ),
+    Setting(
+        "lease-renew",
+        "With --cluster: seconds between renewals of this instance's leases; less than --lease-ttl",
+        LEASE_RENEW,
+        number=True,
+    ),
+    Setting(
+        "handover-rate",
+        "With --cluster: the most sites this instance acquires or hands over in any second",
+        HANDOVER_RATE,
+        number=True,
     ),
     Setting(
         "monitor-interval",
@@ -261,6 +284,13 @@ class Options(usage.Options):
     optFlags = [
         ["migrate", None, "Apply pending schema migrations at start [env MQTTSVC_MIGRATE=1]."],
         [
+            "cluster",
+            None,
+            "Share the sites with the other instances started with --cluster on this "
+            "database, each site owned by one live instance (docs/cluster.md) "
+            "[env MQTTSVC_CLUSTER=1].",
+        ],
+        [
             "alert-device-offline",
             None,
             "Also alert when a device goes offline [env MQTTSVC_ALERT_DEVICE_OFFLINE=1].",
@@ -304,6 +334,8 @@ class Options(usage.Options):
         if not self["no-gc-freeze"]:
             freeze = self._environ.get("MQTTSVC_GC_FREEZE", "1").strip().lower()
             self["no-gc-freeze"] = freeze in ("0", "false", "no")
+        if not self["cluster"]:
+            self["cluster"] = _truthy(self._environ.get("MQTTSVC_CLUSTER"))
         if not self["migrate"]:
             # Read here, not with the logger (which twistd may not let us
             # install): tac/service.tac ignored MQTTSVC_MIGRATE (issue 15).
@@ -444,6 +476,7 @@ def check_values(options: Options) -> None:
         "write-connections",
         "events-max-streams",
         "http-max-connections",
+        "handover-rate",
     ):
         if options[name] != int(options[name]):
             raise ConfigError(name, "must be a whole number")
@@ -454,6 +487,12 @@ def check_values(options: Options) -> None:
         raise ConfigError("alert-limit", "must be a whole number of at least 1")
     if not 1 <= options["write-connections"] <= 16:
         raise ConfigError("write-connections", "must be a whole number from 1 to 16")
+    if options["lease-renew"] >= options["lease-ttl"]:
+        raise ConfigError(
+            "lease-renew",
+            f"must be less than --lease-ttl ({options['lease-ttl']:g}s): a lease must be "
+            "renewed before it expires",
+        )
     for url in options["alert-webhook"]:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -498,17 +537,26 @@ def build_service(
         write_connections=options["write-connections"],
     )
     store.setServiceParent(root)
-    ingest = Ingest(
-        reactor,
-        store.write_pool,
-        store.devices,
-        lanes=options["write-connections"],
-        batch_size=options["batch-size"],
-        batch_delay=options["batch-delay-ms"] / 1000.0,
-        repair_interval=options["monitor-interval"],
-        observe=metrics.observe_batch,
-        on_stall=store.write_lane_stalled,
-        on_device_limit=store.device_limit_reached,
+    # With --cluster the lease keeper decides which sites the supervisor
+    # runs, the supervisor stops them when the keeper (or the writer's
+    # fence) says so, and the writer fences every batch with the keeper's
+    # epochs: each needs another built after it, so these callbacks name
+    # the supervisor, which is built below, before any of them can run.
+    keeper = None
+    if options["cluster"]:
+        keeper = LeaseKeeper(
+            reactor,
+            store.leases,
+            options["instance"],
+            ttl=options["lease-ttl"],
+            renew_interval=options["lease-renew"],
+            handover_rate=options["handover-rate"],
+            on_acquired=lambda site_id, epoch: supervisor.acquired(site_id),
+            on_lost=lambda site_id: supervisor.lost(site_id),
+            hand_over=lambda site_id: supervisor.hand_over(site_id),
+        )
+    ingest = make_ingest(
+        options, reactor, store, metrics, keeper, lambda stale: supervisor.fenced(stale)
     )
     ingest.setServiceParent(root)
     # One housekeeping timer for every broker connection, the sites' and
@@ -521,7 +569,9 @@ def build_service(
         reactor,
         store,
         ingest,
-        instance=options["instance"],
+        # In a cluster a site's client id is the same for every owner.
+        instance=None if keeper is not None else options["instance"],
+        ownership=keeper,
         monitor_interval=options["monitor-interval"],
         probe_interval=options["probe-interval"],
         proving_time=options["proving-time"],
@@ -532,9 +582,9 @@ def build_service(
     )
     supervisor.setServiceParent(root)
     ingest.liveness.setServiceParent(root)
-    ConfigListener(reactor, options["db"], supervisor.notified, supervisor.resync).setServiceParent(
-        root
-    )
+    ConfigListener(
+        reactor, options["db"], partial(_site_changed, supervisor, keeper), supervisor.resync
+    ).setServiceParent(root)
     hub = EventHub(reactor, options["db"], store.events)
     hub.setServiceParent(root)
     if options["alert-webhook"]:
@@ -602,7 +652,74 @@ def build_service(
             options["manhole-host-key"],
             tree_namespace(root, reactor),
         ).setServiceParent(root)
+    if keeper is not None:
+        # A join, a leave or a release elsewhere: re-plan now, so that a
+        # clean stop of another instance hands its sites over within a
+        # round (docs/cluster.md).
+        NotificationListener(
+            reactor,
+            options["db"],
+            CLUSTER_CHANNEL,
+            lambda instance: keeper.poke(),
+            keeper.poke,
+            what="cluster",
+        ).setServiceParent(root)
+        # Last, so that it stops first: it hands every site over while the
+        # supervisor, the writer and the database are still there, then
+        # leaves the cluster.
+        keeper.setServiceParent(root)
     return root
+
+
+def make_ingest(
+    options: Options,
+    reactor: Any,
+    store: Store,
+    metrics: Metrics,
+    keeper: LeaseKeeper | None,
+    on_fenced: Callable[[list[str]], None],
+) -> Ingest:
+    """
+    The ingest service; in a cluster (a C{keeper}) every batch it writes is
+    fenced with the epochs of its sites' leases, and C{on_fenced} hears of
+    the sites whose batch the database refused.  Alone it writes exactly
+    as it always did.
+    """
+    make = partial(
+        Ingest,
+        reactor,
+        store.write_pool,
+        store.devices,
+        lanes=options["write-connections"],
+        batch_size=options["batch-size"],
+        batch_delay=options["batch-delay-ms"] / 1000.0,
+        repair_interval=options["monitor-interval"],
+        observe=metrics.observe_batch,
+        on_stall=store.write_lane_stalled,
+        on_device_limit=store.device_limit_reached,
+    )
+    if keeper is None:
+        return make()
+    return make(fence=partial(_fence, keeper), on_fenced=on_fenced)
+
+
+def _fence(keeper: LeaseKeeper, site_ids: Collection[str]) -> Fence:
+    """
+    What a batch of these sites' writes is fenced with: the keeper's epochs.
+    """
+    instance, sites, epochs = keeper.fence_for(site_ids)
+    return Fence(instance, sites, epochs)
+
+
+def _site_changed(supervisor: SiteSupervisor, keeper: LeaseKeeper | None, site_id: str) -> None:
+    """
+    A site's configuration changed: reconcile it, and in a cluster re-plan
+    at once (a new or enabled site is acquired by its owner within a round,
+    a disabled one handed over).
+    """
+    supervisor.notified(site_id)
+    if keeper is not None:
+        keeper.poke()
 
 
 def tac_application(environ: Mapping[str, str] | None = None) -> Componentized:

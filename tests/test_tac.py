@@ -67,6 +67,10 @@ def environment(tmp_path: Path) -> dict[str, str]:
         "MQTTSVC_GC_FREEZE": "0",
         "MQTTSVC_HTTP_MAX_CONNECTIONS": "77",
         "MQTTSVC_HTTP_REQUEST_TIMEOUT": "29",
+        "MQTTSVC_CLUSTER": "1",
+        "MQTTSVC_LEASE_TTL": "7",
+        "MQTTSVC_LEASE_RENEW": "1.5",
+        "MQTTSVC_HANDOVER_RATE": "9",
     }
     missing = service_variables() - set(values)
     assert not missing, f"give these a value here: {sorted(missing)}"

@@ -19,7 +19,7 @@ once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -41,6 +41,16 @@ def _same_length(instance: Fence, attribute: attrs.Attribute[Any], epochs: tuple
         raise ValueError(f"a fence of {len(instance.sites)} sites needs as many epochs")
 
 
+# Typed converters: with the builtin C{tuple} as converter, mypy's attrs
+# plugin cannot type a call of Fence (its parameter is Iterable[_T_co]).
+def _sites(sites: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sites)
+
+
+def _epochs(epochs: Iterable[int]) -> tuple[int, ...]:
+    return tuple(epochs)
+
+
 @attrs.frozen
 class Fence:
     """
@@ -49,8 +59,8 @@ class Fence:
     """
 
     instance: str
-    sites: tuple[str, ...] = attrs.field(converter=tuple)
-    epochs: tuple[int, ...] = attrs.field(converter=tuple, validator=_same_length)
+    sites: tuple[str, ...] = attrs.field(converter=_sites)
+    epochs: tuple[int, ...] = attrs.field(converter=_epochs, validator=_same_length)
 
 
 @attrs.frozen

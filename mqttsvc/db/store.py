@@ -1,14 +1,17 @@
 """
 The store: the service that opens mqttsvc's database and holds its
 repositories, one per kind of row (L{Sites}, L{Devices}, L{Readings},
-L{Topics}, L{Events}, L{DeadLetters}), so that the rest of mqttsvc reads
-and writes the database only through methods named for what they mean.
+L{Topics}, L{Events}, L{DeadLetters}, and the cluster's L{Leases}), so that
+the rest of mqttsvc reads and writes the database only through methods named
+for what they mean.
 
 It owns two connection pools: C{write_pool}, which the ingest writer's
 lanes write through (message effects and connection status, one batch at a
 time per lane, one connection per lane), and C{pool} for the control
 plane's reads and writes, so that a burst of RPC calls never delays a
-commit that MQTT acknowledgements wait for.
+commit that MQTT acknowledgements wait for.  The cluster's leases have a
+third pool of their own (opened only when used: C{--cluster}, or
+C{cluster.status}), so that neither delays a lease's renewal.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from twisted.logger import Logger
 from mqttsvc.db.dead_letters import DeadLetters
 from mqttsvc.db.devices import Devices
 from mqttsvc.db.events import Events
+from mqttsvc.db.leases import Leases
 from mqttsvc.db.pool import ConnectionPool
 from mqttsvc.db.readings import Readings
 from mqttsvc.db.secrets import Secrets
@@ -66,6 +70,9 @@ class Store(Service):
         self.events = Events(self.pool)
         self.dead_letters = DeadLetters(self.pool)
         self.write_pool = ConnectionPool(reactor, dsn, size=write_connections)
+        # Two: the keeper's round and a release may overlap.
+        self.lease_pool = ConnectionPool(reactor, dsn, size=2)
+        self.leases = Leases(self.lease_pool)
 
     def write_lane_stalled(self, lane: int, seconds: float, error: str, recovered: bool) -> None:
         """
@@ -118,3 +125,4 @@ class Store(Service):
         # could.
         self.pool.close()
         self.write_pool.close()
+        self.lease_pool.close()

@@ -569,8 +569,9 @@ def _make_machine() -> Callable[[_SiteCore], _SiteInputs]:
             # once and announce it giving up a second time (issue 15).
             timer.cancel()
             s.log.info(
-                "site {site_id}: mqttsvc stopping; left {state} with {retries} retries and the "
-                "next attempt at {next_retry} for the next start",
+                "site {site_id}: stopped here (mqttsvc stopping, or the site moving to another "
+                "instance); left {state} with {retries} retries and the next attempt at "
+                "{next_retry} for the next start",
                 site_id=s.config.site_id,
                 state=s.state.state if s.state is not None else "?",
                 retries=s.retry_count,
@@ -639,7 +640,9 @@ class SiteService(Service):
     @param report: called with a L{SiteState} and the L{ConnectionEvent} on
         every state change, and with the state and None when only what the
         state shows changed.
-    @param instance: this mqttsvc instance's name, part of the client id.
+    @param instance: this mqttsvc instance's name, part of the client id;
+        None in a cluster, where every owner of the site uses one client id
+        (L{SiteConfig.client_id}).
     @param resume: the connection state the database remembers; a site in
         error stays in error, a waiting site waits for its next retry.
     @param devices: device liveness, which learns of every device that
@@ -666,7 +669,7 @@ class SiteService(Service):
         writer: MessageSink,
         report: Callable[[SiteState, ConnectionEvent | None], None],
         *,
-        instance: str = "local",
+        instance: str | None = "local",
         resume: ResumeState | None = None,
         jitter: Callable[[], float] | None = None,
         probe_interval: float = PROBE_INTERVAL,
@@ -693,6 +696,8 @@ class SiteService(Service):
         #: Messages handed to the writer and not committed yet.
         self.uncommitted = 0
         self._drained: Deferred[None] | None = None
+        #: Whether the next stop waits for those to be committed.
+        self._drain_on_stop = True
         #: Back-pressure: the writer is full (every site paused), or holds
         #: more of this site's bytes than its share (this site paused).
         self._pressed = False
@@ -792,7 +797,7 @@ class SiteService(Service):
         # Take no new messages, let the ones in hand be committed (their
         # PUBACKs then go out ahead of our DISCONNECT), then disconnect.
         self._core.client.pause()
-        if self.uncommitted:
+        if self.uncommitted and self._drain_on_stop:
             drained: Deferred[None] = Deferred()
             self._drained = drained
             drained.addTimeout(DRAIN_TIMEOUT, self._clock)
@@ -819,6 +824,23 @@ class SiteService(Service):
         """
         self._core.shutting_down = True
         return self.stopService()
+
+    def moving(self, *, drain: bool) -> None:
+        """
+        This instance gives the site up to another (a cluster): its next
+        stop leaves the row's schedule (waiting, error) as it is, as
+        L{shut_down} does, for the next owner to resume (failover is not a
+        restart).  With C{drain} (a hand-over) that stop waits for the
+        messages in hand to be committed and acknowledged, then
+        disconnects; without (the lease is lost) it reads no more from now
+        on and its stop disconnects at once: those messages are fenced,
+        never acknowledged, and the broker redelivers them to the owner.
+        """
+        self._core.shutting_down = True
+        # Once lost, never drained again: nothing more will be committed.
+        self._drain_on_stop = self._drain_on_stop and drain
+        if not drain:
+            self._core.client.pause()
 
     def __repr__(self) -> str:
         # What the manhole shows for sites['north'] (it was "<... object at 0x...>").

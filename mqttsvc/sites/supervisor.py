@@ -17,16 +17,24 @@ each site's stored status and configuration error, and the number of sites
 in each connection status, updated on every reconcile and state change.
 It passes each site's state reports on to the ingest side (L{IngestPort}),
 which writes them and feeds device liveness.
+
+In a cluster (C{--cluster}) it runs a site only while this instance owns
+it (L{Ownership}, the lease keeper of L{mqttsvc.cluster.keeper}), and the
+keeper tells it when that changes: L{SiteSupervisor.acquired} starts a
+site, L{SiteSupervisor.hand_over} stops one cleanly for its next owner,
+L{SiteSupervisor.lost} and L{SiteSupervisor.fenced} stop one at once.  A
+site stopped here leaves its row's retry schedule to the next owner, which
+resumes it (failover is not a restart).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -86,6 +94,16 @@ class IngestPort(Protocol):
         "A site is deleted: forget its devices."
 
 
+class Ownership(Protocol):
+    """
+    Which sites this instance may run, in a cluster
+    (L{mqttsvc.cluster.keeper.LeaseKeeper}).
+    """
+
+    def owns(self, site_id: str) -> bool:
+        "Whether this instance holds the site's lease now."
+
+
 #: Seconds between two full reconciliations (the old service's health check).
 MONITOR_INTERVAL = 30.0
 
@@ -121,7 +139,11 @@ class SiteSupervisor(MultiService):
     """
     Runs a L{SiteService} per enabled site, reconciled by name.
 
-    @param instance: this mqttsvc instance's name, part of every client id.
+    @param instance: this mqttsvc instance's name, part of every client id;
+        None in a cluster, where a site's client id is the same for every
+        owner.
+    @param ownership: in a cluster, which sites this instance may run; None
+        (alone): every enabled site.
     @param store: where the sites' rows are read.
     @param ingest: where the sites' messages and state reports go.
     @param client_factory: makes each site's broker client
@@ -139,7 +161,8 @@ class SiteSupervisor(MultiService):
         store: Store,
         ingest: IngestPort,
         *,
-        instance: str = "local",
+        instance: str | None = "local",
+        ownership: Ownership | None = None,
         monitor_interval: float = MONITOR_INTERVAL,
         probe_interval: float = PROBE_INTERVAL,
         proving_time: float = PROVING_TIME,
@@ -158,6 +181,12 @@ class SiteSupervisor(MultiService):
         self._store = store
         self._ingest = ingest
         self._instance = instance
+        self._ownership = ownership
+        #: Sites this instance gave up (handed over, lost, fenced) and has
+        #: not acquired again: not started here even while the keeper
+        #: still says it holds them (a hand-over is released only after
+        #: the site stopped; a fenced site waits for the keeper's word).
+        self._given_up: set[str] = set()
         self._probe_interval = probe_interval
         self._proving_time = proving_time
         self._site_factory = site_factory
@@ -277,6 +306,12 @@ class SiteSupervisor(MultiService):
             if row is not None:
                 self._remember(row)
             current = self.site(site_id)
+            if row is not None and row.config.is_enabled and not self._runs_here(site_id):
+                if current is not None:
+                    self.log.info("site {site_id} is not ours: stopping it", site_id=site_id)
+                    current.moving(drain=False)
+                    await current.disownServiceParent()
+                return
             if row is None or not row.config.is_enabled:
                 if current is not None:
                     why = "deleted" if row is None else "disabled"
@@ -293,6 +328,77 @@ class SiteSupervisor(MultiService):
                 # The site needs a new connection for this configuration.
                 await current.disownServiceParent()
                 self._attach(row, resume=False)
+        finally:
+            self._recount(site_id)
+            lock.release()
+
+    def _runs_here(self, site_id: str) -> bool:
+        """
+        Whether this instance may run the site: always when it runs alone;
+        in a cluster while it holds the lease and has not given it up.
+        """
+        if self._ownership is None:
+            return True
+        return self._ownership.owns(site_id) and site_id not in self._given_up
+
+    # What the lease keeper says (in a cluster).
+
+    def acquired(self, site_id: str) -> None:
+        """
+        This instance has taken the site's lease: start it, from its row
+        (the retry schedule its last owner left).
+        """
+        self._given_up.discard(site_id)
+        self.notified(site_id)
+
+    def hand_over(self, site_id: str) -> Deferred[None]:
+        """
+        Give the site to another instance: stop reading, let what was read
+        be committed and acknowledged, disconnect.  Fires once it has
+        stopped (then the keeper releases the lease).
+        """
+        self._given_up.add(site_id)
+        if self.site(site_id) is None:
+            return succeed(None)
+        return Deferred.fromCoroutine(self._give_up(site_id, drain=True))
+
+    def lost(self, site_id: str) -> None:
+        """
+        The site's lease is no longer this instance's: stop it at once.
+        """
+        self._given_up.add(site_id)
+        self._stop_at_once(site_id, "its lease was lost")
+
+    def fenced(self, site_ids: Iterable[str]) -> None:
+        """
+        The database refused a batch of these sites' writes: their leases
+        are another instance's (or another epoch's).  Stop them at once;
+        they start here again only when the keeper acquires them again.
+        """
+        for site_id in site_ids:
+            self._given_up.add(site_id)
+            self._stop_at_once(site_id, "its writes were fenced")
+
+    def _stop_at_once(self, site_id: str, why: str) -> None:
+        site = self.site(site_id)
+        if site is None:
+            return
+        self.log.info("site {site_id}: {why}: stopping it", site_id=site_id, why=why)
+        site.moving(drain=False)
+        stopping = Deferred.fromCoroutine(self._give_up(site_id, drain=False))
+        stopping.addErrback(
+            lambda f: self.log.failure("stopping site {site_id} failed", f, site_id=site_id)
+        )
+
+    async def _give_up(self, site_id: str, *, drain: bool) -> None:
+        lock = self._locks.setdefault(site_id, DeferredLock())
+        await lock.acquire()
+        try:
+            current = self.site(site_id)
+            if current is None:
+                return
+            current.moving(drain=drain)
+            await current.disownServiceParent()
         finally:
             self._recount(site_id)
             lock.release()
