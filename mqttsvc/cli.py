@@ -3,6 +3,7 @@ The C{mqttsvc} command: operate a running mqttsvc over its JSON-RPC API,
 or apply the database migrations.
 
   mqttsvc [--url URL] [--token-file PATH] [--json] status
+  mqttsvc ... cluster
   mqttsvc ... sites [--status STATUS] [PAGING]
   mqttsvc ... site start|stop|restart|status SITE
   mqttsvc ... devices SITE [--kind KIND] [--status STATUS] [PAGING]
@@ -72,6 +73,22 @@ def format_status(status: dict[str, Any]) -> str:
         if count or name in ("connected", "disconnected"):
             lines.append(f"  {_ICONS[name]} {name.upper()}: {count}")
     return "\n".join(lines)
+
+
+def format_cluster(status: dict[str, Any]) -> str:
+    """
+    C{cluster.status} as a table, one live instance a line.
+    """
+    if not status["instances"]:
+        alone = "" if status["cluster"] else f" ({status['instance']} runs without --cluster)"
+        return f"no instance runs with --cluster{alone}"
+    return format_table(
+        ["INSTANCE", "SITES", "RENEWED", "STARTED"],
+        [
+            [m["instance"], len(m["sites"]), m["renewed_at"], m["started_at"]]
+            for m in status["instances"]
+        ],
+    )
 
 
 def _text(value: Any) -> str:
@@ -276,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("status", parents=[after], help="print the service's status summary")
+    commands.add_parser(
+        "cluster", parents=[after], help="list the live instances and how many sites each owns"
+    )
     paged = _Parser(add_help=False)
     paged.add_argument("--limit", type=_positive_int, metavar="N", help="items in the page")
     paged.add_argument("--cursor", metavar="CURSOR", help="the page to show, as a hint named it")
@@ -384,6 +404,8 @@ def _run(args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
     client = _client(args)
     if args.command == "status":
         return client.service_status(), format_status
+    if args.command == "cluster":
+        return client.cluster_status(), format_cluster
     if args.command == "sites":
         return _listed(
             args,

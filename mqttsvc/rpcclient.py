@@ -252,6 +252,31 @@ class ServiceStatus(TypedDict, total=False):
     descriptors: Descriptors
 
 
+class ClusterMember(TypedDict):
+    """
+    A live instance in C{cluster.status}: the sites whose lease it holds,
+    each lease's epoch, and when it joined and last renewed (ISO 8601).
+    """
+
+    instance: str
+    sites: list[str]
+    epochs: dict[str, int]
+    started_at: str
+    renewed_at: str
+    expires_at: str
+
+
+class ClusterStatus(TypedDict):
+    """
+    The result of C{cluster.status}: the instance that answered, whether it
+    runs with C{--cluster}, and the live instances of the cluster.
+    """
+
+    instance: str
+    cluster: bool
+    instances: list[ClusterMember]
+
+
 class TopicSpec(TypedDict):
     """
     One subscription of a site.  C{kind} is C{gateway_heartbeat},
@@ -689,6 +714,12 @@ class MqttSvcClient:
         Counts of sites by connection status.
         """
         return cast(ServiceStatus, self.call("service.status", timeout=timeout))
+
+    def cluster_status(self, *, timeout: float | None = None) -> ClusterStatus:
+        """
+        The live instances of the cluster and the sites each owns.
+        """
+        return cast(ClusterStatus, self.call("cluster.status", timeout=timeout))
 
     def site_list(
         self,

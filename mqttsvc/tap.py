@@ -615,7 +615,14 @@ def build_service(
     connection_tests = ConnectionTests(reactor, sweep)
     connection_tests.setServiceParent(root)
     dispatcher = control_plane(
-        reactor, store, supervisor, connection_tests, descriptors, writer=ingest.writer
+        reactor,
+        store,
+        supervisor,
+        connection_tests,
+        descriptors,
+        writer=ingest.writer,
+        instance=options["instance"],
+        clustered=keeper is not None,
     )
     metrics.watch(supervisor, ingest)
     metrics.watch_descriptors(descriptors)

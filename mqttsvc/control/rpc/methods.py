@@ -1,12 +1,13 @@
 """
-The control plane's method registry: the site methods, the read side, and
-C{rpc.discover}, which describes them all.
+The control plane's method registry: the site methods, the read side, the
+cluster's status, and C{rpc.discover}, which describes them all.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from mqttsvc.control.rpc.cluster import ClusterMethods
 from mqttsvc.control.rpc.dispatcher import UNAVAILABLE, Call, Dispatcher, Method, RPCError
 from mqttsvc.control.rpc.observed import ObservationMethods
 from mqttsvc.control.rpc.openrpc import document
@@ -31,15 +32,21 @@ def control_plane(
     descriptors: DescriptorBudget | None = None,
     *,
     writer: WriterLanes,
+    instance: str = "local",
+    clustered: bool = False,
 ) -> Dispatcher:
     """
     The dispatcher of every control plane method.
+
+    @param instance: this instance's name (C{--instance}).
+    @param clustered: whether it runs with C{--cluster}.
     """
     methods = [
         *SiteMethods(
             reactor, store, supervisor, connection_tests, descriptors, writer=writer
         ).methods(),
         *ObservationMethods(store).methods(),
+        *ClusterMethods(store.leases, instance, clustered=clustered).methods(),
     ]
 
     async def discover(call: Call) -> dict[str, Any]:

@@ -75,7 +75,8 @@ class SiteMethods:
                 "client_id_prefix",
                 "string",
                 required=False,
-                description="Client id is {prefix}_{instance}_{site_id} (prefix 'mqttsvc').",
+                description="Client id is {prefix}_{instance}_{site_id} (prefix 'mqttsvc'); "
+                "with --cluster {prefix}_{site_id}.",
             ),
             Param("is_enabled", "boolean", required=False),
             Param("protocol", "string", required=False, description="'3.1.1' or '5'."),
