@@ -6,19 +6,40 @@ repeated rows, and dead letters for what the database rejects.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Collection, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
+import psycopg2
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.task import Clock
 
 from mqttsvc.config import ConfigError
+from mqttsvc.db.batch import batch_statements
+from mqttsvc.db.leases import Fence
 from mqttsvc.db.pool import ConnectionPool
-from mqttsvc.ingest.writer import BatchWriter, CommitListener, WritePool, WriterLanes
-from mqttsvc.records import DeadLetter, DeviceKey, DeviceSeen, DeviceStatus, Reading, TopicSeen
+from mqttsvc.ingest.writer import (
+    BATCH_DELAY,
+    BatchWriter,
+    CommitListener,
+    Fenced,
+    WritePool,
+    WriterLanes,
+)
+from mqttsvc.records import (
+    ConnectionEvent,
+    DeadLetter,
+    DeviceKey,
+    DeviceSeen,
+    DeviceStatus,
+    Effect,
+    Reading,
+    StatusUpdate,
+    TopicSeen,
+)
 from mqttsvc.tap import Options, check_values
 from tests.conformance import assert_implements
 
@@ -355,6 +376,7 @@ def test_the_fakes_match_the_writer_interfaces() -> None:
     L{WritePool} and L{CommitListener} Protocols, and nothing more.
     """
     assert_implements(_StalledPool, WritePool, extra=["answer_all"])
+    assert_implements(_LeasedDatabase, WritePool, extra=["move", "committed"])
     assert_implements(_Site, CommitListener)
 
 
@@ -418,9 +440,11 @@ class _Site:
     def __init__(self) -> None:
         self.holds: list[bool] = []
         self.committed_count = 0
+        self.messages: list[Any] = []
 
     def committed(self, messages: list[Any]) -> None:
         self.committed_count += len(messages)
+        self.messages += messages
 
     def hold(self, holding: bool) -> None:
         self.holds.append(holding)
@@ -520,3 +544,304 @@ async def test_device_state_follows_the_newest_ts(db_dsn: str, sql: Any, site_id
         ("tie", {"s": "second"}, "second", T0, T0 + timedelta(seconds=1)),
         ("two", {"s": "new"}, "new", T0, T0 + timedelta(seconds=9)),
     ]
+
+
+# Fenced writes (issue 17), on a Clock, against a fake database that keeps
+# each site's lease and judges a fence as mqttsvc_fence does, refusing with
+# the very error PostgreSQL raises (tests/test_fenced_writes.py does the
+# same against the real one).
+
+
+@pytest.fixture
+def fence_error(db_dsn: str) -> Iterator[Callable[[list[str]], psycopg2.Error]]:
+    """
+    The error that PostgreSQL's C{mqttsvc_fence} raises, through psycopg2,
+    for a batch whose stale sites are these.
+    """
+    conn = psycopg2.connect(db_dsn)
+    conn.autocommit = True
+
+    def error(stale: list[str]) -> psycopg2.Error:
+        with conn.cursor() as cur:
+            try:
+                cur.execute(
+                    "SELECT mqttsvc_fence('nobody', %s::text[], %s::bigint[])",
+                    (stale, [1] * len(stale)),
+                )
+            except psycopg2.Error as e:
+                return e
+        raise AssertionError(f"the fence took {stale}")
+
+    yield error
+    conn.close()
+
+
+def _elements(literal: str) -> list[str]:
+    """The elements of an array literal of plain values."""
+    return [v.strip('"') for v in literal.strip("{}").split(",") if v]
+
+
+@attrs.frozen
+class _Write:
+    sql: str
+    params: list[Any]
+    committed: bool
+
+    def mentions(self, site_id: str) -> bool:
+        return any(isinstance(p, str) and f'"{site_id}"' in p for p in self.params)
+
+
+class _LeasedDatabase:
+    """
+    A database that answers every write at once, as PostgreSQL would: it
+    keeps each site's lease (owner, epoch) and refuses a fenced write whose
+    instance does not hold every site at its epoch with C{mqttsvc_fence}'s
+    error, and a write with a unit C{"bad"} as a data error.
+    C{move(site, before=n)} gives a site's lease to another instance just
+    before the n-th write (1-based) arrives.
+    """
+
+    def __init__(self, fence_error: Callable[[list[str]], psycopg2.Error]) -> None:
+        self.leases: dict[str, tuple[str, int]] = {}
+        self.writes: list[_Write] = []
+        self._moves: dict[int, str] = {}
+        self._fence_error = fence_error
+
+    def move(self, site_id: str, before: int) -> None:
+        self._moves[before] = site_id
+
+    def operation(self, sql: str, params: Any = None) -> Deferred[None]:
+        moved = self._moves.pop(len(self.writes) + 1, None)
+        if moved is not None:
+            self.leases[moved] = ("b", self.leases[moved][1] + 1)
+        error: Exception | None = None
+        if sql.startswith("SELECT mqttsvc_fence("):
+            instance, sites, epochs = params[0], _elements(params[1]), _elements(params[2])
+            stale = sorted(
+                s
+                for s, e in zip(sites, epochs, strict=True)
+                if self.leases.get(s) != (instance, int(e))
+            )
+            if stale:
+                error = self._fence_error(stale)
+        if error is None and any(isinstance(p, str) and '"bad"' in p for p in params):
+            error = ValueError("invalid input: bad")
+        self.writes.append(_Write(sql, list(params), error is None))
+        return succeed(None) if error is None else fail(error)
+
+    def committed(self, site_id: str) -> list[_Write]:
+        """The committed writes that wrote something of a site."""
+        return [w for w in self.writes if w.committed and w.mentions(site_id)]
+
+
+def fence_as(epochs: dict[str, int]) -> Callable[[Collection[str]], Fence]:
+    """Instance a's fence, holding the sites at these epochs (0: not held)."""
+
+    def fence(site_ids: Collection[str]) -> Fence:
+        ordered = sorted(site_ids)
+        return Fence("a", ordered, [epochs.get(s, 0) for s in ordered])
+
+    return fence
+
+
+def message(site_id: str, n: int, unit: str = "V") -> list[Effect]:
+    """One message's effects: its topic and a reading."""
+    topic = f"{site_id}/sensor/s1/data"
+    at = T0 + timedelta(seconds=n)
+    return [TopicSeen(site_id, topic, at), Reading(site_id, "s1", at, "value", n, unit, at)]
+
+
+def connected(site_id: str) -> tuple[StatusUpdate, ConnectionEvent]:
+    return (
+        StatusUpdate(site_id, "connected", T0, 0, None, None),
+        ConnectionEvent(site_id, T0, "connecting", "connected", None),
+    )
+
+
+def test_without_a_fence_a_batch_is_written_as_before(
+    fence_error: Callable[[list[str]], psycopg2.Error],
+) -> None:
+    """
+    A writer without a fence sends exactly the statements of the batch
+    (no fence in them); with one, the same statements after the fence of
+    the batch's sites (its messages' and its statuses' and events').
+    """
+    for fence in (None, fence_as({"fs": 1, "ft": 1})):
+        clock = Clock()
+        db = _LeasedDatabase(fence_error)
+        db.leases = {"fs": ("a", 1), "ft": ("a", 1)}
+        writer = BatchWriter(clock, db, fence=fence)
+        site = _Site()
+        writer.queue(message("fs", 0), site, 0)
+        writer.queue(message("fs", 1), site, 1)
+        status, event = connected("ft")
+        writer.set_status(status, event)
+        clock.advance(BATCH_DELAY)
+        expected = batch_statements(
+            [*message("fs", 0), *message("fs", 1)],
+            [status],
+            [event],
+            fence=None if fence is None else Fence("a", ("fs", "ft"), (1, 1)),
+        )
+        assert expected is not None
+        assert [(w.sql, w.params) for w in db.writes] == [expected]
+        assert ("mqttsvc_fence" in db.writes[0].sql) is (fence is not None)
+        assert site.messages == [0, 1]
+        assert clock.getDelayedCalls() == []
+
+
+def test_a_fenced_batch_drops_the_stale_site_unacknowledged_and_writes_the_rest_at_once(
+    fence_error: Callable[[list[str]], psycopg2.Error],
+) -> None:
+    """
+    Instance a's batch holds messages, a status and an event of fs (taken
+    over by b meanwhile) and of ft (still a's).  The fence refuses it;
+    in the same instant, without a backoff, the writer writes ft's part
+    alone and commits it.  fs's messages (those in the batch and the one
+    still queued) are never acknowledged and none of its rows is written;
+    on_fenced hears ['fs'] once; fs, which was held for its backlog, is
+    released, and no byte stays accounted.
+    """
+    clock = Clock()
+    db = _LeasedDatabase(fence_error)
+    db.leases = {"fs": ("b", 2), "ft": ("a", 1)}
+    fenced: list[list[str]] = []
+    writer = BatchWriter(
+        clock,
+        db,
+        batch_size=3,
+        site_messages=2,
+        fence=fence_as({"fs": 1, "ft": 1}),
+        on_fenced=fenced.append,
+    )
+    fs, ft = _Site(), _Site()
+    for n in range(3):
+        writer.queue(message("fs", n), fs, n)
+    assert fs.holds == [True]
+    writer.queue(message("ft", 0), ft, 0)
+    writer.queue(message("ft", 1), ft, 1)
+    for site_id in ("fs", "ft"):
+        writer.set_status(*connected(site_id))
+    clock.advance(0)
+    # The first batch (fs 0 and 1, ft 0) was refused and ft's part written.
+    assert [(w.committed, w.mentions("fs"), w.mentions("ft")) for w in db.writes] == [
+        (False, True, True),
+        (True, False, True),
+    ]
+    assert fenced == [["fs"]]
+    assert writer.failing_since is None
+    clock.advance(BATCH_DELAY)
+    assert ft.messages == [0, 1]
+    assert fs.messages == [] and fs.holds == [True, False]
+    assert db.committed("fs") == []
+    assert len(db.committed("ft")) == 2
+    assert writer.batches_fenced == 1 and writer.messages_fenced == 3
+    assert writer.bytes_held == 0 and writer.queued == 0
+    assert clock.getDelayedCalls() == []
+    # fs is accounted from zero again: one message does not hold it.
+    writer.queue(message("fs", 9), fs, 9)
+    assert fs.holds == [True, False]
+    writer.stop()
+
+
+def test_a_site_fenced_while_a_rejected_batch_is_isolated(
+    fence_error: Callable[[list[str]], psycopg2.Error],
+) -> None:
+    """
+    A batch is rejected for one bad message of ft; while it is isolated,
+    fs moves to b: the write of the statuses and events is fenced, fs's
+    message and status are dropped unacknowledged, and the isolation goes
+    on with ft's alone: its good message commits, its bad one becomes a
+    dead letter; on_fenced hears ['fs'] once.
+    """
+    clock = Clock()
+    db = _LeasedDatabase(fence_error)
+    db.leases = {"fs": ("a", 1), "ft": ("a", 1)}
+    fenced: list[list[str]] = []
+    writer = BatchWriter(clock, db, fence=fence_as({"fs": 1, "ft": 1}), on_fenced=fenced.append)
+    fs, ft = _Site(), _Site()
+    writer.queue(message("ft", 0), ft, "good")
+    writer.queue(message("fs", 0), fs, "fs")
+    writer.queue(message("ft", 1, unit="bad"), ft, "bad")
+    for site_id in ("fs", "ft"):
+        writer.set_status(*connected(site_id))
+    db.move("fs", before=2)
+    clock.advance(BATCH_DELAY)
+    assert fenced == [["fs"]]
+    assert ft.messages == ["good", "bad"] and fs.messages == []
+    assert writer.dead_lettered == 1
+    assert db.committed("fs") == []
+    assert any("INSERT INTO dead_letter" in w.sql for w in db.committed("ft"))
+    assert any("UPDATE mqtt_connection" in w.sql for w in db.committed("ft"))
+    assert writer.bytes_held == 0 and writer.failing_since is None
+    assert clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize(
+    ("fs_units", "moved_before", "refused"),
+    [(["V", "bad"], 3, "INSERT INTO sensor_reading"), (["bad"], 4, "INSERT INTO dead_letter")],
+    ids=["half", "dead-letter"],
+)
+def test_a_fenced_half_or_dead_letter_drops_the_stale_site(
+    fence_error: Callable[[list[str]], psycopg2.Error],
+    fs_units: list[str],
+    moved_before: int,
+    refused: str,
+) -> None:
+    """
+    A batch of a good message of ft and a bad one of fs is rejected and
+    written in halves.  fs moves to b before the half of fs's messages
+    is written (with a good one of fs before its bad one), or before the
+    bad message's dead letter is written (the bad one alone).  Either
+    way that write is fenced, fs's messages are dropped unacknowledged,
+    nothing of fs is written, ft's message commits and on_fenced hears
+    ['fs'] once.
+    """
+    clock = Clock()
+    db = _LeasedDatabase(fence_error)
+    db.leases = {"fs": ("a", 1), "ft": ("a", 1)}
+    fenced: list[list[str]] = []
+    writer = BatchWriter(clock, db, fence=fence_as({"fs": 1, "ft": 1}), on_fenced=fenced.append)
+    fs, ft = _Site(), _Site()
+    writer.queue(message("ft", 0), ft, "good")
+    for n, unit in enumerate(fs_units):
+        writer.queue(message("fs", n, unit=unit), fs, unit)
+    db.move("fs", before=moved_before)
+    clock.advance(BATCH_DELAY)
+    stale = db.writes[moved_before - 1]
+    assert refused in stale.sql and stale.mentions("fs") and not stale.committed
+    assert fenced == [["fs"]]
+    assert ft.messages == ["good"] and fs.messages == []
+    assert db.committed("fs") == []
+    assert writer.dead_lettered == 0
+    assert writer.messages_fenced == len(fs_units)
+    assert writer.bytes_held == 0 and writer.failing_since is None
+    assert clock.getDelayedCalls() == []
+
+
+def test_submitted_effects_of_a_stale_site_are_dropped_and_their_deferred_fails(
+    fence_error: Callable[[list[str]], psycopg2.Error],
+) -> None:
+    """
+    Effects submitted without a message (device changes) may be of several
+    sites: a fenced write drops only the stale site's; a part left with
+    others' effects fires once they are committed, a part of the stale
+    site alone fails with L{Fenced} naming it.
+    """
+    clock = Clock()
+    db = _LeasedDatabase(fence_error)
+    db.leases = {"fs": ("b", 2), "ft": ("a", 1)}
+    fenced: list[list[str]] = []
+    writer = BatchWriter(clock, db, fence=fence_as({"fs": 1, "ft": 1}), on_fenced=fenced.append)
+    both = writer.submit([TopicSeen("fs", "fs/x", T0), TopicSeen("ft", "ft/x", T0)])
+    alone = writer.submit([TopicSeen("fs", "fs/y", T0)])
+    failures: list[Any] = []
+    alone.addErrback(failures.append)
+    clock.advance(BATCH_DELAY)
+    assert both.called and both.result is None
+    assert len(failures) == 1 and failures[0].check(Fenced)
+    assert failures[0].value.sites == ["fs"]
+    assert fenced == [["fs"]]
+    assert db.committed("fs") == [] and len(db.committed("ft")) == 1
+    assert writer.bytes_held == 0
+    assert clock.getDelayedCalls() == []

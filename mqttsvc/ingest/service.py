@@ -6,7 +6,7 @@ constructor.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from twisted.application.service import Service
@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mqttsvc.config import OfflinePolicy
+from mqttsvc.db.leases import Fence
 from mqttsvc.ingest.liveness import KnownDevices, Liveness, OfflineDetector
 from mqttsvc.ingest.writer import WritePool, WriterLanes
 from mqttsvc.records import ConnectionEvent, DeviceKey, Effect, StatusUpdate
@@ -43,6 +44,11 @@ class Ingest(Service):
         its limit (with the site, the limit and the device).
     @param repair_interval: seconds between two device repairs
         (L{Liveness.repair}).
+    @param fence: in a cluster, the fence of a write of these sites, for
+        every write of every lane; None (alone) writes unfenced.
+    @param on_fenced: called with the sites of a write that their fence
+        refused (another instance owns them now), after the writer dropped
+        their messages unacknowledged; it should stop them.
     @param writer_options: the other L{mqttsvc.ingest.writer.BatchWriter}
         options (batch size and delay, water marks).
     """
@@ -61,11 +67,20 @@ class Ingest(Service):
         observe: Callable[[int, float], None] | None = None,
         on_stall: Callable[[int, float, str, bool], None] | None = None,
         on_device_limit: Callable[[str, int, DeviceKey], None] | None = None,
+        fence: Callable[[Collection[str]], Fence | None] | None = None,
+        on_fenced: Callable[[list[str]], None] | None = None,
         **writer_options: Any,
     ) -> None:
         self._clock = clock
         self.writer = WriterLanes(
-            clock, pool, lanes=lanes, observe=observe, on_stall=on_stall, **writer_options
+            clock,
+            pool,
+            lanes=lanes,
+            observe=observe,
+            on_stall=on_stall,
+            fence=fence,
+            on_fenced=on_fenced,
+            **writer_options,
         )
         self.liveness = Liveness(
             clock,

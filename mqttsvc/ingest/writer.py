@@ -32,13 +32,20 @@ the database rejects for its data is bisected until the messages that
 caused it stand alone; those become dead letters with the database's
 reason, and everything else commits.  A dead letter is written so that the
 database cannot refuse it (L{mqttsvc.db.batch.dead_letter_row}).
+
+In a cluster every write carries the fence of the sites it writes (see
+L{mqttsvc.db.leases.Fence}).  A write the fence refuses (another instance
+owns some of its sites now) is neither a rejection of its data nor an
+outage: the stale sites' messages, statuses and events are dropped without
+being acknowledged (the broker redelivers them to the real owner), their
+owner is told (C{on_fenced}), and the rest is written at once.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from functools import partial
 from typing import Any, Protocol
 
@@ -48,6 +55,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mqttsvc.db.batch import write_effects
+from mqttsvc.db.leases import Fence, fenced_sites
 from mqttsvc.db.pool import is_rejection
 from mqttsvc.db.store import WRITE_CONNECTIONS
 from mqttsvc.records import (
@@ -133,6 +141,19 @@ class _FireDeferreds:
 
 _FIRE = _FireDeferreds()
 
+
+class Fenced(Exception):
+    """
+    Writes of these sites were refused by their fence: another instance
+    owns them now.  The failure of a L{BatchWriter.submit} whose effects
+    were all of such sites.
+    """
+
+    def __init__(self, sites: list[str]) -> None:
+        super().__init__(f"sites owned by another instance now: {', '.join(sites)}")
+        self.sites = sites
+
+
 #: A queued message: its effects, its listener, what the listener is told
 #: of, when it was queued, and what it costs in bytes.
 _Pending = tuple[list[Effect], CommitListener, Any, float, int]
@@ -156,8 +177,13 @@ class _SiteRecords:
             self.statuses.setdefault(site_id, update)
         self.events[:0] = older.events
 
-    async def write(self, pool: WritePool) -> None:
-        await write_effects(pool.operation, (), self.statuses.values(), self.events)
+    def drop(self, sites: Collection[str]) -> None:
+        """
+        Forget the statuses and events of C{sites}.
+        """
+        for site_id in [s for s in self.statuses if s in sites]:
+            del self.statuses[site_id]
+        self.events[:] = [e for e in self.events if e.site_id not in sites]
 
 
 class _Retry(Exception):
@@ -200,6 +226,12 @@ class BatchWriter:
         seconds (with the seconds, the error and False), and once when
         writes succeed again after that (with the seconds it lasted, the
         last error and True).
+    @param fence: in a cluster, gives the fence of a write of these sites
+        (every write is fenced with it); None writes unfenced, as a lone
+        instance does.
+    @param on_fenced: called with the stale sites, once per write the fence
+        refused, after their messages were dropped unacknowledged (their
+        owner should stop them).
     """
 
     log = Logger()
@@ -220,6 +252,9 @@ class BatchWriter:
         site_messages: int | None = None,
         observe: Callable[[int, float], None] | None = None,
         on_stall: Callable[[float, str, bool], None] | None = None,
+        *,
+        fence: Callable[[Collection[str]], Fence | None] | None = None,
+        on_fenced: Callable[[list[str]], None] | None = None,
     ) -> None:
         self._clock = clock
         self._pool = pool
@@ -259,6 +294,11 @@ class BatchWriter:
         self.batches_written = 0
         self.messages_written = 0
         self.dead_lettered = 0
+        self._fence = fence
+        self.on_fenced = on_fenced
+        #: Writes the fence refused, and the messages dropped for it.
+        self.batches_fenced = 0
+        self.messages_fenced = 0
 
     @property
     def queued(self) -> int:
@@ -423,12 +463,19 @@ class BatchWriter:
         delay: float | None = None
         started = self._clock.seconds()
         try:
-            await write_effects(
-                self._pool.operation,
-                (e for p in batch for e in p[0]),
-                records.statuses.values(),
-                records.events,
-            )
+            while True:
+                try:
+                    await self._send(
+                        (e for p in batch for e in p[0]),
+                        records.statuses.values(),
+                        records.events,
+                    )
+                except Fenced as fenced:
+                    # Not the data's fault nor the database's: write the
+                    # other sites' part at once.
+                    [batch] = self._forget(fenced.sites, [batch], records)
+                    continue
+                break
         except Exception as e:
             if is_rejection(e):
                 self.log.warn(
@@ -456,6 +503,94 @@ class BatchWriter:
                 self._press(False)
             self._kick(delay)
 
+    async def _send(
+        self,
+        effects: Iterable[Effect],
+        statuses: Iterable[StatusUpdate] = (),
+        events: Iterable[ConnectionEvent] = (),
+    ) -> None:
+        """
+        Write effects, statuses and events in one query, fenced when this
+        writer has a fence.
+
+        @raise Fenced: the fence refused the write (nothing of it is
+            committed); the caller drops the stale sites (L{_forget}).
+        """
+        if self._fence is None:
+            await write_effects(self._pool.operation, effects, statuses, events)
+            return
+        effects = list(effects)
+        statuses = list(statuses)
+        events = list(events)
+        sites = {_site_of(e) for e in effects}
+        sites.update(s.site_id for s in statuses)
+        sites.update(e.site_id for e in events)
+        if not sites:
+            return
+        try:
+            await write_effects(
+                self._pool.operation, effects, statuses, events, fence=self._fence(sites)
+            )
+        except Exception as e:
+            stale = fenced_sites(e)
+            # A refusal that names none of the written sites could not be
+            # mended by dropping them: leave it to the retries.
+            if stale is None or sites.isdisjoint(stale):
+                raise
+            self.batches_fenced += 1
+            raise Fenced(stale) from None
+
+    def _forget(
+        self, stale: list[str], parts: list[list[_Pending]], records: _SiteRecords
+    ) -> list[list[_Pending]]:
+        """
+        Drop everything of the C{stale} sites this lane holds: from the
+        C{parts} being written (returned without them, in order), their
+        C{records}, and the queue.  Their messages are not acknowledged
+        (their listeners never hear C{committed}), and the bytes and
+        messages they held are released; then C{on_fenced} is told.
+
+        A message's effects are one site's, except those of L{submit},
+        which lose only the stale sites' effects (and fail with L{Fenced}
+        when none are left).
+        """
+        gone = set(stale)
+        dropped: list[_Pending] = []
+
+        def keep(pending: Iterable[_Pending]) -> list[_Pending]:
+            kept = []
+            for p in pending:
+                effects = p[0]
+                left = [e for e in effects if _site_of(e) not in gone]
+                if len(left) == len(effects):
+                    kept.append(p)
+                elif left:
+                    kept.append((left, *p[1:]))
+                else:
+                    dropped.append(p)
+            return kept
+
+        parts = [keep(part) for part in parts]
+        self._queue = deque(keep(self._queue))
+        records.drop(gone)
+        self._records.drop(gone)
+        self.messages_fenced += len(dropped)
+        by_listener = self._release(dropped)
+        self.log.warn(
+            "sites {sites} are owned by another instance now: dropped {count} of their messages "
+            "unacknowledged",
+            sites=stale,
+            count=len(dropped),
+        )
+        for d in by_listener.pop(_FIRE, []):
+            d.errback(Fenced(stale))
+        if self.on_fenced is not None:
+            try:
+                self.on_fenced(stale)
+            except Exception:
+                self.log.failure("telling of fenced sites failed", sites=stale)
+        return parts
+
     def _wrote(self) -> None:
         self._failures = 0
         if self.failing_since is not None:
@@ -472,6 +607,20 @@ class BatchWriter:
         """
         Tell each listener, once, which of its messages are committed, and
         release the bytes they held.
+        """
+        for listener, messages in self._release(batch).items():
+            try:
+                listener.committed(messages)
+            except Exception:
+                self.log.failure("a commit listener failed", listener=listener)
+
+    def _release(self, batch: list[_Pending]) -> dict[CommitListener, list[Any]]:
+        """
+        Release the bytes and messages that C{batch} held, per listener,
+        and let a held listener read again once it is under half its
+        share.
+
+        @return: each listener's messages of C{batch}, in order.
         """
         by_listener: dict[CommitListener, list[Any]] = {}
         freed: dict[CommitListener, int] = {}
@@ -504,11 +653,7 @@ class BatchWriter:
             ):
                 self._holding.discard(listener)
                 listener.hold(False)
-        for listener, messages in by_listener.items():
-            try:
-                listener.committed(messages)
-            except Exception:
-                self.log.failure("a commit listener failed", listener=listener)
+        return by_listener
 
     def _retry_later(self, batch: list[_Pending], records: _SiteRecords, error: Exception) -> float:
         """
@@ -553,11 +698,14 @@ class BatchWriter:
 
         @return: the delay before a retry, if the database failed otherwise.
         """
-        if records:
+        while records:
             # Their text is made storable (L{mqttsvc.db.batch}): a refusal
             # would be a bug, logged, and not worth stalling for.
             try:
-                await records.write(self._pool)
+                await self._send((), records.statuses.values(), records.events)
+            except Fenced as fenced:
+                [batch] = self._forget(fenced.sites, [batch], records)
+                continue
             except Exception as e:
                 if not is_rejection(e):
                     return self._retry_later(batch, records, e)
@@ -565,28 +713,43 @@ class BatchWriter:
                     "the database refused site statuses and events, dropped: {error}",
                     error=_first_line(e),
                 )
+            break
         # Parts still to write, the next one last; each with the error that
         # refused it, if it was already tried.
         work: list[tuple[list[_Pending], Exception | None]] = [(batch, error)]
         try:
             while work:
                 part, refused = work.pop()
-                if refused is None:
-                    try:
-                        await write_effects(self._pool.operation, (e for p in part for e in p[0]))
-                    except Exception as e:
-                        if not is_rejection(e):
-                            raise _Retry(_left(part, work), e) from None
-                        refused = e
+                try:
+                    if refused is None:
+                        try:
+                            await self._send(e for p in part for e in p[0])
+                        except Fenced:
+                            raise
+                        except Exception as e:
+                            if not is_rejection(e):
+                                raise _Retry(_left(part, work), e) from None
+                            refused = e
+                        else:
+                            self.messages_written += len(part)
+                            self._tell(part)
+                            continue
+                    if len(part) == 1:
+                        await self._dead_letter(part[0], refused, _left(part, work))
                     else:
-                        self.messages_written += len(part)
-                        self._tell(part)
-                        continue
-                if len(part) == 1:
-                    await self._dead_letter(part[0], refused, _left(part, work))
-                else:
-                    middle = len(part) // 2
-                    work += [(part[middle:], None), (part[:middle], None)]
+                        middle = len(part) // 2
+                        work += [(part[middle:], None), (part[:middle], None)]
+                except Fenced as fenced:
+                    # Nothing of this part was written: it is tried again
+                    # without the stale sites, and so is every later part
+                    # that lost messages (a refusal may have been theirs).
+                    work.append((part, None))
+                    parts = self._forget(fenced.sites, [p for p, _ in work], _SiteRecords())
+                    work = [
+                        (kept, tried if kept == before else None)
+                        for kept, (before, tried) in zip(parts, work, strict=True)
+                        if kept
+                    ]
         except _Retry as retry:
             return self._retry_later(retry.left, _SiteRecords(), retry.error)
         self._wrote()
@@ -611,7 +774,9 @@ class BatchWriter:
             attempts = [dead] if dead and len(dead) < len(effects) else []
         for attempt in attempts:
             try:
-                await write_effects(self._pool.operation, attempt)
+                await self._send(attempt)
+            except Fenced:
+                raise
             except Exception as e:
                 if not is_rejection(e):
                     raise _Retry(left, e) from None
@@ -699,6 +864,9 @@ class WriterLanes:
         whether it presses), after its sites were paused or resumed.
     @param on_stall: called with a lane's index and what L{BatchWriter}'s
         C{on_stall} is called with.
+    @param fence: the fence of every lane's writes (see L{BatchWriter}).
+    @param on_fenced: told of the stale sites of every lane's refused
+        writes (see L{BatchWriter}).
     @param options: the L{BatchWriter} options of every lane.
     """
 
@@ -712,6 +880,8 @@ class WriterLanes:
         *,
         on_pressure: Callable[[int, bool], None] | None = None,
         on_stall: Callable[[int, float, str, bool], None] | None = None,
+        fence: Callable[[Collection[str]], Fence | None] | None = None,
+        on_fenced: Callable[[list[str]], None] | None = None,
         **options: Any,
     ) -> None:
         self._pressing_lanes: set[int] = set()
@@ -722,6 +892,8 @@ class WriterLanes:
                 pool,
                 on_pressure=partial(self._lane_pressure, i),
                 on_stall=None if on_stall is None else partial(on_stall, i),
+                fence=fence,
+                on_fenced=on_fenced,
                 **options,
             )
             for i in range(lanes)
@@ -857,6 +1029,14 @@ class WriterLanes:
     @property
     def bytes_held(self) -> int:
         return sum(lane.bytes_held for lane in self._lanes)
+
+    @property
+    def batches_fenced(self) -> int:
+        return sum(lane.batches_fenced for lane in self._lanes)
+
+    @property
+    def messages_fenced(self) -> int:
+        return sum(lane.messages_fenced for lane in self._lanes)
 
 
 def _all(deferreds: list[Deferred[None]]) -> Deferred[None]:
