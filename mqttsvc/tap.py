@@ -334,8 +334,7 @@ class Options(usage.Options):
         if not self["no-gc-freeze"]:
             freeze = self._environ.get("MQTTSVC_GC_FREEZE", "1").strip().lower()
             self["no-gc-freeze"] = freeze in ("0", "false", "no")
-        if not self["cluster"]:
-            self["cluster"] = _truthy(self._environ.get("MQTTSVC_CLUSTER"))
+        self["cluster"] = bool(self["cluster"]) or _truthy(self._environ.get("MQTTSVC_CLUSTER"))
         if not self["migrate"]:
             # Read here, not with the logger (which twistd may not let us
             # install): tac/service.tac ignored MQTTSVC_MIGRATE (issue 15).
