@@ -706,15 +706,44 @@ def make_ingest(
     )
     if keeper is None:
         return make()
-    return make(fence=partial(_fence, keeper), on_fenced=on_fenced)
+    fences = Fences(keeper, on_fenced)
+    return make(fence=fences.fence, on_fenced=fences.refused)
 
 
-def _fence(keeper: LeaseKeeper, site_ids: Collection[str]) -> Fence:
+class Fences:
     """
-    What a batch of these sites' writes is fenced with: the keeper's epochs.
+    Between the writer and the lease keeper: the fence of every write (the
+    keeper's epochs), and which sites to stop when the database refuses
+    one.
+
+    A site's writes all go through one writer lane, one write at a time,
+    so the epoch that the last fence of a site carried is the epoch of the
+    refused write.  A site this instance holds under a newer epoch (handed
+    over and acquired again while that write was in flight) keeps running;
+    any other stale site is stopped (C{on_fenced}) and the keeper renews at
+    once, to learn which leases it lost.
     """
-    instance, sites, epochs = keeper.fence_for(site_ids)
-    return Fence(instance, sites, epochs)
+
+    def __init__(self, keeper: LeaseKeeper, on_fenced: Callable[[list[str]], None]) -> None:
+        self._keeper = keeper
+        self._on_fenced = on_fenced
+        #: The epoch of the last fence of each site.
+        self._sent: dict[str, int] = {}
+
+    def fence(self, site_ids: Collection[str]) -> Fence:
+        instance, sites, epochs = self._keeper.fence_for(site_ids)
+        self._sent.update(zip(sites, epochs, strict=True))
+        return Fence(instance, sites, epochs)
+
+    def refused(self, stale: list[str]) -> None:
+        doomed = []
+        for site_id in stale:
+            epoch = self._keeper.epoch(site_id)
+            if epoch is None or epoch == self._sent.get(site_id):
+                doomed.append(site_id)
+        self._keeper.poke()
+        if doomed:
+            self._on_fenced(doomed)
 
 
 def _site_changed(supervisor: SiteSupervisor, keeper: LeaseKeeper | None, site_id: str) -> None:

@@ -418,3 +418,53 @@ def test_handing_over_a_site_that_is_not_running() -> None:
     assert c.running() == []
     assert c.supervisor.hand_over("a").called
     c.stop()
+
+
+# --- the fence between the writer and the keeper ----------------------------------
+
+
+class FakeKeeper:
+    """The keeper as the writer's fences see it: epochs by site, and pokes."""
+
+    instance = "box"
+
+    def __init__(self, **epochs: int) -> None:
+        self.epochs = epochs
+        self.pokes = 0
+
+    def epoch(self, site_id: str) -> int | None:
+        return self.epochs.get(site_id)
+
+    def fence_for(self, site_ids: Any) -> tuple[str, tuple[str, ...], tuple[int, ...]]:
+        sites = tuple(sorted(site_ids))
+        return self.instance, sites, tuple(self.epochs.get(s, 0) for s in sites)
+
+    def poke(self) -> None:
+        self.pokes += 1
+
+
+def test_a_refused_write_stops_only_the_sites_of_its_term() -> None:
+    """
+    A write is fenced with the keeper's epochs.  When the database refuses
+    it, the sites whose lease this instance no longer holds, or holds
+    under the epoch that write carried, are stopped; a site acquired again
+    (a newer epoch) while the write was in flight runs on.  Either way the
+    keeper renews at once.
+    """
+    keeper = FakeKeeper(a=3, b=5, c=1)
+    stopped: list[list[str]] = []
+    fences = tap.Fences(cast(LeaseKeeper, keeper), stopped.append)
+    fence = fences.fence({"a", "b", "c", "d"})
+    assert (fence.instance, fence.sites, fence.epochs) == (
+        "box",
+        ("a", "b", "c", "d"),
+        (3, 5, 1, 0),
+    )
+    del keeper.epochs["a"]  # lost
+    keeper.epochs["b"] = 6  # handed over and acquired again
+    fences.refused(["a", "b", "c", "d"])
+    assert stopped == [["a", "c", "d"]]
+    assert keeper.pokes == 1
+    fences.refused(["b"])
+    assert stopped == [["a", "c", "d"]]
+    assert keeper.pokes == 2
