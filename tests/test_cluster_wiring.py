@@ -468,3 +468,28 @@ def test_a_refused_write_stops_only_the_sites_of_its_term() -> None:
     fences.refused(["b"])
     assert stopped == [["a", "c", "d"]]
     assert keeper.pokes == 2
+
+
+def test_mqttsvc_cluster_shows_each_live_instance() -> None:
+    """
+    C{mqttsvc cluster} is a table of the live instances (how many sites
+    each owns, when it renewed), or says that none runs with --cluster.
+    """
+    from mqttsvc.cli import build_parser, format_cluster
+
+    assert build_parser().parse_args(["cluster"]).command == "cluster"
+    member = {
+        "instance": "a",
+        "sites": ["s1", "s2"],
+        "epochs": {"s1": 1, "s2": 4},
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "renewed_at": "2026-01-01T00:01:00+00:00",
+        "expires_at": "2026-01-01T00:01:10+00:00",
+    }
+    table = format_cluster({"instance": "a", "cluster": True, "instances": [member]})
+    assert table.splitlines() == [
+        "INSTANCE  SITES  RENEWED                    STARTED",
+        "a         2      2026-01-01T00:01:00+00:00  2026-01-01T00:00:00+00:00",
+    ]
+    alone = format_cluster({"instance": "box", "cluster": False, "instances": []})
+    assert alone == "no instance runs with --cluster (box runs without --cluster)"

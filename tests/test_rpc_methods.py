@@ -255,6 +255,7 @@ async def test_openrpc_document_matches_the_registry(running: RunningService) ->
         "deadletter.list",
         "deadletter.replay",
         "deadletter.purge",
+        "cluster.status",
         "rpc.discover",
     } == names
     create = next(m for m in doc["methods"] if m["name"] == "site.create")
@@ -269,6 +270,19 @@ async def test_openrpc_document_matches_the_registry(running: RunningService) ->
     # call with a wrong type is refused naming it.
     wrong = await running.call_raw("site.create", {"site_id": 5, "host": "h"})
     assert wrong["error"]["data"]["field"] == "site_id"
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_status_without_cluster(running: RunningService) -> None:
+    """
+    cluster.status answers without --cluster too: this instance is no
+    member, and the list is of the live members on its database (read from
+    the leases, so every instance answers the same).
+    """
+    status = await running.call("cluster.status")
+    assert (status["instance"], status["cluster"]) == ("test", False)
+    assert isinstance(status["instances"], list)
+    assert "test" not in [m["instance"] for m in status["instances"]]
 
 
 _GOOD = {"string": "x", "integer": 1, "number": 1.5, "boolean": True, "object": {}, "array": []}
