@@ -351,6 +351,12 @@ def test_a_hand_over_drains_then_disconnects_and_is_not_undone() -> None:
     c.disconnected("a")
     assert handed.called
     assert c.running() == []
+    events = [e for _, e in c.ingest.reports if e is not None]
+    assert (events[-1].to_state, events[-1].reason) == ("stopped", None)
+    assert (events[-2].to_state, events[-2].reason) == (
+        "stopping",
+        "handed over to another instance",
+    )
     Deferred.fromCoroutine(c.supervisor.reconcile_all())
     assert c.running() == [], "a site handed over started again"
     c.stop()
@@ -374,6 +380,8 @@ def test_a_lost_site_stops_at_once_until_acquired_again() -> None:
     c.disconnected("a")
     assert c.running() == []
     assert client.acked == []
+    events = [e for _, e in c.ingest.reports if e is not None]
+    assert (events[-2].to_state, events[-2].reason) == ("stopping", "its lease was lost")
     Deferred.fromCoroutine(c.supervisor.reconcile_all())
     assert c.running() == []
     c.supervisor.acquired("a")

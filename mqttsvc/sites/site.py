@@ -696,8 +696,10 @@ class SiteService(Service):
         #: Messages handed to the writer and not committed yet.
         self.uncommitted = 0
         self._drained: Deferred[None] | None = None
-        #: Whether the next stop waits for those to be committed.
+        #: Whether the next stop waits for those to be committed, and why
+        #: it stops (the reason of its events).
         self._drain_on_stop = True
+        self._stop_reason = "stopped"
         #: Back-pressure: the writer is full (every site paused), or holds
         #: more of this site's bytes than its share (this site paused).
         self._pressed = False
@@ -812,7 +814,7 @@ class SiteService(Service):
                 )
             finally:
                 self._drained = None
-        self._core.reason = "stopped"
+        self._core.reason = self._stop_reason
         await self._machine.stop()
 
     def shut_down(self) -> Deferred[None]:
@@ -839,6 +841,9 @@ class SiteService(Service):
         self._core.shutting_down = True
         # Once lost, never drained again: nothing more will be committed.
         self._drain_on_stop = self._drain_on_stop and drain
+        self._stop_reason = (
+            "handed over to another instance" if self._drain_on_stop else "its lease was lost"
+        )
         if not drain:
             self._core.client.pause()
 

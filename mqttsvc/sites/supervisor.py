@@ -318,6 +318,7 @@ class SiteSupervisor(MultiService):
                     self.log.info("site {site_id} {why}: stopping it", site_id=site_id, why=why)
                     await current.disownServiceParent()
                 if row is None:
+                    self._given_up.discard(site_id)
                     self._known.pop(site_id, None)
                     self._counters.pop(site_id, None)
                     self._ingest.site_removed(site_id)
