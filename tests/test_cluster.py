@@ -68,6 +68,24 @@ def connected(service: Service, sites: list[str]) -> bool:
     return all(service.call("site.status", [s])["state"] == "connected" for s in sites)
 
 
+def settled(dsn: str, sites: list[str], services: dict[str, Service]) -> dict[str, list[str]]:
+    """
+    Wait until every site is owned, each instance owns some, and each runs
+    its own connected, with no lease moving meanwhile; the sites of each.
+    """
+
+    def check() -> dict[str, list[str]] | None:
+        held = owners(dsn)
+        if set(held) != set(sites) or set(held.values()) != set(services):
+            return None
+        mine = {name: sorted(s for s, o in held.items() if o == name) for name in services}
+        if not all(connected(services[name], mine[name]) for name in services):
+            return None
+        return mine if owners(dsn) == held else None
+
+    return wait_until(check, within=15, what="every site owned once and connected")
+
+
 def publish(port: int, sites: list[str], first: int, count: int) -> None:
     """
     Publish readings C{first} .. C{first + count - 1} to every site, QoS 1,
@@ -125,13 +143,7 @@ def test_two_instances_share_and_take_over_the_sites(
             )
 
         # One owner each, both instances own some, and all connect.
-        def shared() -> dict[str, str] | None:
-            held = owners(dsn)
-            return held if set(held) == set(sites) and set(held.values()) == {"a", "b"} else None
-
-        held = wait_until(shared, within=15, what="every site owned, by both instances")
-        mine = {name: sorted(s for s, o in held.items() if o == name) for name in ("a", "b")}
-        wait_until(lambda: connected(a, mine["a"]) and connected(b, mine["b"]), within=15)
+        mine = settled(dsn, sites, {"a": a, "b": b})
         assert {m["instance"]: m["sites"] for m in a.call("cluster.status")["instances"]} == mine
         assert b.call("cluster.status")["instances"] == a.call("cluster.status")["instances"]
         assert a.call("cluster.status")["cluster"] is True
@@ -154,10 +166,7 @@ def test_two_instances_share_and_take_over_the_sites(
 
         # It comes back and takes its share back.
         a.start()
-        wait_until(shared, within=15, what="the sites shared again")
-        held = owners(dsn)
-        mine = {name: sorted(s for s, o in held.items() if o == name) for name in ("a", "b")}
-        wait_until(lambda: connected(a, mine["a"]) and connected(b, mine["b"]), within=15)
+        settled(dsn, sites, {"a": a, "b": b})
 
         # A crash: its leases expire by the database's clock, then move.
         started = time.monotonic()
