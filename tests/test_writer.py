@@ -598,13 +598,15 @@ class _LeasedDatabase:
     instance does not hold every site at its epoch with C{mqttsvc_fence}'s
     error, and a write with a unit C{"bad"} as a data error.
     C{move(site, before=n)} gives a site's lease to another instance just
-    before the n-th write (1-based) arrives.
+    before the n-th write (1-based) arrives.  With C{misnamed}, a refused
+    fence names those sites instead of the stale ones.
     """
 
     def __init__(self, fence_error: Callable[[list[str]], psycopg2.Error]) -> None:
         self.leases: dict[str, tuple[str, int]] = {}
         self.writes: list[_Write] = []
         self._moves: dict[int, str] = {}
+        self.misnamed: list[str] | None = None
         self._fence_error = fence_error
 
     def move(self, site_id: str, before: int) -> None:
@@ -623,7 +625,7 @@ class _LeasedDatabase:
                 if self.leases.get(s) != (instance, int(e))
             )
             if stale:
-                error = self._fence_error(stale)
+                error = self._fence_error(self.misnamed or stale)
         if error is None and any(isinstance(p, str) and '"bad"' in p for p in params):
             error = ValueError("invalid input: bad")
         self.writes.append(_Write(sql, list(params), error is None))
@@ -845,3 +847,28 @@ def test_submitted_effects_of_a_stale_site_are_dropped_and_their_deferred_fails(
     assert db.committed("fs") == [] and len(db.committed("ft")) == 1
     assert writer.bytes_held == 0
     assert clock.getDelayedCalls() == []
+
+
+def test_a_fence_refusal_that_names_no_written_site_is_retried(
+    fence_error: Callable[[list[str]], psycopg2.Error],
+) -> None:
+    """
+    A fence's error naming none of the sites written (which dropping
+    could not mend) is neither dropped nor repeated at once: the batch is
+    kept and retried after a backoff, as any failure of the database.
+    """
+    clock = Clock()
+    db = _LeasedDatabase(fence_error)
+    db.leases = {"fs": ("b", 2)}
+    db.misnamed = ["elsewhere"]
+    fenced: list[list[str]] = []
+    writer = BatchWriter(clock, db, fence=fence_as({"fs": 1}), on_fenced=fenced.append)
+    site = _Site()
+    writer.queue(message("fs", 0), site, 0)
+    clock.advance(BATCH_DELAY)
+    assert len(db.writes) == 1 and fenced == []
+    assert writer.failing_since is not None and writer.queued == 1
+    assert site.messages == []
+    clock.advance(0.5)
+    assert len(db.writes) == 2
+    writer.stop()

@@ -340,7 +340,9 @@ class BatchWriter:
         C{listener.committed} hears of C{message} (with the batch's other
         messages of the same listener).  Nothing is dropped: a batch is
         retried until it is committed, and a message the database refuses
-        is committed as a dead letter.
+        is committed as a dead letter.  Only in a cluster, a message of a
+        site that another instance owns now is dropped unacknowledged when
+        the fence refuses it (see C{on_fenced}).
 
         @param size: the message's bytes (payload and topic).
         """
@@ -716,7 +718,7 @@ class BatchWriter:
             break
         # Parts still to write, the next one last; each with the error that
         # refused it, if it was already tried.
-        work: list[tuple[list[_Pending], Exception | None]] = [(batch, error)]
+        work: list[tuple[list[_Pending], Exception | None]] = [(batch, error)] if batch else []
         try:
             while work:
                 part, refused = work.pop()
