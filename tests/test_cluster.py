@@ -16,6 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -145,21 +146,26 @@ def test_two_instances_share_and_take_over_the_sites(
         # One owner each, both instances own some, and all connect.
         mine = settled(dsn, sites, {"a": a, "b": b})
         assert {m["instance"]: m["sites"] for m in a.call("cluster.status")["instances"]} == mine
-        assert b.call("cluster.status")["instances"] == a.call("cluster.status")["instances"]
+        members = a.call("cluster.status")["instances"]
+        assert b.call("cluster.status")["instances"] == members
+        for member in members:
+            assert datetime.fromisoformat(member["renewed_at"]).tzinfo is not None
+            assert member["epochs"].keys() == set(member["sites"])
         assert a.call("cluster.status")["cluster"] is True
 
         publish(private_broker.port, sites, 0, 20)
         all_committed(dsn, sites, 20, within=20)
 
         # A clean stop hands over at once: well under the ttl.
+        assert a.process is not None
         started = time.monotonic()
-        a.process.terminate()  # type: ignore[union-attr]
+        a.process.terminate()
         wait_until(lambda: set(owners(dsn).items()) == {(s, "b") for s in sites}, within=TTL)
         taken = time.monotonic() - started
         wait_until(lambda: connected(b, sites), within=5)
         up = time.monotonic() - started
         assert taken < 2.0, f"the sites of a stopped instance took {taken:.1f}s to move"
-        a.process.wait(10)  # type: ignore[union-attr]
+        a.process.wait(10)
         print(f"SIGTERM: owned elsewhere after {taken:.2f}s, all connected after {up:.2f}s")
         publish(private_broker.port, sites, 20, 10)
         all_committed(dsn, sites, 30, within=20)
