@@ -133,3 +133,37 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     run = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stderr.strip() == "", run.stderr
+
+
+KUBERNETES = DEPLOY / "kubernetes.yaml"
+
+
+def test_kubernetes_runs_three_cluster_replicas_with_readiness_and_secrets_in_files() -> None:
+    """
+    The Kubernetes example runs three replicas with --cluster, each named
+    for its pod (instance names must differ among live instances), ready on
+    an authenticated /readyz, live on /healthz, migrated by an init container
+    first, stopped within a grace period above the shutdown deadline, and
+    with its secrets as files (never in the manifest or the environment).
+    """
+    text = KUBERNETES.read_text()
+    assert re.search(r"^  replicas: 3$", text, re.MULTILINE)
+    assert '{name: MQTTSVC_CLUSTER, value: "1"}' in text
+    assert re.search(
+        r"name: MQTTSVC_INSTANCE\n\s+valueFrom: \{fieldRef: \{fieldPath: metadata.name\}\}", text
+    )
+    assert 'command: ["mqttsvc", "migrate"]' in text.split("initContainers:", 1)[1]
+    readiness = text.split("readinessProbe:", 1)[1].split("resources:", 1)[0]
+    assert (
+        "/readyz" in readiness
+        and "Bearer" in readiness
+        and "/run/secrets/mqttsvc/tokens" in readiness
+    )
+    assert "httpGet: {path: /healthz, port: http}" in text.split("livenessProbe:", 1)[1]
+    grace = re.search(r"terminationGracePeriodSeconds: (\d+)", text)
+    assert grace and int(grace.group(1)) > 10
+    for variable in ("MQTTSVC_RPC_TOKEN_FILE", "MQTTSVC_SECRET_KEY_FILE"):
+        assert re.search(rf"name: {variable}, value: /run/secrets/mqttsvc/\w", text), variable
+    assert "passfile=/run/secrets/mqttsvc/pgpass" in text
+    assert not re.search(r"PASSWORD|password=|TOKEN, value: [^/]", text), "a secret in the manifest"
+    assert "defaultMode: 0440" in text
