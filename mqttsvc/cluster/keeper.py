@@ -203,6 +203,21 @@ class LeaseKeeper(Service):
         self._failing = False
         self._ticks = LoopingCall(self.poke)
         self._ticks.clock = reactor
+        # What the keeper has done since it was built, for /metrics
+        # (L{mqttsvc.control.metrics}); counted, never read here.
+        #: Heartbeats answered in time (every lease renewed).
+        self.renewals_ok = 0
+        #: Heartbeats that failed, timed out, or were answered too late.
+        self.renewals_failed = 0
+        #: Leases taken.
+        self.acquisitions = 0
+        #: Hand-overs begun (by the plan, or by a clean stop).
+        self.handovers = 0
+        #: Sites given up at once (C{on_lost}): taken over, self-fenced, or
+        #: not handed over within a stop's deadline.
+        self.leases_lost = 0
+        #: Times the self-fence stopped every site held.
+        self.self_fences = 0
 
     # What the writer and the supervisor ask.
 
@@ -288,7 +303,11 @@ class LeaseKeeper(Service):
 
     async def _renew_and_plan(self) -> None:
         sent_at = self._reactor.seconds()
-        held = await self._ask(self._leases.heartbeat(self.instance, self._ttl))
+        try:
+            held = await self._ask(self._leases.heartbeat(self.instance, self._ttl))
+        except Exception:
+            self.renewals_failed += 1
+            raise
         if not self._take_answer(sent_at, held):
             return
         instances = await self._ask(self._leases.live_instances())
@@ -311,6 +330,7 @@ class LeaseKeeper(Service):
                 self._release_soon(site_id)
                 return
             self._owned[site_id] = epoch
+            self.acquisitions += 1
             self.log.info(
                 "{instance} acquired site {site_id} (epoch {epoch})",
                 instance=self.instance,
@@ -357,6 +377,7 @@ class LeaseKeeper(Service):
             return False  # stopping: every site is handed over, then left
         until = sent_at + self._ttl
         if self._reactor.seconds() >= until:
+            self.renewals_failed += 1
             self.log.warn(
                 "the renewal of {instance}'s leases was answered after {ttl}s: ignored",
                 instance=self.instance,
@@ -366,6 +387,7 @@ class LeaseKeeper(Service):
         if self._failing:
             self.log.info("{instance} renews its leases again", instance=self.instance)
         self._failing = False
+        self.renewals_ok += 1
         for site_id, epoch in list(self._owned.items()):
             if held.get(site_id) != epoch:
                 self._lose(site_id, "it was taken over")
@@ -386,6 +408,7 @@ class LeaseKeeper(Service):
         self._fence = None
         if not self._owned:
             return
+        self.self_fences += 1
         self.log.warn(
             "{instance} has not renewed its leases for {ttl}s: stopping its {count} sites",
             instance=self.instance,
@@ -402,6 +425,7 @@ class LeaseKeeper(Service):
         """
         del self._owned[site_id]
         self._handing_over.discard(site_id)
+        self.leases_lost += 1
         if why is not None:
             self.log.warn(
                 "{instance} lost site {site_id}: {why}",
@@ -439,6 +463,7 @@ class LeaseKeeper(Service):
 
     def _begin_hand_over(self, site_id: str) -> None:
         self._handing_over.add(site_id)
+        self.handovers += 1
         epoch = self._owned[site_id]
         self.log.info(
             "{instance} hands site {site_id} over", instance=self.instance, site_id=site_id
