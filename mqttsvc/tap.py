@@ -624,6 +624,7 @@ def build_service(
         clustered=keeper is not None,
     )
     metrics.watch(supervisor, ingest)
+    metrics.watch_cluster(options["instance"], keeper)
     metrics.watch_descriptors(descriptors)
     web = WebApp(
         dispatcher,

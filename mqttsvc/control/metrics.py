@@ -5,15 +5,26 @@ Histograms are observed as batches are written; everything else is read
 from the live objects when Prometheus scrapes, by a collector, so there is
 no second copy of the state to keep in step (and no label left behind for a
 deleted site).
+
+The cluster's series (issue #17) are there on every instance: alone
+(without C{--cluster}) they are 0, and C{mqttsvc_cluster_member} says so.
+Prometheus's advice ("avoid missing metrics"): a series that may be absent
+makes a query over it answer nothing instead of 0, so one dashboard or alert
+would need two forms.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from mqttsvc.sites.states import STATES
@@ -24,6 +35,105 @@ if TYPE_CHECKING:
     from mqttsvc.ingest.service import Ingest
     from mqttsvc.runtime.descriptors import DescriptorBudget
     from mqttsvc.sites.supervisor import SiteSupervisor
+
+
+class ClusterMember(Protocol):
+    """
+    What the metrics read of this instance's lease keeper
+    (L{mqttsvc.cluster.keeper.LeaseKeeper}, which the control plane does not
+    import): the sites it holds, and what it has done since it started.
+    """
+
+    def owned(self) -> dict[str, int]:
+        """
+        Every site this instance holds now, with its epoch.
+        """
+        ...
+
+    @property
+    def renewals_ok(self) -> int:
+        """Heartbeats answered in time."""
+        ...
+
+    @property
+    def renewals_failed(self) -> int:
+        """Heartbeats that failed, timed out or were answered too late."""
+        ...
+
+    @property
+    def acquisitions(self) -> int:
+        """Leases taken."""
+        ...
+
+    @property
+    def handovers(self) -> int:
+        """Hand-overs begun."""
+        ...
+
+    @property
+    def leases_lost(self) -> int:
+        """Sites given up at once: taken over, self-fenced, or not handed over in time."""
+        ...
+
+    @property
+    def self_fences(self) -> int:
+        """Times the keeper stopped every site for not having renewed within a ttl."""
+        ...
+
+
+class _ClusterCollector(Collector):
+    def __init__(self, instance: str, keeper: ClusterMember | None) -> None:
+        self._instance = instance
+        self._keeper = keeper
+
+    def collect(self) -> Iterator[Metric]:
+        keeper = self._keeper
+        yield InfoMetricFamily(
+            "mqttsvc_instance",
+            "This instance's name (--instance)",
+            value={"instance": self._instance},
+        )
+        yield GaugeMetricFamily(
+            "mqttsvc_cluster_member",
+            "1 when this instance shares the sites with others (--cluster), else 0",
+            value=0.0 if keeper is None else 1.0,
+        )
+        yield GaugeMetricFamily(
+            "mqttsvc_cluster_owned_sites",
+            "Sites whose lease this instance holds (also while handing them over)",
+            value=0 if keeper is None else len(keeper.owned()),
+        )
+        renewals = CounterMetricFamily(
+            "mqttsvc_cluster_lease_renewals",
+            "Heartbeats renewing this instance's leases: answered in time (ok), or failed, "
+            "timed out or answered too late (failed)",
+            labels=["result"],
+        )
+        renewals.add_metric(["ok"], 0 if keeper is None else keeper.renewals_ok)
+        renewals.add_metric(["failed"], 0 if keeper is None else keeper.renewals_failed)
+        yield renewals
+        yield CounterMetricFamily(
+            "mqttsvc_cluster_acquisitions",
+            "Leases this instance took",
+            value=0 if keeper is None else keeper.acquisitions,
+        )
+        yield CounterMetricFamily(
+            "mqttsvc_cluster_handovers",
+            "Sites this instance began to hand over to another (clean stop, then release)",
+            value=0 if keeper is None else keeper.handovers,
+        )
+        yield CounterMetricFamily(
+            "mqttsvc_cluster_leases_lost",
+            "Sites this instance stopped at once: their lease was taken over, the instance "
+            "fenced itself, or they were not handed over within a stop's deadline",
+            value=0 if keeper is None else keeper.leases_lost,
+        )
+        yield CounterMetricFamily(
+            "mqttsvc_cluster_self_fences",
+            "Times this instance stopped every site it held for not having renewed its "
+            "leases within a ttl",
+            value=0 if keeper is None else keeper.self_fences,
+        )
 
 
 class _DescriptorCollector(Collector):
@@ -107,6 +217,18 @@ class _LiveCollector(Collector):
             "Messages the database refused, kept as dead letters",
             value=self._writer.dead_lettered,
         )
+        yield CounterMetricFamily(
+            "mqttsvc_fenced_batches",
+            "Batches the database's fence refused whole: a site in them is owned by another "
+            "instance or under a newer epoch (--cluster; 0 alone)",
+            value=self._writer.batches_fenced,
+        )
+        yield CounterMetricFamily(
+            "mqttsvc_fenced_messages",
+            "Messages of the refused sites dropped unacknowledged (from the batch and the "
+            "queue), for the broker to redeliver to the site's owner",
+            value=self._writer.messages_fenced,
+        )
         failing = GaugeMetricFamily(
             "mqttsvc_write_lane_failing_seconds",
             "Seconds since a write lane last committed, while its writes fail (0 when they do not)",
@@ -187,6 +309,13 @@ class Metrics:
         Report the live state of these at every scrape.
         """
         self.registry.register(_LiveCollector(supervisor, ingest))
+
+    def watch_cluster(self, instance: str, keeper: ClusterMember | None) -> None:
+        """
+        Report this instance's name, and with C{--cluster} (a C{keeper}) its
+        leases, at every scrape; without one the cluster's series are 0.
+        """
+        self.registry.register(_ClusterCollector(instance, keeper))
 
     def watch_descriptors(self, budget: DescriptorBudget) -> None:
         """
