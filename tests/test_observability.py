@@ -87,6 +87,30 @@ async def test_metrics_show_http_refusals(running: RunningService) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_alone_the_instance_is_named_and_no_member(running: RunningService) -> None:
+    """
+    Issue 17: without --cluster the instance's name is its info series, it
+    is no member, its cluster series are 0, and the fenced batches and
+    messages are those its writer's lanes counted (0 alone; set here on
+    the lanes to see them summed into the exposition).
+    """
+    m = await samples(running)
+    assert m[("mqttsvc_instance_info", (("instance", "test"),))] == 1
+    assert m[("mqttsvc_cluster_member", ())] == 0
+    assert m[("mqttsvc_cluster_owned_sites", ())] == 0
+    assert m[("mqttsvc_cluster_lease_renewals_total", (("result", "ok"),))] == 0
+    assert m[("mqttsvc_fenced_batches_total", ())] == 0
+    assert m[("mqttsvc_fenced_messages_total", ())] == 0
+    lanes = running.ingest.writer.lanes
+    assert len(lanes) >= 2
+    lanes[0].batches_fenced, lanes[0].messages_fenced = 1, 4
+    lanes[-1].batches_fenced, lanes[-1].messages_fenced = 2, 3
+    m = await samples(running)
+    assert m[("mqttsvc_fenced_batches_total", ())] == 3
+    assert m[("mqttsvc_fenced_messages_total", ())] == 7
+
+
+@pytest_twisted.ensureDeferred
 async def test_ready_when_the_database_answers(running: RunningService) -> None:
     response = await treq.get(base(running) + "/readyz", persistent=False)
     assert response.code == 200
