@@ -515,7 +515,8 @@ class Liveness(Service):
     async def ready(self, policies: Callable[[], Awaitable[Mapping[str, OfflinePolicy]]]) -> None:
         """
         Load the known devices, once: whoever comes second waits for the
-        first load instead of running another.
+        first load instead of running another.  In a cluster it loads
+        nothing: each site is loaded when it is acquired (L{site_ready}).
 
         @param policies: gives each site's offline policy, when the load
             needs them.

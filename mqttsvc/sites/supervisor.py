@@ -80,6 +80,7 @@ class IngestPort(Protocol):
         """
         Load the devices the database knows, once, before any site starts;
         C{policies} gives each site's offline policy when the load needs it.
+        (In a cluster nothing is loaded here: see L{site_devices_ready}.)
         """
 
     def site_devices_ready(self, site_id: str, policy: OfflinePolicy) -> Awaitable[None]:
