@@ -688,9 +688,10 @@ def make_ingest(
 ) -> Ingest:
     """
     The ingest service; in a cluster (a C{keeper}) every batch it writes is
-    fenced with the epochs of its sites' leases, and C{on_fenced} hears of
-    the sites whose batch the database refused.  Alone it writes exactly
-    as it always did.
+    fenced with the epochs of its sites' leases, C{on_fenced} hears of
+    the sites whose batch the database refused, and device liveness loads
+    each site's devices when it is acquired, not every site's at start.
+    Alone it writes and loads exactly as it always did.
     """
     make = partial(
         Ingest,
@@ -708,7 +709,8 @@ def make_ingest(
     if keeper is None:
         return make()
     fences = Fences(keeper, on_fenced)
-    return make(fence=fences.fence, on_fenced=fences.refused)
+    # Device liveness tracks only the sites the keeper acquires.
+    return make(fence=fences.fence, on_fenced=fences.refused, per_site=store.devices)
 
 
 class Fences:

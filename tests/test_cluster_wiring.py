@@ -189,6 +189,12 @@ class FakeIngest:
     ) -> Awaitable[None]:
         return succeed(None)
 
+    def site_devices_ready(self, site_id: str, policy: OfflinePolicy) -> Awaitable[None]:
+        return succeed(None)
+
+    def site_released(self, site_id: str) -> None:
+        pass
+
     def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:
         self.reports.append((update, event))
 

@@ -1,7 +1,8 @@
 """
 The devices repository: every gateway, datalogger and sensor a site has
-shown, as the supervisor loads them at start and the control plane lists
-and counts them.  (The batch writer records them: L{mqttsvc.db.batch}.)
+shown, as device liveness loads them (every site's at start, or in a
+cluster each site's when this instance acquires it) and the control plane
+lists and counts them.  (The batch writer records them: L{mqttsvc.db.batch}.)
 """
 
 from __future__ import annotations
@@ -74,6 +75,48 @@ class Devices:
                         share(before, before),
                     )
                     for _, site_id, gateway_id, dev, status, interval, before in rows
+                ]
+                if len(rows) < size:
+                    break
+
+    async def known_of(
+        self, site_id: str, size: int = DEVICE_PAGE
+    ) -> AsyncIterator[list[tuple[DeviceKey, str, float | None, str | None]]]:
+        """
+        One site's known devices, as L{known} gives every site's, in pages
+        of at most C{size}: for an instance of a cluster, which loads a site
+        when it acquires it.
+
+        Each table is read along its unique index (the site, then the
+        device's key), from after the last key of the previous page, so
+        that a page costs C{size} rows however many devices the site has.
+        """
+        shared: dict[Any, Any] = {None: None, site_id: site_id}
+        share = shared.setdefault
+        for kind, (gateway, device) in _DEVICE_TABLES.items():
+            keys = f"{gateway}, {device}" if gateway != "NULL" else device
+            # The key of the last device read (gateway and id, or id).
+            after: tuple[str, ...] = ()
+            while True:
+                rows = await self._pool.query(
+                    f"SELECT {gateway}, {device}, status, heartbeat_interval, "
+                    f"CASE WHEN status = 'unknown' THEN known_status END FROM {kind} "
+                    f"WHERE site_id = %s{f' AND ({keys}) > %s' if after else ''} "
+                    f"ORDER BY {keys} LIMIT %s",
+                    (site_id, after, size) if after else (site_id, size),
+                )
+                if not rows:
+                    break
+                gateway_id, device_id = rows[-1][:2]
+                after = (gateway_id, device_id) if gateway != "NULL" else (device_id,)
+                yield [
+                    (
+                        DeviceKey(site_id, kind, share(gateway_id, gateway_id), dev),
+                        share(status, status),
+                        share(interval, interval),
+                        share(before, before),
+                    )
+                    for gateway_id, dev, status, interval, before in rows
                 ]
                 if len(rows) < size:
                     break

@@ -23,7 +23,11 @@ devices: a new one beyond it is refused (L{DeviceLimit}).
 
 L{Liveness} is the detector as a service: it loads the devices the database
 knows, is fed each site's connection changes, writes the changes its timer
-makes, and runs the repair now and then.
+makes, and runs the repair now and then.  Alone it loads every site's
+devices at start; in a cluster (C{--cluster}) it tracks only the sites this
+instance owns: a site's devices are loaded when it is acquired
+(L{Liveness.site_ready}) and forgotten, without a write, when it is lost or
+handed over (L{Liveness.site_released}).
 """
 
 from __future__ import annotations
@@ -399,6 +403,22 @@ class KnownDevices(Protocol):
         ...
 
 
+class KnownSiteDevices(Protocol):
+    """
+    Where, in a cluster, the devices of one site are read from when this
+    instance acquires it (the store's L{mqttsvc.db.devices.Devices}).
+    """
+
+    def known_of(
+        self, site_id: str, size: int = ...
+    ) -> AsyncIterator[list[tuple[DeviceKey, str, float | None, str | None]]]:
+        """
+        The site's known devices, in pages of at most C{size}, as
+        L{KnownDevices.known} gives them.
+        """
+        ...
+
+
 class Liveness(Service):
     """
     Device liveness as a service: the L{OfflineDetector}, fed by the sites'
@@ -406,10 +426,18 @@ class Liveness(Service):
     before any site starts (L{ready}), its changes written through
     C{write}, and repaired every C{repair_interval} seconds (L{repair}).
 
+    In a cluster (C{per_site}) it tracks only the sites this instance owns:
+    nothing is loaded at start; each site's devices are loaded once it is
+    acquired, before it starts (L{site_ready}), and forgotten when it is
+    lost or handed over (L{site_released}); nothing is written for a site
+    it does not track.
+
     @param write: writes device status changes (the ingest writer's
         C{submit}).
     @param on_limit: called with the site, its limit and the refused
         device the first time a site refuses a device for its limit.
+    @param per_site: in a cluster, where each acquired site's devices are
+        read; None (alone): every site's are loaded at start from C{known}.
     """
 
     log = Logger()
@@ -423,10 +451,20 @@ class Liveness(Service):
         *,
         on_limit: Callable[[str, int, DeviceKey], None] | None = None,
         repair_interval: float,
+        per_site: KnownSiteDevices | None = None,
     ) -> None:
         self._write = write
         self._on_limit = on_limit
         self._known = known
+        self._per_site = per_site
+        #: In a cluster: the sites acquired (their devices are written),
+        #: those whose devices are loaded, a lock per site (one load at a
+        #: time), and a count of each site's releases, so that a load that
+        #: a release overtook keeps nothing.
+        self._acquired: set[str] = set()
+        self._site_loaded: set[str] = set()
+        self._site_loading: dict[str, DeferredLock] = {}
+        self._releases: dict[str, int] = {}
         self.devices = OfflineDetector(clock, self._changed, self._limit)
         # The devices are loaded once, before any site is started, however
         # many reconciliations ask for them at once (the monitor's first
@@ -477,12 +515,14 @@ class Liveness(Service):
     async def ready(self, policies: Callable[[], Awaitable[Mapping[str, OfflinePolicy]]]) -> None:
         """
         Load the known devices, once: whoever comes second waits for the
-        first load instead of running another.
+        first load instead of running another.  In a cluster it loads
+        nothing: each site is loaded when it is acquired (L{site_ready}).
 
         @param policies: gives each site's offline policy, when the load
             needs them.
         """
-        if self._loaded:
+        if self._loaded or self._per_site is not None:
+            # In a cluster each site is loaded when acquired (site_ready).
             return
         async with self._loading:
             if self._loaded:
@@ -513,6 +553,78 @@ class Liveness(Service):
         self._loaded = True
         self.log.info("tracking {count} known devices", count=count)
 
+    async def site_ready(self, site_id: str, policy: OfflinePolicy) -> None:
+        """
+        In a cluster: this instance acquired the site; load its known
+        devices, once, before it starts (whoever comes second waits for the
+        first load instead of running another).  As after a restart, they
+        are unknown until the site's connection is up, then get their grace
+        period; the site's devices that became unknown are written as one
+        summary.
+
+        @param policy: the site's offline policy (the interval of a device
+            that never said its own).
+        """
+        if site_id in self._site_loaded:
+            return
+        lock = self._site_loading.setdefault(site_id, DeferredLock())
+        async with lock:
+            if site_id in self._site_loaded:
+                return
+            await self._load_site(site_id, policy)
+
+    async def _load_site(self, site_id: str, policy: OfflinePolicy) -> None:
+        assert self._per_site is not None, "site_ready is for an instance of a cluster"
+        releases = self._releases.get(site_id, 0)
+        self._acquired.add(site_id)
+        unknown: SiteDevicesStatus | None = None
+        count = 0
+        try:
+            async for page in self._per_site.known_of(site_id):
+                if self._releases.get(site_id, 0) != releases:
+                    break
+                known = [
+                    (key, status, interval or policy.interval(key.kind), before)
+                    for key, status, interval, before in page
+                ]
+                count += len(known)
+                for change in self.devices.load(known, "site acquired by this instance"):
+                    if unknown is not None:
+                        change = attrs.evolve(change, devices=unknown.devices + change.devices)
+                    unknown = change
+        except Exception:
+            # Half a site is not loaded: the next start of the site loads
+            # it again, from nothing.
+            if self._releases.get(site_id, 0) == releases:
+                self._acquired.discard(site_id)
+                self.devices.forget_site(site_id)
+            raise
+        if self._releases.get(site_id, 0) != releases:
+            # Lost or handed over while loading: what was loaded is
+            # forgotten (by the release, and again here for the pages
+            # read since).
+            self.devices.forget_site(site_id)
+            return
+        self._site_loaded.add(site_id)
+        if unknown is not None:
+            self._changed([unknown])
+        self.log.info(
+            "site {site_id} acquired: tracking its {count} known devices",
+            site_id=site_id,
+            count=count,
+        )
+
+    def site_released(self, site_id: str) -> None:
+        """
+        In a cluster: the site is another instance's now (lost, handed
+        over, fenced): forget its devices and write nothing more of them;
+        their state in the database is the next owner's to take over.
+        """
+        self._acquired.discard(site_id)
+        self._site_loaded.discard(site_id)
+        self._releases[site_id] = self._releases.get(site_id, 0) + 1
+        self.devices.forget_site(site_id)
+
     def site_up(self, site_id: str, grace: float) -> None:
         """
         A site's connection is up: its devices get their grace (C{grace}
@@ -522,8 +634,14 @@ class Liveness(Service):
 
     def site_down(self, site_id: str, reason: str) -> None:
         """
-        A site's connection is no longer up: its devices are unknown.
+        A site's connection is no longer up: its devices are unknown.  In a
+        cluster, a site this instance gave up (its connection closes after
+        it was released) leaves nothing behind: what the messages it read
+        meanwhile brought back is forgotten, and nothing is written.
         """
+        if self._per_site is not None and site_id not in self._acquired:
+            self.devices.forget_site(site_id)
+            return
         down = self.devices.site_down(site_id, reason)
         if down is not None:
             self._changed([down])
@@ -532,6 +650,9 @@ class Liveness(Service):
         """
         The site is deleted: stop tracking its devices.
         """
+        if self._per_site is not None:
+            self.site_released(site_id)
+            return
         self.devices.forget_site(site_id)
 
     def _limit(self, site_id: str, limit: int, device: DeviceKey) -> None:
@@ -547,6 +668,9 @@ class Liveness(Service):
 
     def _changed(self, changes: Iterable[Effect]) -> None:
         changes = list(changes)
+        if self._per_site is not None:
+            # In a cluster only the sites this instance owns are written.
+            changes = [c for c in changes if _site_of(c) in self._acquired]
         if not changes:
             return
         written = self._write(changes)
@@ -557,3 +681,14 @@ class Liveness(Service):
                 error=f.getErrorMessage(),
             )
         )
+
+
+def _site_of(change: Effect) -> str | None:
+    """
+    The site of a device change (one device's, or a whole site's).
+    """
+    if isinstance(change, DeviceStatus):
+        return change.key.site_id
+    if isinstance(change, SiteDevicesStatus):
+        return change.site_id
+    return None

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from mqttsvc.config import OfflinePolicy
 from mqttsvc.db.leases import Fence
-from mqttsvc.ingest.liveness import KnownDevices, Liveness, OfflineDetector
+from mqttsvc.ingest.liveness import KnownDevices, KnownSiteDevices, Liveness, OfflineDetector
 from mqttsvc.ingest.writer import WritePool, WriterLanes
 from mqttsvc.records import ConnectionEvent, DeviceKey, Effect, StatusUpdate
 
@@ -49,6 +49,10 @@ class Ingest(Service):
     @param on_fenced: called with the sites of a write that their fence
         refused (another instance owns them now), after the writer dropped
         their messages unacknowledged; it should stop them.
+    @param per_site: in a cluster, where the devices of each site this
+        instance acquires are read: liveness then tracks only the sites it
+        owns (L{site_devices_ready}, L{site_released}); None (alone): every
+        site's devices are loaded at start from C{known}.
     @param writer_options: the other L{mqttsvc.ingest.writer.BatchWriter}
         options (batch size and delay, water marks).
     """
@@ -69,6 +73,7 @@ class Ingest(Service):
         on_device_limit: Callable[[str, int, DeviceKey], None] | None = None,
         fence: Callable[[Collection[str]], Fence | None] | None = None,
         on_fenced: Callable[[list[str]], None] | None = None,
+        per_site: KnownSiteDevices | None = None,
         **writer_options: Any,
     ) -> None:
         self._clock = clock
@@ -88,6 +93,7 @@ class Ingest(Service):
             self._write_device_changes,
             on_limit=on_device_limit,
             repair_interval=repair_interval,
+            per_site=per_site,
         )
 
     def _write_device_changes(self, changes: list[Effect]) -> Deferred[None]:
@@ -108,6 +114,20 @@ class Ingest(Service):
         Fire once the known devices are loaded (see L{Liveness.ready}).
         """
         await self.liveness.ready(policies)
+
+    async def site_devices_ready(self, site_id: str, policy: OfflinePolicy) -> None:
+        """
+        In a cluster: fire once the devices of a site this instance
+        acquired are loaded (see L{Liveness.site_ready}).
+        """
+        await self.liveness.site_ready(site_id, policy)
+
+    def site_released(self, site_id: str) -> None:
+        """
+        In a cluster: the site is another instance's now: forget its
+        devices, write nothing more of them.
+        """
+        self.liveness.site_released(site_id)
 
     def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:
         """

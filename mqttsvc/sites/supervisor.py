@@ -24,7 +24,8 @@ keeper tells it when that changes: L{SiteSupervisor.acquired} starts a
 site, L{SiteSupervisor.hand_over} stops one cleanly for its next owner,
 L{SiteSupervisor.lost} and L{SiteSupervisor.fenced} stop one at once.  A
 site stopped here leaves its row's retry schedule to the next owner, which
-resumes it (failover is not a restart).
+resumes it (failover is not a restart).  The ingest side loads a site's
+devices before it starts here and forgets them when it is given up.
 """
 
 from __future__ import annotations
@@ -79,7 +80,17 @@ class IngestPort(Protocol):
         """
         Load the devices the database knows, once, before any site starts;
         C{policies} gives each site's offline policy when the load needs it.
+        (In a cluster nothing is loaded here: see L{site_devices_ready}.)
         """
+
+    def site_devices_ready(self, site_id: str, policy: OfflinePolicy) -> Awaitable[None]:
+        """
+        In a cluster: load the known devices of a site this instance
+        acquired, once, before it starts.
+        """
+
+    def site_released(self, site_id: str) -> None:
+        "In a cluster: the site is another instance's now: forget its devices."
 
     def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:
         "Write a site's connection status and the event that led to it."
@@ -324,6 +335,12 @@ class SiteSupervisor(MultiService):
                     self._ingest.site_removed(site_id)
                 return
             if current is None:
+                if self._ownership is not None:
+                    # In a cluster liveness loads a site's devices when it
+                    # is acquired; it may be given up meanwhile.
+                    await self._ingest.site_devices_ready(site_id, row.config.offline)
+                    if not self.running or not self._runs_here(site_id):
+                        return
                 self._attach(row)
             elif not await current.reconfigure(row.config):
                 # The site needs a new connection for this configuration.
@@ -360,8 +377,13 @@ class SiteSupervisor(MultiService):
         """
         self._given_up.add(site_id)
         if self.site(site_id) is None:
+            self._ingest.site_released(site_id)
             return succeed(None)
-        return Deferred.fromCoroutine(self._give_up(site_id, drain=True))
+        stopped = Deferred.fromCoroutine(self._give_up(site_id, drain=True))
+        # After it stopped reading (at once, unless a reconcile of the site
+        # holds its lock): its devices are the next owner's.
+        self._ingest.site_released(site_id)
+        return stopped
 
     def lost(self, site_id: str) -> None:
         """
@@ -369,6 +391,7 @@ class SiteSupervisor(MultiService):
         """
         self._given_up.add(site_id)
         self._stop_at_once(site_id, "its lease was lost")
+        self._ingest.site_released(site_id)
 
     def fenced(self, site_ids: Iterable[str]) -> None:
         """
@@ -379,6 +402,7 @@ class SiteSupervisor(MultiService):
         for site_id in site_ids:
             self._given_up.add(site_id)
             self._stop_at_once(site_id, "its writes were fenced")
+            self._ingest.site_released(site_id)
 
     def _stop_at_once(self, site_id: str, why: str) -> None:
         site = self.site(site_id)
