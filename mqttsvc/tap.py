@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,12 +55,12 @@ from mqttsvc.control.tokens import Tokens, load_tokens
 from mqttsvc.control.web import WebApp, access_log_line
 from mqttsvc.db import schema as database
 from mqttsvc.db.leases import CHANNEL as CLUSTER_CHANNEL
-from mqttsvc.db.leases import Fence
 from mqttsvc.db.notifications import ConfigListener, NotificationListener
 from mqttsvc.db.secrets import load_key
 from mqttsvc.db.store import WRITE_CONNECTIONS, Store
 from mqttsvc.events.alerts import LIMIT, AlertDispatcher, AlertRules, describe_url, http_post
 from mqttsvc.events.hub import EventHub
+from mqttsvc.ingest.fencing import Fences
 from mqttsvc.ingest.service import Ingest
 from mqttsvc.ingest.writer import BATCH_DELAY, BATCH_SIZE
 from mqttsvc.mqtt.connector import Connector
@@ -711,42 +711,6 @@ def make_ingest(
     fences = Fences(keeper, on_fenced)
     # Device liveness tracks only the sites the keeper acquires.
     return make(fence=fences.fence, on_fenced=fences.refused, per_site=store.devices)
-
-
-class Fences:
-    """
-    Between the writer and the lease keeper: the fence of every write (the
-    keeper's epochs), and which sites to stop when the database refuses
-    one.
-
-    A site's writes all go through one writer lane, one write at a time,
-    so the epoch that the last fence of a site carried is the epoch of the
-    refused write.  A site this instance holds under a newer epoch (handed
-    over and acquired again while that write was in flight) keeps running;
-    any other stale site is stopped (C{on_fenced}) and the keeper renews at
-    once, to learn which leases it lost.
-    """
-
-    def __init__(self, keeper: LeaseKeeper, on_fenced: Callable[[list[str]], None]) -> None:
-        self._keeper = keeper
-        self._on_fenced = on_fenced
-        #: The epoch of the last fence of each site.
-        self._sent: dict[str, int] = {}
-
-    def fence(self, site_ids: Collection[str]) -> Fence:
-        instance, sites, epochs = self._keeper.fence_for(site_ids)
-        self._sent.update(zip(sites, epochs, strict=True))
-        return Fence(instance, sites, epochs)
-
-    def refused(self, stale: list[str]) -> None:
-        doomed = []
-        for site_id in stale:
-            epoch = self._keeper.epoch(site_id)
-            if epoch is None or epoch == self._sent.get(site_id):
-                doomed.append(site_id)
-        self._keeper.poke()
-        if doomed:
-            self._on_fenced(doomed)
 
 
 def _site_changed(supervisor: SiteSupervisor, keeper: LeaseKeeper | None, site_id: str) -> None:

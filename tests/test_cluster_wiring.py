@@ -22,6 +22,7 @@ from mqttsvc.cluster.keeper import HANDOVER_RATE, LEASE_RENEW, LEASE_TTL, LeaseK
 from mqttsvc.config import ConfigError, OfflinePolicy, SiteConfig, default_topics
 from mqttsvc.db.sites import SiteRow
 from mqttsvc.db.store import Store
+from mqttsvc.ingest.fencing import Fences
 from mqttsvc.mqtt.codec import ReceivedMessage
 from mqttsvc.records import ConnectionEvent, StatusUpdate
 from mqttsvc.sites.site import DeviceTracker, MessageSink, SiteService
@@ -467,7 +468,7 @@ def test_a_refused_write_stops_only_the_sites_of_its_term() -> None:
     """
     keeper = FakeKeeper(a=3, b=5, c=1)
     stopped: list[list[str]] = []
-    fences = tap.Fences(cast(LeaseKeeper, keeper), stopped.append)
+    fences = Fences(keeper, stopped.append)
     fence = fences.fence({"a", "b", "c", "d"})
     assert (fence.instance, fence.sites, fence.epochs) == (
         "box",
