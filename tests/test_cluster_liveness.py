@@ -12,7 +12,7 @@ nothing is written for the other.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
-from typing import Any, cast
+from typing import Any
 
 import psycopg2
 import pytest
@@ -24,7 +24,6 @@ from mqttsvc.config import OfflinePolicy
 from mqttsvc.db.devices import Devices
 from mqttsvc.db.leases import Fence, Leases
 from mqttsvc.db.pool import ConnectionPool
-from mqttsvc.db.store import Store
 from mqttsvc.ingest.liveness import KnownDevices, KnownSiteDevices, Liveness
 from mqttsvc.ingest.service import Ingest
 from mqttsvc.mqtt.codec import ReceivedMessage
@@ -37,11 +36,12 @@ from mqttsvc.records import (
     StatusUpdate,
 )
 from mqttsvc.sites.site import DeviceTracker, MessageSink
-from mqttsvc.sites.supervisor import IngestPort, SiteSupervisor
+from mqttsvc.sites.supervisor import IngestPort
 from tests.conformance import assert_implements
 from tests.conftest import scratch_database
-from tests.test_cluster_wiring import FakeOwnership, FakeStore, _row
-from tests.test_site_machine import FakeClient, FakeWriter
+from tests.test_cluster_wiring import Cluster as WiringCluster
+from tests.test_cluster_wiring import _row
+from tests.test_site_machine import FakeWriter
 
 Known = tuple[DeviceKey, str, float | None, str | None]
 
@@ -307,40 +307,17 @@ class LivenessIngest:
         self.liveness.forget_site(site_id)
 
 
-class Cluster:
+class Cluster(WiringCluster):
     """A supervisor in a cluster on a Clock, with real liveness."""
 
     def __init__(self, *held: str) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_000_000)
-        self.ownership = FakeOwnership(*held)
         self.known = FakeKnown(A + B)
-        self.ingest = LivenessIngest(self.clock, self.known)
-        self.clients: dict[str, FakeClient] = {}
+        super().__init__([_row("a"), _row("b")], *held)
 
-        def client_factory(config: Any, *args: Any, **kwargs: Any) -> FakeClient:
-            client = FakeClient(config, *args, **kwargs)
-            self.clients[config.site_id] = client
-            return client
+    def make_ingest(self) -> LivenessIngest:
+        return LivenessIngest(self.clock, self.known)
 
-        self.supervisor = SiteSupervisor(
-            self.clock,
-            cast(Store, FakeStore([_row("a"), _row("b")])),
-            self.ingest,
-            instance=None,
-            ownership=self.ownership,
-            client_factory=client_factory,
-        )
-
-    def running(self) -> list[str]:
-        return sorted(s.name for s in self.supervisor.sites())
-
-    def stop(self) -> None:
-        stopping = self.supervisor.stopService()
-        for client in self.clients.values():
-            if client.disconnects and not client.disconnects[-1].called:
-                client.disconnects[-1].callback(None)
-        assert stopping.called
+    def stop_ingest(self) -> None:
         self.ingest.liveness.devices.stop()
 
 

@@ -264,7 +264,7 @@ class Cluster:
         self.clock = Clock()
         self.clock.advance(NOW)
         self.ownership = FakeOwnership(*held)
-        self.ingest = FakeIngest()
+        self.ingest = self.make_ingest()
         self.clients: dict[str, FakeClient] = {}
 
         def client_factory(config: SiteConfig, *args: Any, **kwargs: Any) -> FakeClient:
@@ -280,6 +280,10 @@ class Cluster:
             ownership=self.ownership,
             client_factory=client_factory,
         )
+
+    def make_ingest(self) -> Any:
+        """The ingest side the supervisor is given (a fake, here)."""
+        return FakeIngest()
 
     def running(self) -> list[str]:
         return sorted(s.name for s in self.supervisor.sites())
@@ -300,7 +304,11 @@ class Cluster:
             if client.disconnects and not client.disconnects[-1].called:
                 self.disconnected(site_id)
         assert stopping.called
+        self.stop_ingest()
         assert self.clock.getDelayedCalls() == []
+
+    def stop_ingest(self) -> None:
+        """Stop what the ingest side runs on the clock (nothing, here)."""
 
 
 def test_only_owned_sites_run_with_the_shared_client_id() -> None:
