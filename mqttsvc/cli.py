@@ -72,6 +72,13 @@ def format_status(status: dict[str, Any]) -> str:
         count = status.get(name, 0)
         if count or name in ("connected", "disconnected"):
             lines.append(f"  {_ICONS[name]} {name.upper()}: {count}")
+    if "instances" in status:
+        # With --cluster: which live instance runs how many of them.
+        lines.append(f"Instances: {len(status['instances'])}")
+        lines.extend(
+            f"  {m['instance']}: {len(m['sites'])} sites, renewed {m['renewed_at']}"
+            for m in status["instances"]
+        )
     return "\n".join(lines)
 
 

@@ -24,7 +24,9 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 
+from mqttsvc.cluster.commands import CommandReceiver
 from mqttsvc.cluster.keeper import HANDOVER_RATE, LEASE_RENEW, LEASE_TTL, LeaseKeeper
+from mqttsvc.cluster.publisher import LivePublisher
 from mqttsvc.config import (
     DEFAULT_MAX_CLOCK_SKEW,
     DEFAULT_MAX_DEVICES,
@@ -50,11 +52,13 @@ from mqttsvc.control.manhole import (
 )
 from mqttsvc.control.metrics import Metrics
 from mqttsvc.control.rpc.methods import control_plane
+from mqttsvc.control.rpc.sites import running_status
 from mqttsvc.control.sse import HEARTBEAT, MAX_STREAMS, EventStreams
 from mqttsvc.control.tokens import Tokens, load_tokens
 from mqttsvc.control.web import WebApp, access_log_line
 from mqttsvc.db import schema as database
 from mqttsvc.db.leases import CHANNEL as CLUSTER_CHANNEL
+from mqttsvc.db.live import COMMANDS
 from mqttsvc.db.notifications import ConfigListener, NotificationListener
 from mqttsvc.db.secrets import load_key
 from mqttsvc.db.store import WRITE_CONNECTIONS, Store
@@ -660,6 +664,28 @@ def build_service(
             tree_namespace(root, reactor),
         ).setServiceParent(root)
     if keeper is not None:
+        # Any replica answers for any site: this one publishes the live
+        # status of the sites it owns, and restarts one of them when
+        # another replica asks (docs/cluster.md, "Any replica answers").
+        publisher = LivePublisher(
+            reactor,
+            options["instance"],
+            keeper.owned,
+            partial(running_status, supervisor, ingest.writer, options["instance"]),
+            store.live,
+        )
+        publisher.setServiceParent(root)
+        commands = CommandReceiver(
+            options["instance"], partial(_restart_here, supervisor), publisher.publish_now
+        )
+        NotificationListener(
+            reactor,
+            options["db"],
+            COMMANDS,
+            commands.received,
+            lambda: None,
+            what="site commands",
+        ).setServiceParent(root)
         # A join, a leave or a release elsewhere: re-plan now, so that a
         # clean stop of another instance hands its sites over within a
         # round (docs/cluster.md).
@@ -711,6 +737,18 @@ def make_ingest(
     fences = Fences(keeper, on_fenced)
     # Device liveness tracks only the sites the keeper acquires.
     return make(fence=fences.fence, on_fenced=fences.refused, per_site=store.devices)
+
+
+def _restart_here(supervisor: SiteSupervisor, site_id: str) -> bool:
+    """
+    Restart a site another replica asked this one, its owner, to restart;
+    C{False} if it does not run here (any more).
+    """
+    site = supervisor.site(site_id)
+    if site is None:
+        return False
+    site.restart()
+    return True
 
 
 def _site_changed(supervisor: SiteSupervisor, keeper: LeaseKeeper | None, site_id: str) -> None:

@@ -421,3 +421,25 @@ def test_help_lists_the_commands() -> None:
         "migrate",
     ):
         assert command in result.stdout
+
+
+def test_status_of_a_cluster_lists_its_instances() -> None:
+    """
+    In a cluster `status` adds each live instance, its sites and its last
+    renewal under the old summary, which is unchanged.
+    """
+    from mqttsvc.cli import format_status
+
+    counts = {"state": "RUNNING", "total": 3, "connected": 3, "disconnected": 0}
+    alone = format_status(counts)
+    members = [
+        {"instance": "a", "sites": ["s1", "s2"], "renewed_at": "2026-12-07T10:00:00+00:00"},
+        {"instance": "b", "sites": ["s3"], "renewed_at": "2026-12-07T10:00:01+00:00"},
+    ]
+    text = format_status({**counts, "instances": members})
+    assert text.splitlines()[: len(alone.splitlines())] == alone.splitlines()
+    assert text.splitlines()[len(alone.splitlines()) :] == [
+        "Instances: 2",
+        "  a: 2 sites, renewed 2026-12-07T10:00:00+00:00",
+        "  b: 1 sites, renewed 2026-12-07T10:00:01+00:00",
+    ]

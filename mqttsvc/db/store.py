@@ -1,7 +1,8 @@
 """
 The store: the service that opens mqttsvc's database and holds its
 repositories, one per kind of row (L{Sites}, L{Devices}, L{Readings},
-L{Topics}, L{Events}, L{DeadLetters}, and the cluster's L{Leases}), so that
+L{Topics}, L{Events}, L{DeadLetters}, and the cluster's L{Leases} and
+L{LiveStatuses}), so that
 the rest of mqttsvc reads and writes the database only through methods named
 for what they mean.
 
@@ -26,6 +27,7 @@ from mqttsvc.db.dead_letters import DeadLetters
 from mqttsvc.db.devices import Devices
 from mqttsvc.db.events import Events
 from mqttsvc.db.leases import Leases
+from mqttsvc.db.live import LiveStatuses
 from mqttsvc.db.pool import ConnectionPool
 from mqttsvc.db.readings import Readings
 from mqttsvc.db.secrets import Secrets
@@ -69,6 +71,9 @@ class Store(Service):
         self.topics = Topics(self.pool)
         self.events = Events(self.pool)
         self.dead_letters = DeadLetters(self.pool)
+        #: The live statuses site owners publish, on the control plane's
+        #: pool (only with --cluster, once a second).
+        self.live = LiveStatuses(self.pool)
         self.write_pool = ConnectionPool(reactor, dsn, size=write_connections)
         # Two: the keeper's round and a release may overlap.
         self.lease_pool = ConnectionPool(reactor, dsn, size=2)

@@ -92,11 +92,12 @@ class ClusterMethods:
         return {
             "instance": self._instance,
             "cluster": self._clustered,
-            "instances": [_member(m) for m in members],
+            "instances": [member_json(m) for m in members],
         }
 
 
-def _member(member: Member) -> dict[str, Any]:
+def member_json(member: Member) -> dict[str, Any]:
+    """One instance of C{cluster.status} (and C{service.status} in a cluster)."""
     return {
         "instance": member.instance,
         "sites": list(member.sites),

@@ -43,7 +43,14 @@ def control_plane(
     """
     methods = [
         *SiteMethods(
-            reactor, store, supervisor, connection_tests, descriptors, writer=writer
+            reactor,
+            store,
+            supervisor,
+            connection_tests,
+            descriptors,
+            writer=writer,
+            instance=instance,
+            clustered=clustered,
         ).methods(),
         *ObservationMethods(store).methods(),
         *ClusterMethods(store.leases, instance, clustered=clustered).methods(),

@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from mqttsvc.cluster.commands import Command
 from mqttsvc.config import (
     ConfigError,
     OfflinePolicy,
@@ -20,6 +22,7 @@ from mqttsvc.config import (
 )
 from mqttsvc.control.rpc import paging
 from mqttsvc.control.rpc.actions import OperatorActions
+from mqttsvc.control.rpc.cluster import member_json
 from mqttsvc.control.rpc.dispatcher import (
     CONFLICT,
     NOT_FOUND,
@@ -29,6 +32,7 @@ from mqttsvc.control.rpc.dispatcher import (
     RPCError,
     invalid_params,
 )
+from mqttsvc.db.live import Published
 from mqttsvc.db.pages import Page, iso
 from mqttsvc.db.sites import CONFIG_COLUMNS, SiteExists, SiteRow
 from mqttsvc.db.store import Store
@@ -39,10 +43,24 @@ from mqttsvc.sites.site import SiteService
 from mqttsvc.sites.states import STATUSES
 from mqttsvc.sites.supervisor import SiteSupervisor, idle_status
 
+#: Seconds C{site.restart} (or C{site.start}) of a site owned by another
+#: instance waits for the owner to publish the site's status after acting.
+COMMAND_WAIT = 2.0
+#: Seconds between two looks at the owner's published status meanwhile.
+_COMMAND_POLL = 0.05
+
 
 class SiteMethods:
     """
     The site methods, over the store and the supervisor they drive.
+
+    In a cluster (C{clustered}) they answer for every site, owned here or
+    not: the status of a site another instance runs is the one its owner
+    published (L{mqttsvc.cluster.publisher}), and a restart is sent to the
+    owner (L{mqttsvc.cluster.commands}).  Every site status says which
+    instance it comes from (C{instance}, C{null} when no instance runs
+    the site) and, when it was published by another, when
+    (C{published_at}).
     """
 
     log = Logger()
@@ -56,9 +74,13 @@ class SiteMethods:
         descriptors: DescriptorBudget | None = None,
         *,
         writer: WriterLanes,
+        instance: str = "local",
+        clustered: bool = False,
     ) -> None:
         self._reactor = reactor
         self._store = store
+        self._instance = instance
+        self._clustered = clustered
         self._writer = writer
         self._supervisor = supervisor
         self._connection_tests = connection_tests
@@ -204,13 +226,29 @@ class SiteMethods:
             raise _not_found(site_id)
         return row
 
-    def _status(self, row: SiteRow) -> dict[str, Any]:
+    def live_status(self, site_id: str) -> dict[str, Any] | None:
+        """
+        The C{site.status} of a site running here; C{None} if it does not.
+        """
+        return running_status(self._supervisor, self._writer, self._instance, site_id)
+
+    def _here(self, status: dict[str, Any]) -> dict[str, Any]:
+        return {**status, "instance": self._instance, "published_at": None}
+
+    async def _published(self) -> dict[str, Published]:
+        return await self._store.live.current() if self._clustered else {}
+
+    def _status(self, row: SiteRow, published: Published | None = None) -> dict[str, Any]:
         config = row.config
         site = self._supervisor.site(config.site_id)
         if site is not None:
             # The running service knows more recent truth than the row,
             # which the batch writer may not have updated yet.
-            return _live_status(site, config, row.config_error, self._write_problem(config.site_id))
+            return self._here(
+                _live_status(site, config, row.config_error, self._write_problem(config.site_id))
+            )
+        if published is not None:
+            return _from_owner(published)
         counters = self._supervisor.counters(config.site_id)
         return {
             "site_id": config.site_id,
@@ -228,6 +266,8 @@ class SiteMethods:
             "messages_received": counters.messages_received,
             "messages_rejected": counters.messages_rejected,
             "last_message_at": iso(counters.last_message_at),
+            "instance": None,
+            "published_at": None,
         }
 
     @staticmethod
@@ -259,6 +299,8 @@ class SiteMethods:
     async def service_status(self, call: Call) -> dict[str, Any]:
         # File descriptors: a site needs one; see mqttsvc.runtime.descriptors.
         extra = {} if self._descriptors is None else {"descriptors": self._descriptors.report()}
+        if self._clustered:
+            return {**await self._cluster_counts(), **extra}
         if self._supervisor.loaded:
             # The supervisor keeps the counts as statuses change: at a
             # thousand sites even reading two columns of every row was too
@@ -270,6 +312,33 @@ class SiteMethods:
             site = self._supervisor.site(site_id)
             counts[site.state.status if site is not None else idle_status(status)] += 1
         return {"state": "RUNNING", "total": len(stored), **counts, **extra}
+
+    async def _cluster_counts(self) -> dict[str, Any]:
+        """
+        C{service.status} in a cluster: the statuses of every site, each
+        from the instance that runs it, and the live instances.
+        """
+        stored = await self._store.sites.statuses()
+        published = await self._published()
+        counts = dict.fromkeys(STATUSES, 0)
+        for site_id, status in stored:
+            site = self._supervisor.site(site_id)
+            if site is not None:
+                now = site.state.status
+            elif site_id in published:
+                now = published[site_id].status
+            else:
+                now = idle_status(status)
+            if now in counts:
+                counts[now] += 1
+        members = await self._store.leases.instances()
+        return {
+            "state": "RUNNING",
+            "total": len(stored),
+            **counts,
+            "instance": self._instance,
+            "instances": [member_json(m) for m in members],
+        }
 
     def _can_store(self, config: SiteConfig) -> None:
         if config.password is not None and self._store.secrets is None:
@@ -352,11 +421,12 @@ class SiteMethods:
         # knows: read the sites a page at a time and keep those in it.
         found: list[dict[str, Any]] = []
         more = True
+        published = await self._published()
         while more and len(found) <= limit:
             rows = await self._store.sites.page(None if after is None else after[0], limit + 1)
             more = len(rows) > limit
             for row in rows:
-                status = self._status(row)
+                status = self._status(row, published.get(row.config.site_id))
                 if wanted is None or status["status"] == wanted:
                     found.append({**self._config(row), "status": status})
             if rows:
@@ -368,17 +438,16 @@ class SiteMethods:
         )
 
     async def site_status(self, call: Call) -> dict[str, Any]:
-        site_id: str = call.params["site_id"]
-        site = self._supervisor.site(site_id)
-        if site is not None:
-            # A running site's answer is all in memory but for config_error,
-            # which the supervisor keeps from the row it started the site with.
-            try:
-                config_error = self._supervisor.config_error(site_id)
-            except KeyError:
-                pass
-            else:
-                return _live_status(site, site.config, config_error, self._write_problem(site_id))
+        return await self._site_status(call.params["site_id"])
+
+    async def _site_status(self, site_id: str) -> dict[str, Any]:
+        live = self.live_status(site_id)
+        if live is not None:
+            return live
+        if self._clustered:
+            published = await self._store.live.of(site_id)
+            if published is not None:
+                return _from_owner(published)
         return self._status(await self._row(site_id))
 
     def _write_problem(self, site_id: str) -> str | None:
@@ -409,6 +478,11 @@ class SiteMethods:
         site = self._supervisor.site(site_id)
         if site is not None and site.state.state in ("waiting", "error"):
             site.restart()
+        elif site is None and self._clustered:
+            published = await self._store.live.of(site_id)
+            if published is not None and published.live.get("state") in ("waiting", "error"):
+                return await self._restart_at_owner(site_id)
+            await self._supervisor.reconcile(site_id)
         else:
             await self._supervisor.reconcile(site_id)
         return await self._settled_status(site_id)
@@ -423,9 +497,35 @@ class SiteMethods:
         site = self._supervisor.site(site_id)
         if site is not None:
             site.restart()
+        elif self._clustered:
+            return await self._restart_at_owner(site_id)
         else:
             await self._supervisor.reconcile(site_id)
         return await self._settled_status(site_id)
+
+    async def _restart_at_owner(self, site_id: str) -> dict[str, Any]:
+        """
+        Restart a site another instance runs: send its owner the command,
+        then answer with the status the owner publishes after acting on
+        it (C{"command"} says to whom it went and whether it was seen to
+        act within L{COMMAND_WAIT} seconds).  A site that nobody owns yet
+        (just enabled) is started by whoever acquires it.
+        """
+        owner = await self._store.live.owner(site_id)
+        if owner is None or owner == self._instance:
+            await self._supervisor.reconcile(site_id)
+            return await self._settled_status(site_id)
+        before = await self._store.live.of(site_id)
+        await self._store.live.send(Command(owner, site_id, "restart").payload())
+        waited = 0.0
+        while waited < COMMAND_WAIT:
+            await deferLater(self._reactor, _COMMAND_POLL, lambda: None)
+            waited += _COMMAND_POLL
+            now = await self._store.live.of(site_id)
+            if now is not None and (before is None or now.published_at > before.published_at):
+                return {**_from_owner(now), "command": {"sent_to": owner, "acted": True}}
+        status = await self._site_status(site_id)
+        return {**status, "command": {"sent_to": owner, "acted": False}}
 
 
 def _not_found(site_id: str) -> RPCError:
@@ -472,6 +572,37 @@ def _site_config(params: dict[str, Any], base: SiteConfig | None) -> SiteConfig:
         return attrs.evolve(base, **values)
     except ConfigError as e:
         raise invalid_params(e.field, e.message) from None
+
+
+def running_status(
+    supervisor: SiteSupervisor, writer: WriterLanes, instance: str, site_id: str
+) -> dict[str, Any] | None:
+    """
+    The C{site.status} of a site running in this instance, all from memory
+    (what a cluster member publishes for the others); C{None} if it does
+    not run here.
+    """
+    site = supervisor.site(site_id)
+    if site is None:
+        return None
+    # config_error comes from the row the supervisor started it with.
+    try:
+        config_error = supervisor.config_error(site_id)
+    except KeyError:
+        return None
+    status = _live_status(site, site.config, config_error, writer.problem(site_id))
+    return {**status, "instance": instance, "published_at": None}
+
+
+def _from_owner(published: Published) -> dict[str, Any]:
+    """
+    The C{site.status} of a site another instance runs, as it published it.
+    """
+    return {
+        **published.live,
+        "instance": published.instance,
+        "published_at": iso(published.published_at),
+    }
 
 
 def _live_status(
