@@ -663,6 +663,7 @@ def build_service(
             options["manhole-host-key"],
             tree_namespace(root, reactor),
         ).setServiceParent(root)
+    publisher = commands = None
     if keeper is not None:
         # Any replica answers for any site: this one publishes the live
         # status of the sites it owns, and restarts one of them when
@@ -701,6 +702,7 @@ def build_service(
         # supervisor, the writer and the database are still there, then
         # leaves the cluster.
         keeper.setServiceParent(root)
+    metrics.watch_live(publisher, commands)
     return root
 
 

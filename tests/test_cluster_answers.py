@@ -124,6 +124,10 @@ def test_every_replica_answers_for_every_site(
             within=5,
             what="the restarted site connected again",
         )
+        assert 'mqttsvc_cluster_site_commands_total{result="acted"} 1.0' in (
+            services[owner].metrics()
+        )
+        assert 'mqttsvc_cluster_site_commands_total{result="acted"} 0.0' in a.metrics()
 
         # site.stop and site.start there: the owner stops it, then it runs again.
         a.call("site.stop", [site_id])

@@ -265,3 +265,46 @@ def test_publish_now_waits_for_the_publication_in_flight() -> None:
     store.answers[-1].callback(None)
     publisher.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_the_publications_and_commands_are_counted_in_metrics() -> None:
+    """
+    /metrics counts the statuses published, the failed publications, and
+    the commands acted on and dropped; without --cluster, 0.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mqttsvc.control.metrics import Metrics
+
+    def samples(metrics: Metrics) -> dict[tuple[str, str], float]:
+        return {
+            (s.name, s.labels.get("result", "")): s.value
+            for f in text_string_to_metric_families(metrics.render().decode())
+            for s in f.samples
+            if s.name.startswith(("mqttsvc_cluster_live", "mqttsvc_cluster_site_commands"))
+        }
+
+    alone = Metrics()
+    alone.watch_live(None, None)
+    assert set(samples(alone).values()) == {0.0}
+    assert len(samples(alone)) == 4
+
+    statuses = {"s1": {"status": "connected", "state": "connected"}}
+    clock, store, publisher = _publisher({"s1": 1}, statuses)
+    receiver = CommandReceiver("a", lambda s: True, publisher.publish_now)
+    metrics = Metrics()
+    metrics.watch_live(publisher, receiver)
+    publisher.startService()
+    store.answers[-1].callback(None)
+    statuses["s1"] = {"status": "waiting", "state": "waiting"}
+    clock.advance(PUBLISH_INTERVAL)
+    store.answers[-1].errback(RuntimeError("database down"))
+    receiver.received(Command("a", "s1", "restart").payload())
+    receiver.received("{")
+    assert samples(metrics) == {
+        ("mqttsvc_cluster_live_published_total", ""): 1.0,
+        ("mqttsvc_cluster_live_publish_failures_total", ""): 1.0,
+        ("mqttsvc_cluster_site_commands_total", "acted"): 1.0,
+        ("mqttsvc_cluster_site_commands_total", "malformed"): 1.0,
+    }
+    publisher.stopService()

@@ -27,6 +27,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from mqttsvc.cluster.commands import CommandReceiver
+from mqttsvc.cluster.publisher import LivePublisher
 from mqttsvc.sites.states import STATES
 
 if TYPE_CHECKING:
@@ -134,6 +136,34 @@ class _ClusterCollector(Collector):
             "leases within a ttl",
             value=0 if keeper is None else keeper.self_fences,
         )
+
+
+class _PublishedCollector(Collector):
+    def __init__(self, publisher: LivePublisher | None, commands: CommandReceiver | None) -> None:
+        self._publisher = publisher
+        self._commands = commands
+
+    def collect(self) -> Iterator[Metric]:
+        publisher, commands = self._publisher, self._commands
+        yield CounterMetricFamily(
+            "mqttsvc_cluster_live_published",
+            "Site statuses this instance published for the other replicas to answer with",
+            value=0 if publisher is None else publisher.published,
+        )
+        yield CounterMetricFamily(
+            "mqttsvc_cluster_live_publish_failures",
+            "Publications of site statuses that failed (retried a second later)",
+            value=0 if publisher is None else publisher.failures,
+        )
+        received = CounterMetricFamily(
+            "mqttsvc_cluster_site_commands",
+            "Commands from other replicas to this one as a site's owner: acted on, or "
+            "dropped as malformed",
+            labels=["result"],
+        )
+        received.add_metric(["acted"], 0 if commands is None else commands.acted)
+        received.add_metric(["malformed"], 0 if commands is None else commands.malformed)
+        yield received
 
 
 class _DescriptorCollector(Collector):
@@ -316,6 +346,14 @@ class Metrics:
         leases, at every scrape; without one the cluster's series are 0.
         """
         self.registry.register(_ClusterCollector(instance, keeper))
+
+    def watch_live(self, publisher: LivePublisher | None, commands: CommandReceiver | None) -> None:
+        """
+        Report, with C{--cluster}, the site statuses this instance published
+        and the commands it received from the other replicas; without it
+        the series are 0.
+        """
+        self.registry.register(_PublishedCollector(publisher, commands))
 
     def watch_descriptors(self, budget: DescriptorBudget) -> None:
         """
