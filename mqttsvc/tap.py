@@ -719,7 +719,9 @@ def make_ingest(
     fenced with the epochs of its sites' leases, C{on_fenced} hears of
     the sites whose batch the database refused, and device liveness loads
     each site's devices when it is acquired, not every site's at start.
-    Alone it writes and loads exactly as it always did.
+    Alone it writes unfenced and loads every site's devices at start.
+    Either way every connection and device event it writes carries the
+    C{--instance} name.
     """
     make = partial(
         Ingest,
@@ -733,6 +735,7 @@ def make_ingest(
         observe=metrics.observe_batch,
         on_stall=store.write_lane_stalled,
         on_device_limit=store.device_limit_reached,
+        instance=options["instance"],
     )
     if keeper is None:
         return make()

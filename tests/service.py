@@ -23,14 +23,14 @@ class RunningService(Tree):
     """
     The service tree exactly as C{twistd mqttsvc} builds it, with the
     JSON-RPC listener on a free loopback port and no tokens, instance
-    C{test}, and the run's L{TEST_SECRETS}.
+    C{test} (unless named otherwise), and the run's L{TEST_SECRETS}.
     """
 
-    def __init__(self, reactor: Any, dsn: str, *extra_args: str) -> None:
+    def __init__(self, reactor: Any, dsn: str, *extra_args: str, instance: str = "test") -> None:
         # Many services come and go in one test process: freezing each
         # one's heap would keep their garbage.
         super().__init__(
-            reactor, dsn, "--no-gc-freeze", *extra_args, instance="test", secrets=TEST_SECRETS
+            reactor, dsn, "--no-gc-freeze", *extra_args, instance=instance, secrets=TEST_SECRETS
         )
         self._ids = 0
 

@@ -286,6 +286,7 @@ async def test_a_site_wide_change_is_one_event(
                     "to": "unknown",
                     "reason": "mqttsvc started",
                     "devices": count,
+                    "instance": "test",
                 },
             )
         ]

@@ -143,16 +143,18 @@ MAX_REASON = 1000
 #: The most of a dead letter's raw topic kept, in bytes (MQTT allows 65,535).
 TOPIC_RAW_KEEP = 4 * MAX_TOPIC_BYTES
 
+# The events' last parameter is the writing instance's name, one value for
+# every row (migration 0013): the triggers copy it into event_log's data.
 _INSERT_DEVICE_EVENTS = """
 INSERT INTO device_event (site_id, kind, device_id, gateway_id, at, from_status, to_status, reason,
-                          devices)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[],
-                     %s::text[], %s::text[], %s::text[], %s::integer[])
+                          devices, instance)
+SELECT *, %s::text FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[],
+                               %s::text[], %s::text[], %s::text[], %s::integer[])
 """
 
 _INSERT_EVENTS = """
-INSERT INTO connection_event (site_id, at, from_state, to_state, reason)
-SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[])
+INSERT INTO connection_event (site_id, at, from_state, to_state, reason, instance)
+SELECT *, %s::text FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[])
 """
 
 _UPDATE_STATUS = """
@@ -421,11 +423,16 @@ def batch_statements(
     events: Iterable[ConnectionEvent] = (),
     *,
     fence: Fence | None = None,
+    instance: str | None = None,
 ) -> tuple[str, list[Any]] | None:
     """
     Everything a batch writes, as one SQL text of several statements (one
     per table, in an order that lets later ones see earlier rows) and its
     parameters; None when there is nothing to write.
+
+    Every connection and device event is written with C{instance}, the
+    name of the instance that produced it (C{--instance}), which its
+    C{event_log} event then carries in its data; None writes it null.
 
     Sent as one query, the statements are one round trip and, without an
     explicit C{BEGIN}, one implicit transaction: all of them are committed,
@@ -490,6 +497,7 @@ def batch_statements(
         s, k, d, g, at, fr, to, why, n = _columns(fold.device_events)
         statement(
             _INSERT_DEVICE_EVENTS,
+            instance,
             text_array(s),
             text_array(k),
             text_array(d),
@@ -531,6 +539,7 @@ def batch_statements(
     if events:
         statement(
             _INSERT_EVENTS,
+            instance,
             text_array(e.site_id for e in events),
             times(e.at for e in events),
             text_array(e.from_state for e in events),
@@ -569,13 +578,15 @@ async def write_effects(
     events: Iterable[ConnectionEvent] = (),
     *,
     fence: Fence | None = None,
+    instance: str | None = None,
 ) -> None:
     """
     Write effects, site statuses and connection events with one statement
     per table, sent as one query through C{execute} (see L{Executes});
     nothing when there is nothing to write.  With a C{fence}, all of it
-    or nothing is written under it (see L{batch_statements}).
+    or nothing is written under it; the events are C{instance}'s (see
+    L{batch_statements}).
     """
-    script = batch_statements(effects, statuses, events, fence=fence)
+    script = batch_statements(effects, statuses, events, fence=fence, instance=instance)
     if script is not None:
         await execute(*script)

@@ -71,21 +71,28 @@ class EventFilter:
         return self.types is None or event.type in self.types
 
 
+#: The instance that wrote an event, when known (migration 0013), as its
+#: event_log event says it.
+_INSTANCE = (
+    " || CASE WHEN instance IS NULL THEN '{}'::jsonb"
+    " ELSE jsonb_build_object('instance', instance) END"
+)
+
 #: The two kinds of event.list, in the order they take at the same instant,
-#: and what each one's row says.
+#: and what each one's row says: the same data as its event_log event.
 _HISTORIES = {
     "connection": (
         "connection_event",
-        "json_build_object('from', from_state, 'to', to_state, 'reason', reason)",
+        "jsonb_build_object('from', from_state, 'to', to_state, 'reason', reason)" + _INSTANCE,
     ),
     "device": (
         "device_event",
         # A site-wide summary (kind 'site') also says how many devices it
-        # changed, as its event_log event does.
+        # changed.
         "jsonb_build_object('kind', kind, 'device_id', device_id, 'gateway_id', gateway_id,"
         " 'from', from_status, 'to', to_status, 'reason', reason)"
         " || CASE WHEN devices IS NULL THEN '{}'::jsonb"
-        " ELSE jsonb_build_object('devices', devices) END",
+        " ELSE jsonb_build_object('devices', devices) END" + _INSTANCE,
     ),
 }
 

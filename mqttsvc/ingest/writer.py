@@ -232,6 +232,8 @@ class BatchWriter:
     @param on_fenced: called with the stale sites, once per write the fence
         refused, after their messages were dropped unacknowledged (their
         owner should stop them).
+    @param instance: the name of this instance (C{--instance}), written on
+        every connection and device event; None writes none.
     """
 
     log = Logger()
@@ -255,6 +257,7 @@ class BatchWriter:
         *,
         fence: Callable[[Collection[str]], Fence | None] | None = None,
         on_fenced: Callable[[list[str]], None] | None = None,
+        instance: str | None = None,
     ) -> None:
         self._clock = clock
         self._pool = pool
@@ -295,6 +298,7 @@ class BatchWriter:
         self.messages_written = 0
         self.dead_lettered = 0
         self._fence = fence
+        self._instance = instance
         self.on_fenced = on_fenced
         #: Writes the fence refused, and the messages dropped for it.
         self.batches_fenced = 0
@@ -519,7 +523,9 @@ class BatchWriter:
             committed); the caller drops the stale sites (L{_forget}).
         """
         if self._fence is None:
-            await write_effects(self._pool.operation, effects, statuses, events)
+            await write_effects(
+                self._pool.operation, effects, statuses, events, instance=self._instance
+            )
             return
         effects = list(effects)
         statuses = list(statuses)
@@ -531,7 +537,12 @@ class BatchWriter:
             return
         try:
             await write_effects(
-                self._pool.operation, effects, statuses, events, fence=self._fence(sites)
+                self._pool.operation,
+                effects,
+                statuses,
+                events,
+                fence=self._fence(sites),
+                instance=self._instance,
             )
         except Exception as e:
             stale = fenced_sites(e)
