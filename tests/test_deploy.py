@@ -1,7 +1,9 @@
 """
 deploy/: the compose file and the systemd unit that supervise mqttsvc as the
 old system was (issue 16): restarted after a crash, not after a deliberate
-stop; health checks; secrets as files; a stop timeout above the drain.
+stop; health checks; secrets as files; a stop timeout above the drain.  And
+three replicas sharing the sites (issue 17), with compose and as a
+Kubernetes Deployment.
 
 Each is checked by its text everywhere, and by its own tool where the tool
 is installed (docker compose config, systemd-analyze verify); where it is
@@ -20,6 +22,7 @@ import pytest
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
+CLUSTER_COMPOSE = DEPLOY / "compose.cluster.yaml"
 UNIT = DEPLOY / "mqttsvc.service"
 
 
@@ -69,13 +72,14 @@ def _compose() -> list[str] | None:
     return [legacy] if legacy else None
 
 
-def test_docker_compose_accepts_the_compose_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", [COMPOSE.name, CLUSTER_COMPOSE.name])
+def test_docker_compose_accepts_the_compose_file(tmp_path: Path, name: str) -> None:
     """docker compose config reads the file, its secrets in place, without an error."""
     compose = _compose()
     if compose is None:
         pytest.skip(
             "docker compose is not installed here (docker has no compose plugin): "
-            "compose.yaml was checked by its text only"
+            f"{name} was checked by its text only"
         )
     work = tmp_path / "deploy"
     shutil.copytree(DEPLOY, work)
@@ -83,7 +87,7 @@ def test_docker_compose_accepts_the_compose_file(tmp_path: Path) -> None:
     for name in ("postgres_password", "pgpass", "tokens", "secret.key"):
         (work / "secrets" / name).write_text("x\n")
     run = subprocess.run(
-        [*compose, "-f", str(work / "compose.yaml"), "config", "--quiet"],
+        [*compose, "-f", str(work / name), "config", "--quiet"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -167,3 +171,68 @@ def test_kubernetes_runs_three_cluster_replicas_with_readiness_and_secrets_in_fi
     assert "passfile=/run/secrets/mqttsvc/pgpass" in text
     assert not re.search(r"PASSWORD|password=|TOKEN, value: [^/]", text), "a secret in the manifest"
     assert "defaultMode: 0440" in text
+
+
+def test_compose_runs_three_cluster_replicas_ready_on_readyz_with_secrets_in_files() -> None:
+    """
+    The three-replica compose file runs three services of the same image,
+    each with --cluster and an --instance name of its own, on a port of its
+    own on loopback, after the one-shot migration, against one PostgreSQL
+    and one Mosquitto that keeps its sessions and queues without limit.
+    Every replica restarts unless stopped, is healthy when an authenticated
+    /readyz answers (the token read from the mounted file), stops within a
+    grace period above the shutdown deadline, listens on every interface of
+    its container only with the reason said, and takes its secrets as files.
+    """
+    text = CLUSTER_COMPOSE.read_text()
+    blocks = services(text)
+    replicas = {"mqttsvc-a", "mqttsvc-b", "mqttsvc-c"}
+    assert set(blocks) == {"postgres", "mosquitto", "migrate"} | replicas
+    shared = text.split("\nx-mqttsvc: &mqttsvc\n", 1)[1].split("\nservices:\n", 1)[0]
+    instances = []
+    ports = []
+    for name in sorted(replicas):
+        block = blocks[name]
+        assert "\n    <<: *mqttsvc\n" in block, name
+        command = re.search(r"command: \[(.*)\]", block)
+        assert command, name
+        args = [a.strip().strip('"') for a in command.group(1).split(",")]
+        assert args[:4] == ["twistd", "-n", "--pidfile=", "mqttsvc"], args
+        assert "--cluster" in args, name
+        instances.append(args[args.index("--instance") + 1])
+        [port] = re.findall(r'- "127\.0\.0\.1:(\d+):8780"', block)
+        ports.append(port)
+    assert sorted(instances) == sorted(replicas), "an --instance name each, the service's"
+    assert len(set(ports)) == 3
+
+    assert "\n  restart: unless-stopped\n" in shared
+    assert re.search(r"migrate:\n\s+condition: service_completed_successfully", shared)
+    assert re.search(r"postgres:\n\s+condition: service_healthy", shared)
+    health = shared.split("\n  healthcheck:\n", 1)[1]
+    assert "http://127.0.0.1:8780/readyz" in health
+    assert '"Bearer " + token' in health and 'open("/run/secrets/mqttsvc_tokens")' in health
+    grace = re.search(r"stop_grace_period: (\d+)s", shared)
+    assert grace and int(grace.group(1)) > 10
+    listener = shared.split("MQTTSVC_RPC: tcp:8780:interface=0.0.0.0", 1)[0].rsplit(
+        "environment:", 1
+    )[1]
+    assert "private" in listener, "the reason for every interface, in a comment above it"
+    for variable in ("MQTTSVC_RPC_TOKEN_FILE", "MQTTSVC_SECRET_KEY_FILE"):
+        assert re.search(rf"{variable}: /run/secrets/\w+", shared), variable
+    assert "passfile=/run/secrets/mqttsvc_pgpass" in shared
+
+    assert 'restart: "no"' in blocks["migrate"]
+    assert 'command: ["mqttsvc", "migrate"]' in blocks["migrate"]
+    assert re.search(r"postgres:\n\s+condition: service_healthy", blocks["migrate"])
+    assert "build: .." in blocks["migrate"]
+    assert "POSTGRES_PASSWORD_FILE: /run/secrets/postgres_password" in blocks["postgres"]
+    assert "./mosquitto.conf:/mosquitto/config/mosquitto.conf:ro" in blocks["mosquitto"]
+    broker = dict(
+        line.split(None, 1)
+        for line in (DEPLOY / "mosquitto.conf").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    assert (broker["persistence"], broker["max_queued_messages"]) == ("true", "0")
+    assert not re.search(r"PASSWORD: |TOKEN: |password=", text), "a secret in the environment"
+    declared = re.findall(r"^  (\w+):\n    file: \./secrets/", text, re.MULTILINE)
+    assert set(declared) == {"postgres_password", "mqttsvc_pgpass", "mqttsvc_tokens", "mqttsvc_key"}
