@@ -176,6 +176,9 @@ class FakeIngest:
         self._writer = FakeWriter()
         self._devices = FakeDevices()
         self.reports: list[tuple[StatusUpdate, ConnectionEvent | None]] = []
+        #: The sites whose records were waited for, each with the reports
+        #: made by then and the Deferred the test fires.
+        self.flushes: list[tuple[str, int, Deferred[None]]] = []
 
     @property
     def writer(self) -> MessageSink:
@@ -195,6 +198,11 @@ class FakeIngest:
 
     def site_released(self, site_id: str) -> None:
         pass
+
+    def site_flushed(self, site_id: str) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.flushes.append((site_id, len(self.reports), d))
+        return d
 
     def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:
         self.reports.append((update, event))
@@ -344,8 +352,9 @@ def test_an_acquired_site_resumes_its_rows_retry_schedule() -> None:
 def test_a_hand_over_drains_then_disconnects_and_is_not_undone() -> None:
     """
     A hand-over stops reading, waits for the messages in hand to be
-    committed and acknowledged, then disconnects; only then does its
-    Deferred fire.  A reconciliation meanwhile (the keeper still holds the
+    committed and acknowledged, then disconnects, and waits for its last
+    status and connection events to be sent; only then does its Deferred
+    fire.  A reconciliation meanwhile (the keeper still holds the
     lease until it is released) does not start the site again.
     """
     c = Cluster([_row("a")], "a")
@@ -364,6 +373,11 @@ def test_a_hand_over_drains_then_disconnects_and_is_not_undone() -> None:
     assert len(client.disconnects) == 1
     assert not handed.called
     c.disconnected("a")
+    # Its last status and events are sent under its lease, before the release.
+    [(site_id, reported, flushed)] = c.ingest.flushes
+    assert (site_id, reported) == ("a", len(c.ingest.reports))
+    assert not handed.called
+    flushed.callback(None)
     assert handed.called
     assert c.running() == []
     events = [e for _, e in c.ingest.reports if e is not None]

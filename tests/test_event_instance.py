@@ -277,6 +277,11 @@ async def test_each_instance_of_a_cluster_names_itself_on_its_events(
             history = [(to, i) for s, to, _, i in connections if s == site_id]
             first_west = history.index(("connecting", "west"))
             assert ("connected", "east") in history[:first_west], history
+            # East's last events of it, written under its lease before the release.
+            assert history[first_west - 2 : first_west] == [
+                ("stopping", "east"),
+                ("stopped", "east"),
+            ], history
             assert history[first_west:] == [("connecting", "west"), ("connected", "west")], history
         last_connected = {s: i for s, to, _, i in connections if to == "connected"}
         assert last_connected == held

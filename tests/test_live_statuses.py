@@ -18,7 +18,12 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.task import Clock
 
 from mqttsvc.cluster.commands import MAX_PAYLOAD_BYTES, Command, CommandReceiver
-from mqttsvc.cluster.publisher import PUBLISH_INTERVAL, LivePublisher, LiveStore
+from mqttsvc.cluster.publisher import (
+    PUBLISH_INTERVAL,
+    REFRESH_INTERVAL,
+    LivePublisher,
+    LiveStore,
+)
 from mqttsvc.db.leases import Leases
 from mqttsvc.db.live import COMMANDS, LiveStatuses
 from mqttsvc.db.notifications import NotificationListener
@@ -236,7 +241,7 @@ def test_publishes_what_changed_every_interval_and_retries_a_failure() -> None:
     assert publisher.failures == 1
 
     clock.advance(PUBLISH_INTERVAL)
-    assert [r[:2] for r in store.calls[-1][1]] == [("s1", 1), ("s2", 2)], "retried"
+    assert [r[:2] for r in store.calls[-1][1]] == [("s1", 1), ("s2", 2)], "retried, all"
     store.answers[-1].callback(None)
     assert publisher.published == 4
 
@@ -244,6 +249,12 @@ def test_publishes_what_changed_every_interval_and_retries_a_failure() -> None:
     statuses["s1"] = {"status": "connected", "state": "connected"}
     clock.advance(PUBLISH_INTERVAL)
     assert len(store.calls) == 3
+
+    # Every site again after a while, changed or not (the table may have
+    # been emptied by a crash of the database server).
+    clock.advance(REFRESH_INTERVAL)
+    assert [r[:2] for r in store.calls[-1][1]] == [("s2", 2)]
+    store.answers[-1].callback(None)
     publisher.stopService()
     assert clock.getDelayedCalls() == []
 

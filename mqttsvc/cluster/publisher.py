@@ -12,7 +12,8 @@ second old, and a frozen owner's is recognisable: readers keep only the
 rows of live instances that still hold the site's lease at the epoch the
 row was published under.
 
-Only what changed since the last publication is written, in one statement.
+Only what changed since the last publication is written, in one statement;
+every site again every L{REFRESH_INTERVAL} seconds and after a failure.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from twisted.logger import Logger
 
 #: Seconds between two publications.
 PUBLISH_INTERVAL = 1.0
+#: Seconds between two publications of every site, changed or not: the
+#: table is UNLOGGED, so a crash of the database server empties it, and a
+#: quiet site would otherwise not be published again until it changed.
+REFRESH_INTERVAL = 30.0
 
 
 class LiveStore(Protocol):
@@ -64,6 +69,8 @@ class LivePublisher(Service):
         self._status_of = status_of
         self._store = store
         self._interval = interval
+        self._clock = reactor
+        self._refreshed_at = reactor.seconds()
         self._loop = LoopingCall(self.publish_now)
         self._loop.clock = reactor
         self._sent: dict[str, tuple[int, str]] = {}
@@ -101,6 +108,9 @@ class LivePublisher(Service):
         d.addBoth(self._next)
 
     def _changed(self) -> list[tuple[str, int, str, str]]:
+        if self._clock.seconds() - self._refreshed_at >= REFRESH_INTERVAL:
+            self._refreshed_at = self._clock.seconds()
+            self._sent.clear()
         owned = self._owned()
         for gone in self._sent.keys() - owned.keys():
             del self._sent[gone]
@@ -124,6 +134,9 @@ class LivePublisher(Service):
 
     def _failed(self, failure: Any) -> None:
         self.failures += 1
+        # What did reach the table before is unknown now (the server may
+        # have restarted and emptied it): publish everything next time.
+        self._sent.clear()
         if not self._failing:
             self._failing = True
             self.log.warn(

@@ -129,6 +129,13 @@ class Ingest(Service):
         """
         self.liveness.site_released(site_id)
 
+    def site_flushed(self, site_id: str) -> Deferred[None]:
+        """
+        Fire once the site's connection status and events reported so far
+        have been sent to the database.
+        """
+        return self.writer.records_sent(site_id)
+
     def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:
         """
         Write a site's connection status, and the event that led to it.

@@ -92,6 +92,9 @@ class IngestPort(Protocol):
     def site_released(self, site_id: str) -> None:
         "In a cluster: the site is another instance's now: forget its devices."
 
+    def site_flushed(self, site_id: str) -> Deferred[None]:
+        "Fire once the site's status and events reported so far were sent to the database."
+
     def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:
         "Write a site's connection status and the event that led to it."
 
@@ -379,11 +382,18 @@ class SiteSupervisor(MultiService):
         if self.site(site_id) is None:
             self._ingest.site_released(site_id)
             return succeed(None)
-        stopped = Deferred.fromCoroutine(self._give_up(site_id, drain=True))
+        stopped = Deferred.fromCoroutine(self._hand_over(site_id))
         # After it stopped reading (at once, unless a reconcile of the site
         # holds its lock): its devices are the next owner's.
         self._ingest.site_released(site_id)
         return stopped
+
+    async def _hand_over(self, site_id: str) -> None:
+        await self._give_up(site_id, drain=True)
+        # Its last status and connection events ("stopping", "stopped")
+        # are written under this instance's lease, before the release: a
+        # batch sent after it would be fenced, and they would be lost.
+        await self._ingest.site_flushed(site_id)
 
     def lost(self, site_id: str) -> None:
         """
