@@ -115,11 +115,10 @@ async def test_listening_resumes_after_losing_the_database(
     listener = running.root.getServiceNamed("config-listener")
     await eventually(lambda: listener.listening)
     before = listener.connections
-    killed = execute(
-        sql,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND query = 'LISTEN mqttsvc_config'",
-    )
+    # Its own backend: matching pg_stat_activity's last query missed it
+    # when that was the listener's ping, not its LISTEN.
+    assert listener.backend_pid is not None
+    killed = execute(sql, "SELECT pg_terminate_backend(%s)", listener.backend_pid)
     assert killed == [(True,)]
     await insert_site(sql, site_id)  # while nobody listens: only a resync can see it
     await state_of(running, site_id, "connected", within=8)
@@ -406,9 +405,20 @@ async def test_retry_state_survives_a_restart(db_dsn: str, no_sites: None, sql: 
         mqtt_next_retry=now + timedelta(seconds=2),
         last_error="refused: connection refused",
     )
+    await insert_site(
+        sql,
+        "waits-long",
+        status="disconnected",
+        mqtt_retry_count=3,
+        mqtt_next_retry=now + timedelta(hours=1),
+        last_error="refused: connection refused",
+    )
     service = RunningService(reactor, db_dsn)
     await service.start()
     try:
+        waiting = await service.call("site.status", ["waits-long"])
+        assert (waiting["state"], waiting["mqtt_retry_count"]) == ("waiting", 3)
+        assert datetime.fromisoformat(waiting["mqtt_next_retry"]) == now + timedelta(hours=1)
         error = await service.call("site.status", ["gave-up"])
         assert (error["state"], error["mqtt_retry_count"], error["last_error"]) == (
             "error",
@@ -416,10 +426,18 @@ async def test_retry_state_survives_a_restart(db_dsn: str, no_sites: None, sql: 
             "auth: nope",
         )
         assert datetime.fromisoformat(error["mqtt_next_retry"]) == now + timedelta(hours=1)
-        waiting = await service.call("site.status", ["backing-off"])
-        assert (waiting["state"], waiting["mqtt_retry_count"]) == ("waiting", 3)
         connected = await state_of(service, "backing-off", "connected")
         assert datetime.fromisoformat(connected["last_connected_at"]) >= now + timedelta(seconds=2)
+        # It waited for its time first, as its history says (a call while
+        # it waits raced the 2 s on a loaded machine).
+        await service.ingest.writer.when_idle()
+        history = execute(
+            sql,
+            "SELECT to_state, reason FROM connection_event"
+            " WHERE site_id = 'backing-off' ORDER BY id",
+        )
+        assert history[0] == ("waiting", "resumed after a restart of mqttsvc")
+        assert [state for state, _ in history[1:3]] == ["connecting", "connected"]
         assert (await service.call("site.status", ["gave-up"]))["state"] == "error"
     finally:
         await service.stop()

@@ -235,7 +235,7 @@ class SiteMethods:
     def _here(self, status: dict[str, Any]) -> dict[str, Any]:
         return {**status, "instance": self._instance, "published_at": None}
 
-    async def _published(self) -> dict[str, Published]:
+    async def _statuses_published(self) -> dict[str, Published]:
         return await self._store.live.current() if self._clustered else {}
 
     def _status(self, row: SiteRow, published: Published | None = None) -> dict[str, Any]:
@@ -319,7 +319,7 @@ class SiteMethods:
         from the instance that runs it, and the live instances.
         """
         stored = await self._store.sites.statuses()
-        published = await self._published()
+        published = await self._statuses_published()
         counts = dict.fromkeys(STATUSES, 0)
         for site_id, status in stored:
             site = self._supervisor.site(site_id)
@@ -421,7 +421,7 @@ class SiteMethods:
         # knows: read the sites a page at a time and keep those in it.
         found: list[dict[str, Any]] = []
         more = True
-        published = await self._published()
+        published = await self._statuses_published()
         while more and len(found) <= limit:
             rows = await self._store.sites.page(None if after is None else after[0], limit + 1)
             more = len(rows) > limit
