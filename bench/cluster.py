@@ -381,6 +381,11 @@ def _latest(values: Sequence[float | None]) -> float:
     return max(present) if present else math.nan
 
 
+def _earliest(values: Sequence[float | None]) -> float:
+    present = [v for v in values if v is not None]
+    return min(present) if present else math.nan
+
+
 def failover(
     watch: Watch, group: dict[str, Instance], victim: str, leasing: Leasing
 ) -> tuple[Params, dict[str, Place]]:
@@ -412,6 +417,10 @@ def failover(
         "sites": len(theirs),
         "survivors": len(survivors),
         "owned_s": _latest([after[s].changed_at for s in theirs]) - killed_at,
+        # The first lease taken: its expiry (ttl after the last renewal)
+        # and the survivors' next round; the rest is the pacing.
+        "first_owned_s": _earliest([after[s].changed_at for s in theirs]) - killed_at,
+        "pacing_bound_s": math.ceil(len(theirs) / (len(survivors) * leasing.rate)) - 1,
         "connected_s": _latest([after[s].connected_at for s in theirs]) - killed_at,
         "observed_s": observed,
         "bound_s": bound,
@@ -452,6 +461,7 @@ def join(
         "reconnects": watch.connects_since(started),
         "balanced_from_start_s": last - started,
         "balanced_from_join_s": last - joined_at,
+        "first_moved_s": _earliest([after[s].changed_at for s in changed]) - joined_at,
         "start_to_join_s": joined_at - started,
         "paced_s": share / leasing.rate,
     }

@@ -387,6 +387,19 @@ def _failover_series(series: dict[str, Any], title: str) -> list[str]:
                     "",
                 ),
                 (
+                    "kill → the first of them taken (expiry, then the survivors' round)",
+                    "s",
+                    _get(failovers, "first_owned_s"),
+                    f"{leasing['ttl'] + leasing['renew']:g} s (ttl + renew)",
+                ),
+                (
+                    "first → last of them taken (the pacing)",
+                    "s",
+                    [f["owned_s"] - f["first_owned_s"] for f in failovers],
+                    f"{max(f['pacing_bound_s'] for f in failovers):g} s "
+                    "(ceil(sites / (survivors * rate)) - 1)",
+                ),
+                (
                     f"kill → seen so in the database (polled every {POLL_SECONDS:g} s)",
                     "s",
                     _get(failovers, "observed_s"),
@@ -449,6 +462,13 @@ def _failover_series(series: dict[str, Any], title: str) -> list[str]:
                     "s",
                     _get(joins, "balanced_from_join_s"),
                     f"≈ {paced:g} s (share / rate)",
+                    None,
+                ),
+                (
+                    "joined → the first site moved to it",
+                    "s",
+                    _get(joins, "first_moved_s"),
+                    "",
                     None,
                 ),
                 ("process started → joined", "s", _get(joins, "start_to_join_s"), "", None),
