@@ -163,6 +163,18 @@ class Watch:
         )
         return dict(rows)
 
+    def server_pids(self) -> list[int]:
+        """
+        The PostgreSQL processes that work for this database: its backends
+        (the instances' and ours) and the server's background processes
+        (WAL writer, checkpointer and the like, which every database on the
+        server shares), not the backends of other databases.
+        """
+        rows = self._rows(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() OR datname IS NULL"
+        )
+        return [pid for (pid,) in rows]
+
     def enable(self) -> None:
         """Enable every site, in one statement (one NOTIFY each)."""
         self._rows("UPDATE mqtt_connection SET is_enabled = true WHERE NOT is_enabled")
@@ -527,15 +539,17 @@ def failover_series(run: Runner, size: Params, label: str, leasing: Leasing, tim
 MODES = (("alone", 1, False), ("one", 1, True), ("three", 3, True))
 
 
-def _taking_part(group: dict[str, Instance], broker: Mosquitto) -> dict[str, list[int]]:
+def _taking_part(
+    group: dict[str, Instance], broker: Mosquitto, watch: Watch
+) -> dict[str, list[int]]:
     """
     The processes of a throughput run by role: the instances, the broker,
-    and PostgreSQL's (its server and every backend, ours and others').
+    and PostgreSQL's that work for this run (L{Watch.server_pids}).
     """
     return {
         "instances": [i.process.pid for i in group.values() if i.process is not None],
         "broker": [broker.process.pid] if broker.process is not None else [],
-        "postgres": environment.processes_named("postgres"),
+        "postgres": watch.server_pids(),
     }
 
 
@@ -588,7 +602,7 @@ def throughput_run(run: Runner, size: Params, rep: int, mode: str) -> Params:
         _, readings = workload.publish_backlog(broker.port, sites, count)
         start(list(group.values()), watch, clustered)
         others = environment.Others()
-        cpu = _cpu_seconds(_taking_part(group, broker))
+        cpu = _cpu_seconds(_taking_part(group, broker, watch))
         machine = environment.cpu_times()
         started = time.perf_counter()
         watch.enable()
@@ -597,7 +611,7 @@ def throughput_run(run: Runner, size: Params, rep: int, mode: str) -> Params:
         )
         seconds = time.perf_counter() - started
         busy = environment.busy_percent(machine, environment.cpu_times())
-        used = _cpu_used(cpu, _cpu_seconds(_taking_part(group, broker)))
+        used = _cpu_used(cpu, _cpu_seconds(_taking_part(group, broker, watch)))
         figures = others.figures()
         scraped = [instance.metrics() for instance in group.values()]
         for instance in group.values():
@@ -635,6 +649,7 @@ def throughput_run(run: Runner, size: Params, rep: int, mode: str) -> Params:
         "postgres_us_per_message": 1e6 * used["postgres"] / count,
         "broker_us_per_message": 1e6 * used["broker"] / count,
         "machine_busy_percent": busy,
+        "own_busy_percent": 100 * sum(used.values()) / seconds,
         **_batches(scraped),
         "check": check,
         **figures,
@@ -674,7 +689,7 @@ def throughput_rep(run: Runner, size: Params, rep: int) -> Params:
     run.say(
         f"cluster throughput {rep}: alone {result['alone']['rate']:.0f}/s, "
         f"1 instance {result['one']['rate']:.0f}/s, 3 instances {result['three']['rate']:.0f}/s "
-        f"(CPU busy {result['three']['machine_busy_percent']:.0f}% of "
+        f"(the three and PostgreSQL busy {result['three']['own_busy_percent']:.0f}% of "
         f"{100 * (os.cpu_count() or 1)}%), checks {'ok' if ok else 'FAILED'}"
     )
     return result

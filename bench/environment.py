@@ -156,24 +156,6 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def processes_named(name: str) -> list[int]:
-    """
-    The ids of the running processes whose command name is C{name} (such
-    as C{postgres}: the server and its backends, whoever started them).
-    """
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            comm = (entry / "comm").read_text().strip()
-        except OSError:
-            continue
-        if comm == name:
-            found.append(int(entry.name))
-    return found
-
-
 def _first_line(command: list[str]) -> str:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=10)

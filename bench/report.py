@@ -499,42 +499,22 @@ def _throughput(reps: list[dict[str, Any]], cores: int) -> list[str]:
         ("**3 instances / 1 instance**", "x", _get(reps, "three_per_one"), "", None),
         ("1 instance `--cluster` / alone (the fence)", "x", _get(reps, "one_per_alone"), "", None),
     ]
-    for key, label in (("alone", "1 alone"), ("one", "1, cluster"), ("three", "3, cluster")):
-        rows.append(
-            (
-                f"{label}: mqttsvc CPU per message",
-                "µs",
-                _get(reps, key, "cpu_us_per_message"),
-                "",
-                None,
-            )
-        )
-    for key, label in (("alone", "1 alone"), ("one", "1, cluster"), ("three", "3, cluster")):
-        rows.append(
-            (
-                f"{label}: PostgreSQL CPU per message",
-                "µs",
-                _get(reps, key, "postgres_us_per_message"),
-                "",
-                None,
-            )
-        )
-    for key, label in (("alone", "1 alone"), ("one", "1, cluster"), ("three", "3, cluster")):
-        rows.append((f"{label}: mean batch", "messages", _get(reps, key, "mean_batch"), "", None))
-    for key, label in (("alone", "1 alone"), ("one", "1, cluster"), ("three", "3, cluster")):
-        rows.append(
-            (f"{label}: mean batch commit", "ms", _get(reps, key, "mean_commit_ms"), "", None)
-        )
-    for key, label in (("alone", "1 alone"), ("one", "1, cluster"), ("three", "3, cluster")):
-        rows.append(
-            (
-                f"{label}: machine CPU busy while draining",
-                f"% of {100 * cores}",
-                _get(reps, key, "machine_busy_percent"),
-                "",
-                None,
-            )
-        )
+    per_case = [
+        ("mqttsvc CPU per message", "µs", "cpu_us_per_message"),
+        ("PostgreSQL CPU per message", "µs", "postgres_us_per_message"),
+        ("mean batch", "messages", "mean_batch"),
+        ("mean batch commit", "ms", "mean_commit_ms"),
+        (
+            "CPU of the run's processes (mqttsvc, PostgreSQL, broker)",
+            f"% of {100 * cores}",
+            "own_busy_percent",
+        ),
+        ("CPU of the whole machine", f"% of {100 * cores}", "machine_busy_percent"),
+        ("1-minute load average", "", "load_average"),
+    ]
+    for figure, unit, field in per_case:
+        for key, label in (("alone", "1 alone"), ("one", "1, cluster"), ("three", "3, cluster")):
+            rows.append((f"{label}: {figure}", unit, _get(reps, key, field), "", None))
     ok = [sum(1 for r in reps if all(r[k]["check"]["ok"] for k in ("alone", "one", "three")))]
     rows.append(
         (
@@ -553,23 +533,29 @@ def _throughput(reps: list[dict[str, Any]], cores: int) -> list[str]:
     return [
         *_table(rows),
         "",
-        f"Three instances drained the backlog at {ratio:.2f}x "
-        f"the rate of one. On this machine the {cores} cores are shared by the instances, "
-        "PostgreSQL and Mosquitto: they were busy "
-        f"{median('one', 'machine_busy_percent'):.0f}% of {100 * cores}% while one instance "
-        f"drained, {median('three', 'machine_busy_percent'):.0f}% while three did. Three "
-        "processes split the same CPU, each with its own reactor, sites and write lanes "
-        f"({median('three', 'cpu_us_per_message'):.0f} µs of mqttsvc CPU a message with three, "
-        f"{median('one', 'cpu_us_per_message'):.0f} with one), against one PostgreSQL, which "
-        f"gets more, smaller batches at once (mean {median('three', 'mean_batch'):.0f} messages "
-        f"with three, {median('one', 'mean_batch'):.0f} with one) and spends "
-        f"{median('three', 'postgres_us_per_message'):.0f} µs a message on them "
-        f"({median('one', 'postgres_us_per_message'):.0f} with one). So on one small machine "
-        "three instances buy availability (a site's work survives the loss of a process), not "
-        "speed. Where each instance has cores of its own, the instances' part of the work "
-        "divides among them and the database becomes the limit: its CPU per message on "
-        "however many cores it has, and its WAL flushes. That is an expectation from these "
-        "per-message costs, not a measurement: this host has no spare cores to show it.",
+        f"Three instances drained the backlog at {ratio:.2f}x the rate of one (median of the "
+        f"repetitions). The {cores} cores are shared by the instances, PostgreSQL and "
+        f"Mosquitto, which used {median('one', 'own_busy_percent'):.0f}% of {100 * cores}% "
+        f"while one instance drained and {median('three', 'own_busy_percent'):.0f}% while "
+        f"three did (the whole machine: {median('one', 'machine_busy_percent'):.0f}% and "
+        f"{median('three', 'machine_busy_percent'):.0f}%; the difference is other work on "
+        "this host, which also skews the ratio: three processes get a larger share of a "
+        "contended CPU than one). An instance does its work on one reactor thread, so one "
+        "instance can use at most one core and leaves the rest to PostgreSQL and the broker; "
+        "three can use both cores, but only by taking them from PostgreSQL, which has the "
+        "same work to do and gets it in more, smaller batches at once (mean "
+        f"{median('three', 'mean_batch'):.0f} messages with three, "
+        f"{median('one', 'mean_batch'):.0f} with one; "
+        f"{median('three', 'postgres_us_per_message'):.0f} and "
+        f"{median('one', 'postgres_us_per_message'):.0f} µs of its CPU a message). Once both "
+        "cores are busy, more instances cannot add throughput: on 2 cores what a cluster buys "
+        "is that a site's work survives the loss of a process. Where each instance and "
+        "PostgreSQL have cores of their own, the instances' part "
+        f"({median('one', 'cpu_us_per_message'):.0f} µs of CPU a message with one instance, "
+        f"{median('three', 'cpu_us_per_message'):.0f} with three) divides among them, and the "
+        "limit becomes the database: its CPU per message on however many cores it has, and "
+        "its WAL flushes. That is an expectation from these per-message costs, not a "
+        "measurement: this host has no spare cores to show it.",
         "",
     ]
 
@@ -856,8 +842,10 @@ CLUSTER_METHOD = """\
   at once: messages a second until `sum(discovered_topic.message_count)` covers the
   backlog (polled every 0.05 s). The hand-over rate is set to the number of sites there,
   so that no instance waits to take its sites. One instance without `--cluster` (its own
-  client ids, no fence) drains the same backlog as a third case. CPU per message is read
-  from `/proc` for the instances, every PostgreSQL process and the broker. Checks: every
+  client ids, no fence) drains the same backlog as a third case. CPU is read from `/proc`
+  for the instances, the broker, and PostgreSQL's backends of the run's database with the
+  server's background processes (WAL writer, checkpointer: shared, but the run's writes
+  are what keeps them busy); the instances' batches from their `/metrics`. Checks: every
   message counted, every reading stored, no dead letters, nothing left for the sites'
   sessions on the broker, and (here and in the failover series) no site with two
   instances committing under one epoch (`site_writer`, filled by the fence). The three
