@@ -423,7 +423,7 @@ def failover(
     after = wait_for(moved, bound + 60, f"the sites of {victim} connected elsewhere")
     observed = time.time() - killed_at
     settled = balanced(watch, survivors, 60 + len(before) / leasing.rate)
-    others = [s for s in before if s not in theirs]
+    others = [s for s, p in before.items() if p.owner != victim]
     result = {
         "victim": victim,
         "sites": len(theirs),
