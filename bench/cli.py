@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,10 +18,11 @@ from typing import Any
 
 import psycopg2
 
-from bench import environment, report, wire, workload
+from bench import cluster, environment, report, wire, workload
 from bench.child import parse_result
 from bench.environment import Broker, Database
 from bench.servers import free_port
+from mqttsvc.cluster.keeper import HANDOVER_RATE, LEASE_RENEW, LEASE_TTL
 
 Params = dict[str, Any]
 
@@ -36,6 +36,7 @@ SCENARIOS = (
     "micro",
     "devices",
     "fairness",
+    "cluster",
 )
 
 #: Scenario sizes: C{full} is what C{make bench} runs and the issue's
@@ -45,7 +46,10 @@ SCENARIOS = (
 #: short as still give every figure at least one sample.  C{fairness}
 #: keeps a flood of 20,000: its quiet site's latency is sampled only while
 #: the flood drains, which must outlast the start of the quiet site's
-#: publisher (a child process), or the figures are NaN.
+#: publisher (a child process), or the figures are NaN.  C{cluster} runs
+#: its failover series once, with C{cluster_failovers} kills inside it,
+#: and its throughput C{--reps} times; its leases are the defaults but for
+#: C{tiny}, whose short ones keep the smoke test's failover to seconds.
 SIZES: dict[str, Params] = {
     "full": {
         "ingest_sites": 10,
@@ -69,6 +73,17 @@ SIZES: dict[str, Params] = {
         "flood_messages": 60_000,
         "quiet_rate": 20,
         "fairness_seconds": 5,
+        "cluster_sites": 1000,
+        "cluster_ttl": LEASE_TTL,
+        "cluster_renew": LEASE_RENEW,
+        "cluster_rate": HANDOVER_RATE,
+        "cluster_failovers": 5,
+        "cluster_short_ttl": 3.0,
+        "cluster_short_renew": 0.5,
+        "cluster_short_rate": 100,
+        "cluster_short_failovers": 3,
+        "cluster_ingest_sites": 12,
+        "cluster_messages": 100_000,
     },
     "quick": {
         "ingest_sites": 10,
@@ -92,6 +107,17 @@ SIZES: dict[str, Params] = {
         "flood_messages": 30_000,
         "quiet_rate": 20,
         "fairness_seconds": 3,
+        "cluster_sites": 60,
+        "cluster_ttl": LEASE_TTL,
+        "cluster_renew": LEASE_RENEW,
+        "cluster_rate": HANDOVER_RATE,
+        "cluster_failovers": 2,
+        "cluster_short_ttl": 3.0,
+        "cluster_short_renew": 0.5,
+        "cluster_short_rate": 100,
+        "cluster_short_failovers": 1,
+        "cluster_ingest_sites": 12,
+        "cluster_messages": 20_000,
     },
     "tiny": {
         "ingest_sites": 5,
@@ -115,6 +141,17 @@ SIZES: dict[str, Params] = {
         "flood_messages": 20_000,
         "quiet_rate": 20,
         "fairness_seconds": 0.5,
+        "cluster_sites": 6,
+        "cluster_ttl": 2.0,
+        "cluster_renew": 0.4,
+        "cluster_rate": HANDOVER_RATE,
+        "cluster_failovers": 1,
+        "cluster_short_ttl": 2.0,
+        "cluster_short_renew": 0.4,
+        "cluster_short_rate": 100,
+        "cluster_short_failovers": 0,
+        "cluster_ingest_sites": 6,
+        "cluster_messages": 300,
     },
 }
 
@@ -139,8 +176,7 @@ class Runner:
         return its result.
         """
         self._runs += 1
-        load = os.getloadavg()[0]
-        cpu_before = _cpu_times()
+        machine = environment.Others()
         log = self.workdir / f"{self._runs:03d}-{role}.log"
         with log.open("w") as stderr:
             try:
@@ -159,25 +195,8 @@ class Runner:
             tail = log.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{role} failed with {done.returncode}:\n{tail}")
         result = parse_result(done.stdout)
-        # Others' load on the machine while we measured, for the report.
-        result["load_average"] = max(load, os.getloadavg()[0])
-        cpu_after = _cpu_times()
-        if cpu_before and cpu_after:
-            total = sum(cpu_after) - sum(cpu_before)
-            result["steal_percent"] = 100 * (cpu_after[7] - cpu_before[7]) / max(1, total)
+        result.update(machine.figures())
         return result
-
-
-def _cpu_times() -> list[int]:
-    """
-    The machine's CPU time counters (the first line of C{/proc/stat}; the
-    eighth is steal); empty where there is no such file.
-    """
-    try:
-        with open("/proc/stat") as stat:
-            return [int(v) for v in stat.readline().split()[1:]]
-    except OSError:
-        return []
 
 
 def _count(dsn: str, sql: str) -> int:
@@ -189,17 +208,6 @@ def _count(dsn: str, sql: str) -> int:
             return int(row[0] or 0) if row else 0
     finally:
         conn.close()
-
-
-def _prime(port: int, client_ids: list[str], sites: list[str]) -> None:
-    for client_id, site in zip(client_ids, sites, strict=True):
-        wire.prime_session(port, client_id, workload.filters(site))
-
-
-def _publish_backlog(port: int, sites: list[str], count: int) -> tuple[float, int]:
-    messages, readings = workload.backlog(sites, count, time.time() - 86400)
-    packets = [wire.publish_packet(t, p, i % 65535 + 1) for i, (t, p) in enumerate(messages)]
-    return wire.publish_all(port, packets, timeout=60 + count / 1000), readings
 
 
 def ingest_rep(run: Runner, size: Params, rep: int) -> Params:
@@ -222,8 +230,8 @@ def ingest_rep(run: Runner, size: Params, rep: int) -> Params:
     ):
         workload.insert_sites(db.dsn, sites, broker.port)
         for ids in (mqttsvc_ids, bare_ids, old_ids):
-            _prime(broker.port, ids, sites)
-        publish_seconds, readings = _publish_backlog(broker.port, sites, count)
+            workload.prime(broker.port, ids, sites)
+        publish_seconds, readings = workload.publish_backlog(broker.port, sites, count)
         run.say(f"ingest {rep}: {count} messages queued in {publish_seconds:.1f}s")
 
         def bare() -> Params:
@@ -301,8 +309,8 @@ def variant_rep(run: Runner, size: Params, rep: int, variant: int) -> Params:
         Database("variant") as db,
     ):
         workload.insert_sites(db.dsn, sites, broker.port, protocol)
-        _prime(broker.port, ids, sites)
-        _publish_backlog(broker.port, sites, count)
+        workload.prime(broker.port, ids, sites)
+        workload.publish_backlog(broker.port, sites, count)
         params = {"dsn": db.dsn, "expected": count, "timeout": timeout}
         result = run.child("ingest-mqttsvc", params, timeout + 60)
         left = sum(wire.count_queued(broker.port, c, wait=0.3) for c in ids)
@@ -322,7 +330,7 @@ def latency_rep(run: Runner, size: Params, rep: int) -> Params:
         # The bare client's sessions are made only now, so that they hold
         # nothing from mqttsvc's run.
         bare_ids = [f"bare_{s}" for s in sites]
-        _prime(broker.port, bare_ids, sites)
+        workload.prime(broker.port, bare_ids, sites)
         bare = run.child("latency-bare", {**common, "client_ids": bare_ids}, seconds + 120)
     run.say(
         f"latency {rep}: mqttsvc p50 {mqttsvc['p50_ms']:.1f} p99 {mqttsvc['p99_ms']:.1f} ms; "
@@ -386,8 +394,8 @@ def profile_run(run: Runner, size: Params) -> Params:
     ids = [workload.mqttsvc_client_id(s) for s in sites]
     with Broker(run.workdir / "profile") as broker, Database("profile") as db:
         workload.insert_sites(db.dsn, sites, broker.port)
-        _prime(broker.port, ids, sites)
-        _publish_backlog(broker.port, sites, count)
+        workload.prime(broker.port, ids, sites)
+        workload.publish_backlog(broker.port, sites, count)
         params = {"dsn": db.dsn, "expected": count, "timeout": 300, "profile": True}
         result: Params = run.child("ingest-mqttsvc", params, 400)
     run.say(f"profile: {count} messages at {result['rate']:.0f}/s under cProfile")
@@ -447,7 +455,9 @@ def fairness_rep(run: Runner, size: Params, rep: int) -> Params:
     count = size["flood_messages"]
     with Broker(run.workdir / f"fairness-{rep}") as broker, Database("fairness") as db:
         workload.insert_sites(db.dsn, [flood, quiet], broker.port)
-        _prime(broker.port, [workload.mqttsvc_client_id(s) for s in (flood, quiet)], [flood, quiet])
+        workload.prime(
+            broker.port, [workload.mqttsvc_client_id(s) for s in (flood, quiet)], [flood, quiet]
+        )
         now = time.time()
         packets = [
             wire.publish_packet(
@@ -513,6 +523,8 @@ def run_scenarios(names: list[str], size: Params, reps: int, run: Runner) -> dic
         results["devices"] = [devices_rep(run, size, r) for r in range(reps)]
     if "fairness" in names:
         results["fairness"] = [fairness_rep(run, size, r) for r in range(reps)]
+    if "cluster" in names:
+        results["cluster"] = cluster.scenario(run, size, reps)
     return results
 
 

@@ -7,6 +7,7 @@ and the versions that the report prints.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import resource
@@ -88,6 +89,71 @@ def proc_status(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+def cpu_times() -> list[int]:
+    """
+    The machine's CPU time counters in clock ticks (the first line of
+    C{/proc/stat}: user, nice, system, idle, iowait, irq, softirq, steal);
+    empty where there is no such file.
+    """
+    try:
+        with open("/proc/stat") as stat:
+            return [int(v) for v in stat.readline().split()[1:]]
+    except OSError:
+        return []
+
+
+def busy_percent(before: list[int], after: list[int]) -> float:
+    """
+    How busy the machine's CPUs were between two L{cpu_times} readings,
+    in percent of one core (so up to 100 times the number of cores): all
+    time but idle and iowait.
+    """
+    if not before or not after:
+        return math.nan
+    total = sum(after[:8]) - sum(before[:8])
+    idle = (after[3] + after[4]) - (before[3] + before[4])
+    return 100 * (os.cpu_count() or 1) * (total - idle) / max(1, total)
+
+
+class Others:
+    """
+    Others' load on the machine while something is measured, for the
+    report: made when the measurement starts, read by L{figures} when it
+    ends.
+    """
+
+    def __init__(self) -> None:
+        self._load = os.getloadavg()[0]
+        self._cpu = cpu_times()
+
+    def figures(self) -> dict[str, float]:
+        """
+        C{load_average}: the higher 1-minute load average of the start and
+        the end; C{steal_percent}: the share of CPU time the host gave to
+        other guests meanwhile (where C{/proc/stat} says).
+        """
+        out = {"load_average": max(self._load, os.getloadavg()[0])}
+        after = cpu_times()
+        if self._cpu and after:
+            total = sum(after) - sum(self._cpu)
+            out["steal_percent"] = 100 * (after[7] - self._cpu[7]) / max(1, total)
+        return out
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """
+    The CPU time (user and system) a process has used so far, from
+    C{/proc/PID/stat}; 0 once it is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name (field 2) may hold spaces: split after it.
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _first_line(command: list[str]) -> str:

@@ -7,9 +7,12 @@ JSON.
 
 from __future__ import annotations
 
+import time
+
 import attrs
 import psycopg2
 
+from bench import wire
 from mqttsvc.config import SiteConfig, default_topics
 
 #: mqttsvc's instance name in the benchmarks (part of every client id).
@@ -40,18 +43,20 @@ def mqttsvc_client_id(site_id: str) -> str:
     return SiteConfig(site_id=site_id, host="127.0.0.1").client_id(INSTANCE)
 
 
-def insert_sites(dsn: str, sites: list[str], port: int, protocol: str = "3.1.1") -> None:
+def insert_sites(
+    dsn: str, sites: list[str], port: int, protocol: str = "3.1.1", enabled: bool = True
+) -> None:
     """
-    Write enabled sites with the default topics, as the backend would by
-    SQL.
+    Write sites (enabled unless told otherwise) with the default topics,
+    as the backend would by SQL.
     """
     conn = psycopg2.connect(dsn)
     try:
         with conn, conn.cursor() as cur:
             cur.execute(
-                "INSERT INTO mqtt_connection (site_id, host, port, protocol) "
-                "SELECT s, '127.0.0.1', %s, %s FROM unnest(%s::text[]) AS s",
-                (port, protocol, sites),
+                "INSERT INTO mqtt_connection (site_id, host, port, protocol, is_enabled) "
+                "SELECT s, '127.0.0.1', %s, %s, %s FROM unnest(%s::text[]) AS s",
+                (port, protocol, enabled, sites),
             )
             rows = [(s, t.topic, t.kind) for s in sites for t in default_topics(s)]
             cur.execute(
@@ -63,6 +68,28 @@ def insert_sites(dsn: str, sites: list[str], port: int, protocol: str = "3.1.1")
             )
     finally:
         conn.close()
+
+
+def prime(port: int, client_ids: list[str], sites: list[str]) -> None:
+    """
+    Make each site's persistent session under its client id (in the same
+    order), subscribed to its default topics, so that the broker queues
+    what is published for it before the consumer first connects.
+    """
+    for client_id, site in zip(client_ids, sites, strict=True):
+        wire.prime_session(port, client_id, filters(site))
+
+
+def publish_backlog(port: int, sites: list[str], count: int) -> tuple[float, int]:
+    """
+    Publish a backlog of C{count} messages over C{sites} (L{backlog}, a day
+    old), QoS 1, as fast as the broker takes them.
+
+    @return: the seconds it took, and the readings the messages hold.
+    """
+    messages, readings = backlog(sites, count, time.time() - 86400)
+    packets = [wire.publish_packet(t, p, i % 65535 + 1) for i, (t, p) in enumerate(messages)]
+    return wire.publish_all(port, packets, timeout=60 + count / 1000), readings
 
 
 @attrs.frozen

@@ -37,8 +37,9 @@ def test_every_scenario_runs_at_a_tiny_size(tmp_path: Path) -> None:
     """
     C{python -m bench --size tiny --reps 1} runs every scenario to its end
     and writes a report and raw results in which every message was
-    committed, every device expired, every call answered, and every
-    figure is a finite number.
+    committed, every device expired, every call answered, every site of a
+    killed cluster instance moved (and no epoch had two writers), and
+    every figure is a finite number.
     """
     report = tmp_path / "BENCHMARKS.md"
     raw = tmp_path / "results.json"
@@ -97,6 +98,25 @@ def test_every_scenario_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert fairness["flood_messages"] > 0 and fairness["quiet_sent"] > 0
     assert fairness["quiet_holds"] == 0  # the flooding site is held, never the quiet one
 
+    cluster = results["cluster"]
+    series = cluster["failover"]
+    [failover] = series["failovers"]
+    assert failover["sites"] > 0
+    assert failover["owned_s"] <= failover["connected_s"]  # a site connects after its lease
+    [joined] = series["joins"]
+    assert joined["moved"] >= joined["ideal"] > 0
+    assert joined["reconnects"] >= joined["moved"]
+    assert series["epochs_with_two_writers"] == 0
+    [throughput] = cluster["throughput"]
+    for mode in ("alone", "one", "three"):
+        assert throughput[mode]["check"]["ok"], (mode, throughput[mode]["check"])
+
     text = report.read_text()
-    for heading in ("## Machine and versions", "## Method", "### Ingest throughput", "## Profile"):
+    for heading in (
+        "## Machine and versions",
+        "## Method",
+        "### Ingest throughput",
+        "## Profile",
+        "### Several instances (cluster)",
+    ):
         assert heading in text
