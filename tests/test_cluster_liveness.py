@@ -41,6 +41,7 @@ from tests.conformance import assert_implements
 from tests.conftest import scratch_database
 from tests.test_cluster_wiring import Cluster as WiringCluster
 from tests.test_cluster_wiring import _row
+from tests.test_leases import acquire_one
 from tests.test_site_machine import FakeWriter
 
 Known = tuple[DeviceKey, str, float | None, str | None]
@@ -500,7 +501,7 @@ async def test_an_instance_loads_and_writes_only_the_site_it_acquired(
 
     leases = Leases(pool)
     await leases.heartbeat("i1", 60.0)
-    epoch = await leases.acquire("i1", "la", 60.0)
+    epoch = await acquire_one(leases, "i1", "la", 60.0)
 
     def fence(site_ids: Collection[str]) -> Fence:
         ordered = sorted(site_ids)

@@ -29,6 +29,7 @@ from mqttsvc.records import (
     TopicSeen,
 )
 from tests.conftest import scratch_database
+from tests.test_leases import acquire_one
 
 #: Long enough that no lease of a test expires unless the test expires it.
 TTL = 60.0
@@ -176,7 +177,7 @@ async def test_a_batch_of_a_site_taken_over_commits_nothing_of_it(
     await leases.heartbeat(a.name, TTL)
     await leases.heartbeat(b.name, TTL)
     for site_id in (s, t):
-        epoch = await leases.acquire(a.name, site_id, TTL)
+        epoch = await acquire_one(leases, a.name, site_id, TTL)
         assert epoch == 1
         a.epochs[site_id] = epoch
     s_site, t_site = _Site(), _Site()
@@ -196,7 +197,7 @@ async def test_a_batch_of_a_site_taken_over_commits_nothing_of_it(
 
     # b takes s over (a's lease expired): epoch 2.
     run(sql, "UPDATE site_lease SET expires_at = now() WHERE site_id = %s", s)
-    assert await leases.acquire(b.name, s, TTL) == 2
+    assert await acquire_one(leases, b.name, s, TTL) == 2
 
     for n in range(3, 6):
         writer.queue(message(s, n), s_site, ("s", n))
@@ -238,7 +239,7 @@ async def test_without_a_fence_the_leases_do_not_matter(pool: ConnectionPool, sq
     s = "alone-0"
     run(sql, "INSERT INTO mqtt_connection (site_id, host) VALUES (%s, '127.0.0.1')", s)
     await leases.heartbeat("b", TTL)
-    assert await leases.acquire("b", s, TTL) == 1
+    assert await acquire_one(leases, "b", s, TTL) == 1
     site = _Site()
     writer.queue(message(s, 0), site, 0)
     report(ingest, s, "alone")

@@ -74,6 +74,31 @@ def leases(pool: ConnectionPool) -> Leases:
     return Leases(pool)
 
 
+async def acquire_one(leases: Leases, instance: str, site_id: str, ttl: float) -> int | None:
+    """One site's L{Leases.acquire_many}: its new epoch, or None."""
+    return (await leases.acquire_many(instance, [site_id], ttl)).get(site_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_leases_in_one_statement(leases: Leases, sql: Any) -> None:
+    """
+    L{Leases.acquire_many} takes every lease it may in one statement and
+    says which: a free one, one of a dead instance and one of its own (a
+    new term), not one another live instance holds, nor a site that does
+    not exist.
+    """
+    add_sites(sql, "s1", "s2", "s3", "s4")
+    for instance in ("a", "b", "c"):
+        await leases.heartbeat(instance, TTL)
+    assert await acquire_one(leases, "b", "s2", TTL) == 1
+    assert await acquire_one(leases, "c", "s3", TTL) == 1
+    assert await acquire_one(leases, "a", "s4", TTL) == 1
+    expire_instance(sql, "c")
+    taken = await leases.acquire_many("a", ["s4", "s3", "s2", "s1", "nowhere"], TTL)
+    assert taken == {"s1": 1, "s3": 2, "s4": 2}
+    assert await leases.acquire_many("a", [], TTL) == {}
+
+
 def run(sql: Any, query: str, *params: Any) -> list[tuple[Any, ...]]:
     with sql.cursor() as cur:
         cur.execute(query, params)
@@ -185,7 +210,7 @@ async def test_a_free_lease_is_acquired_at_epoch_one(leases: Leases, sql: Any) -
     """
     add_sites(sql, "s1")
     await leases.heartbeat("a", TTL)
-    assert await leases.acquire("a", "s1", TTL) == 1
+    assert await acquire_one(leases, "a", "s1", TTL) == 1
     assert lease(sql, "s1") == ("a", 1)
     [(left,)] = run(
         sql, "SELECT extract(epoch FROM expires_at - now()) FROM site_lease WHERE site_id = 's1'"
@@ -202,9 +227,9 @@ async def test_a_live_lease_is_not_acquired_by_another_instance(leases: Leases, 
     add_sites(sql, "s1")
     await leases.heartbeat("a", TTL)
     await leases.heartbeat("b", TTL)
-    assert await leases.acquire("a", "s1", TTL) == 1
-    assert await leases.acquire("b", "s1", TTL) is None
-    assert await leases.acquire("b", "s1", TTL) is None
+    assert await acquire_one(leases, "a", "s1", TTL) == 1
+    assert await acquire_one(leases, "b", "s1", TTL) is None
+    assert await acquire_one(leases, "b", "s1", TTL) is None
     assert lease(sql, "s1") == ("a", 1)
 
 
@@ -219,9 +244,9 @@ async def test_an_expired_lease_is_taken_over_by_the_database_clock(
     add_sites(sql, "s1")
     await leases.heartbeat("a", TTL)
     await leases.heartbeat("b", TTL)
-    assert await leases.acquire("a", "s1", 0.1) == 1
+    assert await acquire_one(leases, "a", "s1", 0.1) == 1
     run(sql, "SELECT pg_sleep(0.2)")
-    assert await leases.acquire("b", "s1", TTL) == 2
+    assert await acquire_one(leases, "b", "s1", TTL) == 2
     assert lease(sql, "s1") == ("b", 2)
 
 
@@ -236,13 +261,13 @@ async def test_a_lease_of_an_instance_that_is_not_live_is_taken_over(
     add_sites(sql, "s1", "s2", "s3")
     for instance in ("a", "b", "c", "d"):
         await leases.heartbeat(instance, TTL)
-    assert await leases.acquire("a", "s1", TTL) == 1
-    assert await leases.acquire("b", "s2", TTL) == 1
-    assert await leases.acquire("c", "s3", TTL) == 1
+    assert await acquire_one(leases, "a", "s1", TTL) == 1
+    assert await acquire_one(leases, "b", "s2", TTL) == 1
+    assert await acquire_one(leases, "c", "s3", TTL) == 1
     expire_instance(sql, "a")
     run(sql, "UPDATE mqttsvc_instance SET stopping = true WHERE instance = 'b'")
     run(sql, "DELETE FROM mqttsvc_instance WHERE instance = 'c'")
-    assert [await leases.acquire("d", s, TTL) for s in ("s1", "s2", "s3")] == [2, 2, 2]
+    assert [await acquire_one(leases, "d", s, TTL) for s in ("s1", "s2", "s3")] == [2, 2, 2]
 
 
 @pytest_twisted.ensureDeferred
@@ -255,16 +280,16 @@ async def test_the_epoch_goes_up_by_one_per_change_of_owner(leases: Leases, sql:
     add_sites(sql, "s1")
     for instance in ("a", "b"):
         await leases.heartbeat(instance, TTL)
-    assert await leases.acquire("a", "s1", TTL) == 1
+    assert await acquire_one(leases, "a", "s1", TTL) == 1
     expire_lease(sql, "s1")
-    assert await leases.acquire("b", "s1", TTL) == 2
-    assert await leases.acquire("a", "s1", TTL) is None
+    assert await acquire_one(leases, "b", "s1", TTL) == 2
+    assert await acquire_one(leases, "a", "s1", TTL) is None
     expire_lease(sql, "s1")
-    assert await leases.acquire("a", "s1", TTL) == 3
+    assert await acquire_one(leases, "a", "s1", TTL) == 3
     await leases.release("a", ["s1"])
     assert lease(sql, "s1") == (None, 3)
-    assert await leases.acquire("b", "s1", TTL) == 4
-    assert await leases.acquire("a", "nowhere", TTL) is None
+    assert await acquire_one(leases, "b", "s1", TTL) == 4
+    assert await acquire_one(leases, "a", "nowhere", TTL) is None
     assert lease(sql, "nowhere") is None
 
 
@@ -277,8 +302,8 @@ async def test_acquiring_a_lease_it_holds_starts_a_new_term(leases: Leases, sql:
     """
     add_sites(sql, "s1")
     await leases.heartbeat("a", TTL)
-    assert await leases.acquire("a", "s1", TTL) == 1
-    assert await leases.acquire("a", "s1", TTL) == 2
+    assert await acquire_one(leases, "a", "s1", TTL) == 1
+    assert await acquire_one(leases, "a", "s1", TTL) == 2
     assert lease(sql, "s1") == ("a", 2)
 
 
@@ -296,11 +321,11 @@ async def test_heartbeat_renews_and_reports_only_the_leases_still_owned(
     add_sites(sql, "s1", "s2")
     await leases.heartbeat("a", TTL)
     await leases.heartbeat("b", TTL)
-    assert await leases.acquire("a", "s1", 1.0) == 1
-    assert await leases.acquire("a", "s2", 1.0) == 1
+    assert await acquire_one(leases, "a", "s1", 1.0) == 1
+    assert await acquire_one(leases, "a", "s2", 1.0) == 1
     assert await leases.heartbeat("a", TTL) == {"s1": 1, "s2": 1}
     expire_lease(sql, "s2")
-    assert await leases.acquire("b", "s2", TTL) == 2
+    assert await acquire_one(leases, "b", "s2", TTL) == 2
     run(sql, "UPDATE site_lease SET expires_at = now() WHERE site_id = 's1'")
     assert await leases.heartbeat("a", TTL) == {"s1": 1}
     [(left,)] = run(
@@ -322,11 +347,11 @@ async def test_a_renewal_after_the_lease_expired(leases: Leases, sql: Any) -> No
     add_sites(sql, "s1", "s2")
     await leases.heartbeat("a", 0.1)
     await leases.heartbeat("b", TTL)
-    assert await leases.acquire("a", "s1", 0.1) == 1
-    assert await leases.acquire("a", "s2", 0.1) == 1
+    assert await acquire_one(leases, "a", "s1", 0.1) == 1
+    assert await acquire_one(leases, "a", "s2", 0.1) == 1
     run(sql, "SELECT pg_sleep(0.2)")
     assert await leases.live_instances() == ["b"]
-    assert await leases.acquire("b", "s2", TTL) == 2
+    assert await acquire_one(leases, "b", "s2", TTL) == 2
     assert await leases.heartbeat("a", TTL) == {"s1": 1}
     assert lease(sql, "s2") == ("b", 2)
     assert await leases.live_instances() == ["a", "b"]
@@ -349,14 +374,14 @@ async def test_release_gives_up_only_its_own_leases_and_notifies(
     assert await next_notice(notices) == "a"
     await leases.heartbeat("b", TTL)
     assert await next_notice(notices) == "b"
-    assert await leases.acquire("a", "s1", TTL) == 1
-    assert await leases.acquire("b", "s2", TTL) == 1
+    assert await acquire_one(leases, "a", "s1", TTL) == 1
+    assert await acquire_one(leases, "b", "s2", TTL) == 1
     await leases.release("a", ["s1", "s2"])
     assert await next_notice(notices) == "a"
     assert lease(sql, "s1") == (None, 1)
     assert lease(sql, "s2") == ("b", 1)
     assert await leases.heartbeat("a", TTL) == {}
-    assert await leases.acquire("b", "s1", TTL) == 2
+    assert await acquire_one(leases, "b", "s1", TTL) == 2
 
 
 @pytest_twisted.ensureDeferred
@@ -372,7 +397,7 @@ async def test_only_joining_and_leaving_notify(
     await leases.heartbeat("a", TTL)
     assert await next_notice(notices) == "a"
     await leases.heartbeat("a", TTL)
-    assert await leases.acquire("a", "s1", TTL) == 1
+    assert await acquire_one(leases, "a", "s1", TTL) == 1
     await leases.heartbeat("a", TTL)
     await leases.heartbeat("c", TTL)
     assert await next_notice(notices) == "c"
@@ -402,8 +427,8 @@ async def test_leave_releases_everything_and_stops_being_live(
     await leases.heartbeat("b", TTL)
     assert [await next_notice(notices) for _ in range(2)] == ["a", "b"]
     for site_id in ("s1", "s2"):
-        assert await leases.acquire("a", site_id, TTL) == 1
-    assert await leases.acquire("b", "s3", TTL) == 1
+        assert await acquire_one(leases, "a", site_id, TTL) == 1
+    assert await acquire_one(leases, "b", "s3", TTL) == 1
     [(started,)] = run(sql, "SELECT started_at FROM mqttsvc_instance WHERE instance = 'a'")
     await leases.leave("a")
     assert await next_notice(notices) == "a"
@@ -414,7 +439,7 @@ async def test_leave_releases_everything_and_stops_being_live(
         ("b", 1),
     )
     assert await leases.live_instances() == ["b"]
-    assert await leases.acquire("b", "s1", TTL) == 2
+    assert await acquire_one(leases, "b", "s1", TTL) == 2
     assert await leases.heartbeat("a", TTL) == {}
     assert await leases.live_instances() == ["a", "b"]
     [(restarted,)] = run(sql, "SELECT started_at FROM mqttsvc_instance WHERE instance = 'a'")
@@ -454,9 +479,9 @@ async def test_instances_list_live_members_with_their_leases(leases: Leases, sql
     add_sites(sql, "s1", "s2", "s3")
     for instance in ("a", "b", "gone"):
         await leases.heartbeat(instance, TTL)
-    assert await leases.acquire("a", "s2", TTL) == 1
-    assert await leases.acquire("a", "s1", TTL) == 1
-    assert await leases.acquire("gone", "s3", TTL) == 1
+    assert await acquire_one(leases, "a", "s2", TTL) == 1
+    assert await acquire_one(leases, "a", "s1", TTL) == 1
+    assert await acquire_one(leases, "gone", "s3", TTL) == 1
     expire_instance(sql, "gone")
     members = await leases.instances()
     assert [(m.instance, m.sites) for m in members] == [("a", {"s1": 1, "s2": 1}), ("b", {})]
@@ -477,11 +502,11 @@ async def test_deleting_a_site_drops_its_lease(leases: Leases, sql: Any) -> None
     """
     add_sites(sql, "s1", "s2")
     await leases.heartbeat("a", TTL)
-    assert await leases.acquire("a", "s1", TTL) == 1
-    assert await leases.acquire("a", "s2", TTL) == 1
+    assert await acquire_one(leases, "a", "s1", TTL) == 1
+    assert await acquire_one(leases, "a", "s2", TTL) == 1
     run(sql, "DELETE FROM mqtt_connection WHERE site_id = 's1'")
     assert lease(sql, "s1") is None
-    assert await leases.acquire("a", "s1", TTL) is None
+    assert await acquire_one(leases, "a", "s1", TTL) is None
     run(sql, "UPDATE mqtt_connection SET site_id = 's2b' WHERE site_id = 's2'")
     assert await leases.heartbeat("a", TTL) == {"s2b": 1}
 
@@ -519,10 +544,10 @@ async def test_a_batch_of_the_current_owner_commits(
     """Fenced with the owner and epochs of now, everything commits."""
     add_sites(sql, "s1", "s2")
     await leases.heartbeat("a", TTL)
-    e1 = await leases.acquire("a", "s1", TTL)
+    e1 = await acquire_one(leases, "a", "s1", TTL)
     expire_lease(sql, "s1")
-    assert await leases.acquire("a", "s1", TTL) == 2
-    e2 = await leases.acquire("a", "s2", TTL)
+    assert await acquire_one(leases, "a", "s1", TTL) == 2
+    e2 = await acquire_one(leases, "a", "s2", TTL)
     assert (e1, e2) == (1, 1)
     await write_effects(
         pool.operation,
@@ -548,10 +573,10 @@ async def test_a_stale_batch_is_refused_whole(
     add_sites(sql, "s1", "s2", "s3")
     await leases.heartbeat("a", TTL)
     await leases.heartbeat("b", TTL)
-    assert await leases.acquire("a", "s1", TTL) == 1
-    assert await leases.acquire("a", "s2", TTL) == 1
+    assert await acquire_one(leases, "a", "s1", TTL) == 1
+    assert await acquire_one(leases, "a", "s2", TTL) == 1
     expire_lease(sql, "s2")
-    assert await leases.acquire("b", "s2", TTL) == 2
+    assert await acquire_one(leases, "b", "s2", TTL) == 2
     effects = batch("s1", "s2", "s3")
     statuses = [status("s1"), status("s2")]
     events = [ConnectionEvent("s1", T0, "connecting", "connected", None)]
@@ -600,7 +625,7 @@ async def test_an_acquisition_waits_for_an_old_owners_batch_in_flight(
     add_sites(sql, "s1")
     await leases.heartbeat("a", TTL)
     await leases.heartbeat("b", TTL)
-    assert await leases.acquire("a", "s1", TTL) == 1
+    assert await acquire_one(leases, "a", "s1", TTL) == 1
     expire_lease(sql, "s1")
     expire_instance(sql, "a")
     writer = ConnectionPool(reactor, leases_dsn, size=1)
@@ -616,7 +641,7 @@ async def test_an_acquisition_waits_for_an_old_owners_batch_in_flight(
     try:
         written = Deferred.fromCoroutine(writer.transaction(old_owner))
         pid = await in_flight.addTimeout(WAIT, reactor)
-        taken = Deferred.fromCoroutine(leases.acquire("b", "s1", TTL))
+        taken = Deferred.fromCoroutine(acquire_one(leases, "b", "s1", TTL))
         await until_blocked_by(observer, pid)
         assert not taken.called
         commit.callback(None)
@@ -642,7 +667,7 @@ async def test_a_batch_waits_for_an_acquisition_in_progress_then_is_fenced(
 
     add_sites(sql, "s1")
     await leases.heartbeat("a", TTL)
-    assert await leases.acquire("a", "s1", TTL) == 1
+    assert await acquire_one(leases, "a", "s1", TTL) == 1
     acquirer = ConnectionPool(reactor, leases_dsn, size=1)
     observer = ConnectionPool(reactor, leases_dsn, size=1)
     commit: Deferred[None] = Deferred()
@@ -693,7 +718,7 @@ async def test_heartbeats_and_batches_of_many_sites_never_deadlock(
     add_sites(sql, *reversed(site_ids))
     await leases.heartbeat("a", TTL)
     for site_id in reversed(site_ids):
-        assert await leases.acquire("a", site_id, TTL) == 1
+        assert await acquire_one(leases, "a", site_id, TTL) == 1
     writers = ConnectionPool(reactor, leases_dsn, size=3)
     fence = Fence("a", tuple(site_ids), (1,) * len(site_ids))
 

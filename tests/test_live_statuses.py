@@ -30,6 +30,7 @@ from mqttsvc.db.notifications import NotificationListener
 from mqttsvc.db.pool import ConnectionPool
 from tests.conformance import assert_implements
 from tests.conftest import scratch_database
+from tests.test_leases import acquire_one
 
 TTL = 60.0
 
@@ -80,7 +81,7 @@ async def test_a_status_counts_only_while_its_publisher_holds_the_lease(
     """
     leases, live = Leases(pool), LiveStatuses(pool)
     await leases.heartbeat("a", TTL)
-    epoch = await leases.acquire("a", "s1", TTL)
+    epoch = await acquire_one(leases, "a", "s1", TTL)
     assert epoch is not None
     await live.publish("a", [_row("s1", epoch, "connected"), _row("gone", 1, "connected")])
     found = await live.of("s1")
@@ -97,7 +98,7 @@ async def test_a_status_counts_only_while_its_publisher_holds_the_lease(
     assert await live.of("s1") is None
     assert await live.owner("s1") is None
     await leases.heartbeat("b", TTL)
-    new_epoch = await leases.acquire("b", "s1", TTL)
+    new_epoch = await acquire_one(leases, "b", "s1", TTL)
     assert new_epoch == epoch + 1
     assert await live.owner("s1") == "b"
     assert await live.of("s1") is None, "the dead owner's row must not count"

@@ -173,26 +173,33 @@ RETURNING site_id, epoch
         )
         return [site_id for (site_id,) in rows]
 
-    async def acquire(self, instance: str, site_id: str, ttl: float) -> int | None:
+    async def acquire_many(
+        self, instance: str, site_ids: Sequence[str], ttl: float
+    ) -> dict[str, int]:
         """
-        Take a site's lease for C{ttl} seconds when it is free (no row yet,
-        or no owner), expired, held by an instance that is not live (its
-        row expired or stopping, or no row at all), or held by C{instance}
-        itself (a new term of ownership: its earlier batches are fenced).
-        The epoch goes up by exactly one.
+        Take the leases of C{site_ids} for C{ttl} seconds, each that is free
+        (no row yet, or no owner), expired, held by an instance that is not
+        live (its row expired or stopping, or no row at all), or held by
+        C{instance} itself (a new term of ownership: its earlier batches are
+        fenced).  Each taken lease's epoch goes up by exactly one.
 
-        One statement: when the row is locked by an old owner's batch in
-        flight (C{mqttsvc_fence}), it waits for that batch to commit or
-        abort, then decides on the row as committed.
+        One statement, in site order (the order in which the fence locks
+        lease rows, so that neither deadlocks with the other): where a row
+        is locked by an old owner's batch in flight (C{mqttsvc_fence}), it
+        waits for that batch to commit or abort, then decides on the row as
+        committed.
 
-        @return: the new epoch, or None when another live instance holds
-            the lease or the site does not exist.
+        @return: the new epoch of each site taken; a site another live
+            instance holds, or that does not exist, is not in it.
         """
+        if not site_ids:
+            return {}
         rows = await self._pool.query(
             f"""
 INSERT INTO site_lease AS l (site_id, owner, epoch, expires_at, changed_at)
 SELECT c.site_id, %(instance)s, 1, now() + make_interval(secs => %(ttl)s), now()
-FROM mqtt_connection c WHERE c.site_id = %(site_id)s
+FROM mqtt_connection c WHERE c.site_id = ANY (%(sites)s)
+ORDER BY c.site_id
 ON CONFLICT (site_id) DO UPDATE SET
     owner = EXCLUDED.owner,
     epoch = l.epoch + 1,
@@ -203,11 +210,11 @@ WHERE l.owner IS NULL
    OR l.expires_at IS NULL
    OR l.expires_at <= now()
    OR NOT EXISTS (SELECT 1 FROM mqttsvc_instance i WHERE i.instance = l.owner AND {_LIVE})
-RETURNING l.epoch
+RETURNING l.site_id, l.epoch
 """,
-            {"instance": instance, "site_id": site_id, "ttl": ttl},
+            {"instance": instance, "sites": list(site_ids), "ttl": ttl},
         )
-        return rows[0][0] if rows else None
+        return dict(rows)
 
     async def release(self, instance: str, site_ids: Sequence[str]) -> None:
         """
