@@ -176,6 +176,10 @@ class FakeIngest:
         self._writer = FakeWriter()
         self._devices = FakeDevices()
         self.reports: list[tuple[StatusUpdate, ConnectionEvent | None]] = []
+        #: The sites whose queued writes were waited for, and, when set,
+        #: what that wait waits on.
+        self.waited: list[str] = []
+        self.writing: Deferred[None] | None = None
 
     @property
     def writer(self) -> MessageSink:
@@ -195,6 +199,10 @@ class FakeIngest:
 
     def site_released(self, site_id: str) -> None:
         pass
+
+    def site_written(self, site_id: str) -> Awaitable[None]:
+        self.waited.append(site_id)
+        return succeed(None) if self.writing is None else self.writing
 
     def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:
         self.reports.append((update, event))
@@ -374,6 +382,28 @@ def test_a_hand_over_drains_then_disconnects_and_is_not_undone() -> None:
     )
     Deferred.fromCoroutine(c.supervisor.reconcile_all())
     assert c.running() == [], "a site handed over started again"
+    c.stop()
+
+
+def test_a_hand_over_fires_once_what_stopping_wrote_is_written() -> None:
+    """
+    A hand-over fires only once the writes its stop queued (the site's
+    status and events) are written: the keeper releases the lease after
+    it, and a write queued before and sent after would be fenced.
+    """
+    c = Cluster([_row("a")], "a")
+    c.supervisor.startService()
+    c.clients["a"].attempts[0].callback(False)
+    c.ingest.writing = Deferred()
+    handed: Deferred[None] = c.supervisor.hand_over("a")
+    c.disconnected("a")
+    assert c.running() == []
+    events = [e for _, e in c.ingest.reports if e is not None]
+    assert (events[-1].to_state, events[-1].reason) == ("stopped", None)
+    assert c.ingest.waited == ["a"]
+    assert not handed.called, "fired before the stop's status and events were written"
+    c.ingest.writing.callback(None)
+    assert handed.called
     c.stop()
 
 

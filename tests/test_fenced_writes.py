@@ -326,3 +326,51 @@ async def test_the_ledger_names_the_writer_of_each_epoch(pool: ConnectionPool, s
     )
     a_writer.stop()
     b_writer.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_site_is_written_before_its_lease_is_released(
+    pool: ConnectionPool, sql: Any
+) -> None:
+    """
+    C{Ingest.site_written} fires once everything queued for the site is
+    committed under its fence: its messages, and the status and event its
+    stop reported last.  A hand-over releases the lease only then, so the
+    release fences nothing and the stop's event is kept.
+    """
+    from twisted.internet import reactor
+
+    a = _Instance("a")
+    leases = Leases(pool)
+    ingest = Ingest(
+        reactor,
+        pool,
+        _NoDevices(),
+        lanes=2,
+        repair_interval=3600.0,
+        fence=a.fence,
+        on_fenced=a.fenced.append,
+    )
+    s = "handed-0"
+    run(sql, "INSERT INTO mqtt_connection (site_id, host) VALUES (%s, '127.0.0.1')", s)
+    await leases.heartbeat(a.name, TTL)
+    a.epochs[s] = await leases.acquire(a.name, s, TTL) or 0
+    site = _Site()
+    ingest.writer.queue(message(s, 0), site, 0)
+    report(ingest, s, "handed over")
+    written = ingest.site_written(s)
+    assert not written.called
+    await written.addTimeout(WAIT, reactor)
+    assert site.acknowledged == [0]
+    assert counts(sql, s) == {
+        "readings": 1,
+        "topic count": 1,
+        "events": ["handed over"],
+        "last_error": "handed over",
+    }
+    del a.epochs[s]
+    await leases.release(a.name, [s])
+    await ingest.writer.when_idle().addTimeout(WAIT, reactor)
+    assert a.fenced == [] and ingest.writer.batches_fenced == 0
+    assert ledger(sql, s) == [(1, "a")]
+    ingest.writer.stop()

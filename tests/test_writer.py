@@ -660,6 +660,42 @@ def connected(site_id: str) -> tuple[StatusUpdate, ConnectionEvent]:
     )
 
 
+class _HeldPool:
+    """A pool whose writes wait until the test fires them, in order."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[None]] = []
+
+    def operation(self, sql: str, params: Any = None) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+def test_an_empty_write_fires_after_everything_queued_before_it() -> None:
+    """
+    An empty write (C{submit([])}: how a hand-over waits for what a site
+    left to write) queued while a batch of submitted effects is in flight
+    fires only after that batch, and the release of that batch's bytes
+    leaves the empty write's to be released after it: the writer neither
+    fires it early nor crashes on it, and ends holding nothing.
+    """
+    clock = Clock()
+    pool = _HeldPool()
+    writer = BatchWriter(clock, pool)
+    first = writer.submit([TopicSeen("s", "s/x", T0)])
+    clock.advance(BATCH_DELAY)
+    assert len(pool.pending) == 1
+    marker = writer.submit([])
+    assert not marker.called
+    pool.pending[0].callback(None)
+    assert first.called and not marker.called
+    clock.advance(BATCH_DELAY)
+    assert marker.called
+    assert (writer.bytes_held, writer.queued) == (0, 0)
+    assert clock.getDelayedCalls() == []
+
+
 def test_without_a_fence_a_batch_is_written_as_before(
     fence_error: Callable[[list[str]], psycopg2.Error],
 ) -> None:

@@ -129,6 +129,15 @@ class Ingest(Service):
         """
         self.liveness.site_released(site_id)
 
+    def site_written(self, site_id: str) -> Deferred[None]:
+        """
+        Fire once everything queued so far for the site (its messages'
+        effects, statuses, events and device changes) is written, or
+        dropped by the fence: a lane writes in order, so an empty write
+        queued behind them in the site's lane fires after them.
+        """
+        return self.writer.lane(site_id).submit([])
+
     def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:
         """
         Write a site's connection status, and the event that led to it.

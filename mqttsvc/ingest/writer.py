@@ -347,7 +347,11 @@ class BatchWriter:
         @param size: the message's bytes (payload and topic).
         """
         queue = self._queue
-        cost = size + MESSAGE_OVERHEAD * len(effects)
+        # At least one overhead, even for an empty write (a marker that
+        # fires once all before it is written): every entry then holds
+        # bytes, so a listener's count of held bytes reaches 0 only with
+        # its last entry, and no release finds it already gone.
+        cost = size + MESSAGE_OVERHEAD * max(len(effects), 1)
         queue.append((effects, listener, message, self._clock.seconds(), cost))
         self.bytes_held += cost
         held = self._held.get(listener, 0) + cost

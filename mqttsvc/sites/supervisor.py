@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -91,6 +91,13 @@ class IngestPort(Protocol):
 
     def site_released(self, site_id: str) -> None:
         "In a cluster: the site is another instance's now: forget its devices."
+
+    def site_written(self, site_id: str) -> Awaitable[None]:
+        """
+        Fire once everything queued so far for the site (its messages'
+        effects, its statuses and events, its device changes) is written,
+        or dropped by the fence.
+        """
 
     def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:
         "Write a site's connection status and the event that led to it."
@@ -372,18 +379,23 @@ class SiteSupervisor(MultiService):
     def hand_over(self, site_id: str) -> Deferred[None]:
         """
         Give the site to another instance: stop reading, let what was read
-        be committed and acknowledged, disconnect.  Fires once it has
-        stopped (then the keeper releases the lease).
+        be committed and acknowledged, disconnect, and let what stopping
+        wrote (its status and events) be committed too, under the lease it
+        still holds.  Fires once all that is done (then the keeper releases
+        the lease: a write of the site queued after that would be fenced,
+        its status and events lost, and a fenced batch counted).
         """
         self._given_up.add(site_id)
-        if self.site(site_id) is None:
-            self._ingest.site_released(site_id)
-            return succeed(None)
-        stopped = Deferred.fromCoroutine(self._give_up(site_id, drain=True))
+        stopped = Deferred.fromCoroutine(self._hand_over(site_id))
         # After it stopped reading (at once, unless a reconcile of the site
         # holds its lock): its devices are the next owner's.
         self._ingest.site_released(site_id)
         return stopped
+
+    async def _hand_over(self, site_id: str) -> None:
+        if self.site(site_id) is not None:
+            await self._give_up(site_id, drain=True)
+        await self._ingest.site_written(site_id)
 
     def lost(self, site_id: str) -> None:
         """
