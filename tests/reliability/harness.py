@@ -541,23 +541,40 @@ def settled(
     twice), with no lease moving meanwhile; the sites of each.
     """
 
+    problem = ["nothing checked yet"]
+
     def check() -> dict[str, list[str]] | None:
         held = owners(dsn)
         if set(held) != set(sites) or set(held.values()) != set(services):
+            problem[0] = (
+                f"{len(set(sites) - set(held))} sites not owned; owners "
+                f"{sorted(set(held.values()))}, instances {sorted(services)}"
+            )
             return None
         mine = {name: sorted(s for s, o in held.items() if o == name) for name in services}
-        counts = [len(owned) for owned in mine.values()]
-        if max(counts) - min(counts) > 1:
-            return None  # sites are still being handed over
+        counts = {name: len(owned) for name, owned in mine.items()}
+        if max(counts.values()) - min(counts.values()) > 1:
+            problem[0] = f"sites still being handed over: {counts}"
+            return None
         for name, service in services.items():
             states = running(service)
             if sorted(states) != mine[name] or set(states.values()) != {"connected"}:
+                others = {s: st for s, st in states.items() if s not in mine[name]}
+                down = {s: states.get(s) for s in mine[name] if states.get(s) != "connected"}
+                problem[0] = (
+                    f"{name} runs {len(states)} sites and owns {len(mine[name])}; "
+                    f"its own not connected: {dict(list(down.items())[:10])}; "
+                    f"running but not its own: {dict(list(others.items())[:10])}"
+                )
                 return None
         return mine if owners(dsn) == held else None
 
-    return wait_until(
-        check, within=within, interval=0.1, what="every site owned once and connected"
-    )
+    try:
+        return wait_until(
+            check, within=within, interval=0.1, what="every site owned once and connected"
+        )
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {problem[0]}") from None
 
 
 def publish(port: int, sites: list[str], first: int, count: int) -> None:
