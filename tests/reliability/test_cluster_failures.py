@@ -165,7 +165,6 @@ class Cluster:
             "renewals_failed": found[
                 ("mqttsvc_cluster_lease_renewals_total", (("result", "failed"),))
             ],
-            "acquisitions": found[("mqttsvc_cluster_acquisitions_total", ())],
         }
 
     def now(self) -> datetime:
