@@ -538,6 +538,7 @@ def build_service(
         options["db"],
         secrets=options.get("secrets"),
         write_connections=options["write-connections"],
+        name=f"mqttsvc {options['instance']}",
     )
     store.setServiceParent(root)
     # With --cluster the lease keeper decides which sites the supervisor

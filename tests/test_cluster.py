@@ -12,26 +12,28 @@ Short leases (3 s, renewed every 0.5 s) keep it fast.
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import PrivateBroker, scratch_database
-from tests.reliability.harness import Service, readings, sql
+from tests.reliability.harness import (
+    Service,
+    connected,
+    owners,
+    publish,
+    readings,
+    settled,
+    sql,
+)
 from tests.twistd_process import wait_until
 
 SITES = 20
 TTL = 3.0
 RENEW = 0.5
-#: Readings carry ts = BASE + n milliseconds, n unique per site.
-BASE = 1_770_000_000.0
 
 
 @pytest.fixture
@@ -51,63 +53,6 @@ def _start(dsn: str, directory: Path, name: str) -> Service:
     )
     service.start()
     return service
-
-
-def owners(dsn: str) -> dict[str, str]:
-    """Site -> owner of every lease held now (by the database's clock)."""
-    rows = sql(
-        dsn,
-        "SELECT l.site_id, l.owner FROM site_lease l JOIN mqttsvc_instance i "
-        "ON i.instance = l.owner WHERE l.expires_at > now() AND i.expires_at > now() "
-        "AND NOT i.stopping",
-    )
-    return dict(rows)
-
-
-def connected(service: Service, sites: list[str]) -> bool:
-    """Whether every one of C{sites} runs, connected, in C{service}."""
-    return all(service.call("site.status", [s])["state"] == "connected" for s in sites)
-
-
-def settled(dsn: str, sites: list[str], services: dict[str, Service]) -> dict[str, list[str]]:
-    """
-    Wait until every site is owned, each instance owns some, and each runs
-    its own connected, with no lease moving meanwhile; the sites of each.
-    """
-
-    def check() -> dict[str, list[str]] | None:
-        held = owners(dsn)
-        if set(held) != set(sites) or set(held.values()) != set(services):
-            return None
-        mine = {name: sorted(s for s, o in held.items() if o == name) for name in services}
-        if not all(connected(services[name], mine[name]) for name in services):
-            return None
-        return mine if owners(dsn) == held else None
-
-    return wait_until(check, within=15, what="every site owned once and connected")
-
-
-def publish(port: int, sites: list[str], first: int, count: int) -> None:
-    """
-    Publish readings C{first} .. C{first + count - 1} to every site, QoS 1,
-    and wait for every PUBACK.
-    """
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}")
-    client.max_inflight_messages_set(100)
-    client.max_queued_messages_set(0)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        infos = []
-        for n in range(first, first + count):
-            for site_id in sites:
-                body = json.dumps({"ts": BASE + n / 1000.0, "value": n})
-                infos.append(client.publish(f"{site_id}/sensor/s{n % 5}/data", body, qos=1))
-        for info in infos:
-            info.wait_for_publish(20)
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def all_committed(dsn: str, sites: list[str], count: int, within: float) -> None:

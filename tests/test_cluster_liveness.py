@@ -295,7 +295,7 @@ class LivenessIngest:
     def site_released(self, site_id: str) -> None:
         self.liveness.site_released(site_id)
 
-    def site_flushed(self, site_id: str) -> Deferred[None]:
+    def site_written(self, site_id: str) -> Awaitable[None]:
         return succeed(None)
 
     def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:

@@ -176,9 +176,10 @@ class FakeIngest:
         self._writer = FakeWriter()
         self._devices = FakeDevices()
         self.reports: list[tuple[StatusUpdate, ConnectionEvent | None]] = []
-        #: The sites whose records were waited for, each with the reports
-        #: made by then and the Deferred the test fires.
-        self.flushes: list[tuple[str, int, Deferred[None]]] = []
+        #: The sites whose queued writes were waited for, and, when set,
+        #: what that wait waits on.
+        self.waited: list[str] = []
+        self.writing: Deferred[None] | None = None
 
     @property
     def writer(self) -> MessageSink:
@@ -199,10 +200,9 @@ class FakeIngest:
     def site_released(self, site_id: str) -> None:
         pass
 
-    def site_flushed(self, site_id: str) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self.flushes.append((site_id, len(self.reports), d))
-        return d
+    def site_written(self, site_id: str) -> Awaitable[None]:
+        self.waited.append(site_id)
+        return succeed(None) if self.writing is None else self.writing
 
     def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:
         self.reports.append((update, event))
@@ -352,9 +352,8 @@ def test_an_acquired_site_resumes_its_rows_retry_schedule() -> None:
 def test_a_hand_over_drains_then_disconnects_and_is_not_undone() -> None:
     """
     A hand-over stops reading, waits for the messages in hand to be
-    committed and acknowledged, then disconnects, and waits for its last
-    status and connection events to be sent; only then does its Deferred
-    fire.  A reconciliation meanwhile (the keeper still holds the
+    committed and acknowledged, then disconnects; only then does its
+    Deferred fire.  A reconciliation meanwhile (the keeper still holds the
     lease until it is released) does not start the site again.
     """
     c = Cluster([_row("a")], "a")
@@ -373,11 +372,6 @@ def test_a_hand_over_drains_then_disconnects_and_is_not_undone() -> None:
     assert len(client.disconnects) == 1
     assert not handed.called
     c.disconnected("a")
-    # Its last status and events are sent under its lease, before the release.
-    [(site_id, reported, flushed)] = c.ingest.flushes
-    assert (site_id, reported) == ("a", len(c.ingest.reports))
-    assert not handed.called
-    flushed.callback(None)
     assert handed.called
     assert c.running() == []
     events = [e for _, e in c.ingest.reports if e is not None]
@@ -388,6 +382,28 @@ def test_a_hand_over_drains_then_disconnects_and_is_not_undone() -> None:
     )
     Deferred.fromCoroutine(c.supervisor.reconcile_all())
     assert c.running() == [], "a site handed over started again"
+    c.stop()
+
+
+def test_a_hand_over_fires_once_what_stopping_wrote_is_written() -> None:
+    """
+    A hand-over fires only once the writes its stop queued (the site's
+    status and events) are written: the keeper releases the lease after
+    it, and a write queued before and sent after would be fenced.
+    """
+    c = Cluster([_row("a")], "a")
+    c.supervisor.startService()
+    c.clients["a"].attempts[0].callback(False)
+    c.ingest.writing = Deferred()
+    handed: Deferred[None] = c.supervisor.hand_over("a")
+    c.disconnected("a")
+    assert c.running() == []
+    events = [e for _, e in c.ingest.reports if e is not None]
+    assert (events[-1].to_state, events[-1].reason) == ("stopped", None)
+    assert c.ingest.waited == ["a"]
+    assert not handed.called, "fired before the stop's status and events were written"
+    c.ingest.writing.callback(None)
+    assert handed.called
     c.stop()
 
 

@@ -253,3 +253,125 @@ async def test_without_a_fence_the_leases_do_not_matter(pool: ConnectionPool, sq
     }
     assert writer.batches_fenced == 0
     writer.stop()
+
+
+def ledger(sql: Any, site_id: str) -> list[tuple[int, str]]:
+    """The (epoch, instance) rows of a site's writer ledger, in order."""
+    rows = run(
+        sql, "SELECT epoch, instance FROM site_writer WHERE site_id = %s ORDER BY 1, 2", site_id
+    )
+    return [(epoch, instance) for epoch, instance in rows]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_ledger_names_the_writer_of_each_epoch(pool: ConnectionPool, sql: Any) -> None:
+    """
+    The fence records in C{site_writer}, inside the batch's transaction,
+    which instance committed for a site under which epoch (the lease's):
+    one row however many batches commit under it.  A batch refused for a
+    stale epoch leaves no row, neither under its own epoch nor the
+    lease's; the new owner's first batch adds its own under the new epoch.
+    """
+    from twisted.internet import reactor
+
+    a, b = _Instance("a"), _Instance("b")
+    leases = Leases(pool)
+
+    def ingest(instance: _Instance) -> Ingest:
+        return Ingest(
+            reactor,
+            pool,
+            _NoDevices(),
+            lanes=1,
+            repair_interval=3600.0,
+            fence=instance.fence,
+            on_fenced=instance.fenced.append,
+        )
+
+    a_writer, b_writer = ingest(a).writer, ingest(b).writer
+    s = "ledger-0"
+    run(sql, "INSERT INTO mqtt_connection (site_id, host) VALUES (%s, '127.0.0.1')", s)
+    await leases.heartbeat(a.name, TTL)
+    await leases.heartbeat(b.name, TTL)
+    a.epochs[s] = await acquire_one(leases, a.name, s, TTL) or 0
+    assert a.epochs[s] == 1
+    site = _Site()
+
+    for n in range(2):
+        a_writer.queue(message(s, n), site, n)
+        await a_writer.when_idle().addTimeout(WAIT, reactor)
+    assert site.acknowledged == [0, 1]
+    assert ledger(sql, s) == [(1, "a")]
+    [(first_commit,)] = run(sql, "SELECT first_commit FROM site_writer WHERE site_id = %s", s)
+
+    # b takes s over (a's lease expired); a still believes it holds epoch 1.
+    run(sql, "UPDATE site_lease SET expires_at = now() WHERE site_id = %s", s)
+    b.epochs[s] = await acquire_one(leases, b.name, s, TTL) or 0
+    assert b.epochs[s] == 2
+    a_writer.queue(message(s, 2), site, 2)
+    await a_writer.when_idle().addTimeout(WAIT, reactor)
+    assert a.fenced == [[s]] and a_writer.batches_fenced == 1
+    assert site.acknowledged == [0, 1]
+    assert ledger(sql, s) == [(1, "a")]
+    assert run(sql, "SELECT count(*) FROM sensor_reading WHERE site_id = %s", s) == [(2,)]
+
+    b_writer.queue(message(s, 2), site, "b2")
+    await b_writer.when_idle().addTimeout(WAIT, reactor)
+    assert site.acknowledged == [0, 1, "b2"]
+    assert ledger(sql, s) == [(1, "a"), (2, "b")]
+    assert run(sql, "SELECT first_commit FROM site_writer WHERE site_id = %s AND epoch = 1", s) == [
+        (first_commit,)
+    ]
+    assert (
+        run(sql, "SELECT site_id, epoch FROM site_writer GROUP BY 1, 2 HAVING count(*) > 1") == []
+    )
+    a_writer.stop()
+    b_writer.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_site_is_written_before_its_lease_is_released(
+    pool: ConnectionPool, sql: Any
+) -> None:
+    """
+    C{Ingest.site_written} fires once everything queued for the site is
+    committed under its fence: its messages, and the status and event its
+    stop reported last.  A hand-over releases the lease only then, so the
+    release fences nothing and the stop's event is kept.
+    """
+    from twisted.internet import reactor
+
+    a = _Instance("a")
+    leases = Leases(pool)
+    ingest = Ingest(
+        reactor,
+        pool,
+        _NoDevices(),
+        lanes=2,
+        repair_interval=3600.0,
+        fence=a.fence,
+        on_fenced=a.fenced.append,
+    )
+    s = "handed-0"
+    run(sql, "INSERT INTO mqtt_connection (site_id, host) VALUES (%s, '127.0.0.1')", s)
+    await leases.heartbeat(a.name, TTL)
+    a.epochs[s] = await acquire_one(leases, a.name, s, TTL) or 0
+    site = _Site()
+    ingest.writer.queue(message(s, 0), site, 0)
+    report(ingest, s, "handed over")
+    written = ingest.site_written(s)
+    assert not written.called
+    await written.addTimeout(WAIT, reactor)
+    assert site.acknowledged == [0]
+    assert counts(sql, s) == {
+        "readings": 1,
+        "topic count": 1,
+        "events": ["handed over"],
+        "last_error": "handed over",
+    }
+    del a.epochs[s]
+    await leases.release(a.name, [s])
+    await ingest.writer.when_idle().addTimeout(WAIT, reactor)
+    assert a.fenced == [] and ingest.writer.batches_fenced == 0
+    assert ledger(sql, s) == [(1, "a")]
+    ingest.writer.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import psycopg2
 import pytest
@@ -749,3 +749,56 @@ def test_the_repository_is_the_keepers_lease_store() -> None:
     from tests.conformance import assert_implements
 
     assert_implements(Leases, LeaseStore, extra=("instances",))
+
+
+class _Recording:
+    """The pool, recording how each call of the leases reaches the database."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+        self.calls: list[str] = []
+
+    async def query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        self.calls.append("query")
+        return await self._pool.query(sql, params)
+
+    async def operation(self, sql: str, params: Any = None) -> None:
+        self.calls.append("operation")
+        await self._pool.operation(sql, params)
+
+    async def transaction(self, work: Any) -> Any:
+        self.calls.append("transaction")
+        return await self._pool.transaction(work)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_change_of_leases_is_one_query(pool: ConnectionPool, sql: Any) -> None:
+    """
+    A heartbeat, an acquisition, a release and a leave each reach the
+    database as one query (its statements one implicit transaction, begun
+    and ended by the server), never as an explicit transaction of several
+    round trips: a process frozen between two of those (SIGSTOP, a long GC
+    pause) kept the lease rows it had locked until its connection died,
+    hours later, and every other instance's acquisition of them waited as
+    long, its renewals with it, until it fenced itself.  Each still does
+    all of its work.
+    """
+    recording = _Recording(pool)
+    leases = Leases(cast(ConnectionPool, recording))
+    add_sites(sql, "s", "t")
+
+    async def one_call(work: Any) -> Any:
+        del recording.calls[:]
+        result = await work
+        assert len(recording.calls) == 1 and recording.calls != ["transaction"], recording.calls
+        return result
+
+    assert await one_call(leases.heartbeat("a", TTL)) == {}
+    assert await one_call(leases.acquire_many("a", ["s"], TTL)) == {"s": 1}
+    assert await one_call(leases.acquire_many("a", ["t", "nowhere"], TTL)) == {"t": 1}
+    assert await one_call(leases.heartbeat("a", TTL)) == {"s": 1, "t": 1}
+    await one_call(leases.release("a", ["s"]))
+    assert lease(sql, "s") == (None, 1)
+    await one_call(leases.leave("a"))
+    assert lease(sql, "t") == (None, 1)
+    assert run(sql, "SELECT stopping FROM mqttsvc_instance WHERE instance = 'a'") == [(True,)]

@@ -660,6 +660,42 @@ def connected(site_id: str) -> tuple[StatusUpdate, ConnectionEvent]:
     )
 
 
+class _HeldPool:
+    """A pool whose writes wait until the test fires them, in order."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[None]] = []
+
+    def operation(self, sql: str, params: Any = None) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+def test_an_empty_write_fires_after_everything_queued_before_it() -> None:
+    """
+    An empty write (C{submit([])}: how a hand-over waits for what a site
+    left to write) queued while a batch of submitted effects is in flight
+    fires only after that batch, and the release of that batch's bytes
+    leaves the empty write's to be released after it: the writer neither
+    fires it early nor crashes on it, and ends holding nothing.
+    """
+    clock = Clock()
+    pool = _HeldPool()
+    writer = BatchWriter(clock, pool)
+    first = writer.submit([TopicSeen("s", "s/x", T0)])
+    clock.advance(BATCH_DELAY)
+    assert len(pool.pending) == 1
+    marker = writer.submit([])
+    assert not marker.called
+    pool.pending[0].callback(None)
+    assert first.called and not marker.called
+    clock.advance(BATCH_DELAY)
+    assert marker.called
+    assert (writer.bytes_held, writer.queued) == (0, 0)
+    assert clock.getDelayedCalls() == []
+
+
 def test_without_a_fence_a_batch_is_written_as_before(
     fence_error: Callable[[list[str]], psycopg2.Error],
 ) -> None:
@@ -871,51 +907,4 @@ def test_a_fence_refusal_that_names_no_written_site_is_retried(
     assert site.messages == []
     clock.advance(0.5)
     assert len(db.writes) == 2
-    writer.stop()
-
-
-class _HeldPool:
-    """A pool whose every write waits until the test answers it."""
-
-    def __init__(self) -> None:
-        self.answers: list[Deferred[None]] = []
-
-    def operation(self, sql: str, params: Any = None) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self.answers.append(d)
-        return d
-
-
-def test_records_sent_waits_for_the_statuses_queued_so_far_not_for_later_messages() -> None:
-    """
-    L{BatchWriter.records_sent} fires once the statuses and events queued
-    before it was asked have been sent: after the flush in flight when
-    they were queued behind it, not before; a failed attempt counts as
-    sent (they wait for the retry); messages queued later, a steady load,
-    do not hold it (unlike L{BatchWriter.when_idle}).
-    """
-    clock, pool = Clock(), _HeldPool()
-    writer = BatchWriter(clock, pool)  # type: ignore[arg-type]
-    assert writer.records_sent().called, "nothing queued: at once"
-    site = _Site()
-    writer.queue(message("rs", 0), site, 0)
-    clock.advance(BATCH_DELAY)
-    assert len(pool.answers) == 1, "a flush of messages in flight"
-    status, event = connected("rs")
-    writer.set_status(status, event)
-    sent = writer.records_sent()
-    pool.answers[0].callback(None)
-    assert not sent.called, "the status was not in the flush that ended"
-    clock.advance(BATCH_DELAY)
-    assert len(pool.answers) == 2
-    writer.queue(message("rs", 1), site, 1)
-    pool.answers[1].callback(None)
-    assert sent.called, "held by a message queued after it"
-    assert not writer.when_idle().called
-
-    writer.set_status(status, event)
-    again = writer.records_sent()
-    clock.advance(BATCH_DELAY)
-    pool.answers[2].errback(RuntimeError("database down"))
-    assert again.called
     writer.stop()

@@ -12,6 +12,14 @@ one after the other.  The epoch of a site only ever increases, by exactly
 one per acquisition, so a batch fenced with an older epoch is refused
 whole.
 
+Every change of leases is one query: its statements run in one implicit
+transaction that the server begins and ends without waiting for the
+client, never in an explicit transaction of several round trips.  A process
+frozen between two of those (SIGSTOP, a long GC pause, a VM stall) kept the
+lease rows it had locked until its connection died (hours: the server's
+TCP keepalive): every other instance's acquisition of them waited as long,
+and its renewals with it, until it fenced itself and lost all its sites.
+
 Joining, leaving and giving leases up notify L{CHANNEL} (triggers of
 migration 0012) with the instance's name, so that the others re-plan at
 once.
@@ -92,9 +100,9 @@ def fenced_sites(error: BaseException) -> list[str] | None:
 #: Lease rows of an instance, locked in site order: every multi-row writer
 #: of C{site_lease} and C{mqttsvc_fence} lock rows in this order, so none
 #: of them can deadlock with another.
-_LOCK_OWNED = """
-SELECT site_id FROM site_lease WHERE owner = %(instance)s ORDER BY site_id FOR NO KEY UPDATE
-"""
+_LOCK_OWNED = (
+    "SELECT site_id FROM site_lease WHERE owner = %(instance)s ORDER BY site_id FOR NO KEY UPDATE"
+)
 
 _LIVE = "i.expires_at > now() AND NOT i.stopping"
 
@@ -122,11 +130,8 @@ class Leases:
 
         @return: site id -> epoch of every lease the instance owns.
         """
-        params = {"instance": instance, "ttl": ttl}
-
-        async def beat(cursor: Any) -> dict[str, int]:
-            await cursor.execute(
-                """
+        rows = await self._pool.query(
+            f"""
 INSERT INTO mqttsvc_instance AS i (instance, started_at, renewed_at, expires_at)
 VALUES (%(instance)s, now(), now(), now() + make_interval(secs => %(ttl)s))
 ON CONFLICT (instance) DO UPDATE SET
@@ -134,22 +139,15 @@ ON CONFLICT (instance) DO UPDATE SET
                       ELSE EXCLUDED.started_at END,
     renewed_at = EXCLUDED.renewed_at,
     expires_at = EXCLUDED.expires_at,
-    stopping = false
-""",
-                params,
-            )
-            await cursor.execute(_LOCK_OWNED, params)
-            await cursor.execute(
-                """
+    stopping = false;
+{_LOCK_OWNED};
 UPDATE site_lease SET expires_at = now() + make_interval(secs => %(ttl)s)
 WHERE owner = %(instance)s
 RETURNING site_id, epoch
 """,
-                params,
-            )
-            return {site_id: epoch for site_id, epoch in sorted(cursor.fetchall())}
-
-        return await self._pool.transaction(beat)
+            {"instance": instance, "ttl": ttl},
+        )
+        return {site_id: epoch for site_id, epoch in sorted(rows)}
 
     async def live_instances(self) -> list[str]:
         """
@@ -223,22 +221,16 @@ RETURNING l.site_id, l.epoch
         another instance holds is left alone.  Notifies L{CHANNEL} when any
         was given up.
         """
-        params = {"instance": instance, "sites": list(site_ids)}
-
-        async def give_up(cursor: Any) -> None:
-            await cursor.execute(
-                "SELECT site_id FROM site_lease "
-                "WHERE owner = %(instance)s AND site_id = ANY (%(sites)s::text[]) "
-                "ORDER BY site_id FOR NO KEY UPDATE",
-                params,
-            )
-            await cursor.execute(
-                "UPDATE site_lease SET owner = NULL, expires_at = NULL, changed_at = now() "
-                "WHERE owner = %(instance)s AND site_id = ANY (%(sites)s::text[])",
-                params,
-            )
-
-        await self._pool.transaction(give_up)
+        await self._pool.operation(
+            """
+SELECT site_id FROM site_lease
+WHERE owner = %(instance)s AND site_id = ANY (%(sites)s::text[])
+ORDER BY site_id FOR NO KEY UPDATE;
+UPDATE site_lease SET owner = NULL, expires_at = NULL, changed_at = now()
+WHERE owner = %(instance)s AND site_id = ANY (%(sites)s::text[])
+""",
+            {"instance": instance, "sites": list(site_ids)},
+        )
 
     async def leave(self, instance: str) -> None:
         """
@@ -246,22 +238,16 @@ RETURNING l.site_id, l.epoch
         stopping (its row stays, expired; a later heartbeat makes it live
         again).  Notifies L{CHANNEL}.
         """
-        params = {"instance": instance}
-
-        async def go(cursor: Any) -> None:
-            await cursor.execute(
-                "UPDATE mqttsvc_instance SET stopping = true, "
-                "expires_at = LEAST(expires_at, now()) WHERE instance = %(instance)s",
-                params,
-            )
-            await cursor.execute(_LOCK_OWNED, params)
-            await cursor.execute(
-                "UPDATE site_lease SET owner = NULL, expires_at = NULL, changed_at = now() "
-                "WHERE owner = %(instance)s",
-                params,
-            )
-
-        await self._pool.transaction(go)
+        await self._pool.operation(
+            f"""
+UPDATE mqttsvc_instance SET stopping = true, expires_at = LEAST(expires_at, now())
+WHERE instance = %(instance)s;
+{_LOCK_OWNED};
+UPDATE site_lease SET owner = NULL, expires_at = NULL, changed_at = now()
+WHERE owner = %(instance)s
+""",
+            {"instance": instance},
+        )
 
     async def instances(self) -> list[Member]:
         """

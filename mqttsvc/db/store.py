@@ -13,12 +13,18 @@ plane's reads and writes, so that a burst of RPC calls never delays a
 commit that MQTT acknowledgements wait for.  The cluster's leases have a
 third pool of their own (opened only when used: C{--cluster}, or
 C{cluster.status}), so that neither delays a lease's renewal.
+
+Each pool's connections carry an C{application_name} of the store's
+C{name} and the pool's purpose (C{"mqttsvc a leases"}), so that
+C{pg_stat_activity} tells which instance holds which connection and what
+for.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import psycopg2.extensions
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -50,6 +56,8 @@ class Store(Service):
     @param reactor: drives the txpostgres connections.
     @param dsn: a libpq connection string.
     @param write_connections: the size of C{write_pool}.
+    @param name: the start of every connection's C{application_name}
+        (overriding one the DSN may hold), followed by its pool's purpose.
     """
 
     log = Logger()
@@ -62,9 +70,13 @@ class Store(Service):
         rpc_connections: int = 3,
         secrets: Secrets | None = None,
         write_connections: int = WRITE_CONNECTIONS,
+        name: str = "mqttsvc",
     ) -> None:
+        def named(purpose: str) -> str:
+            return psycopg2.extensions.make_dsn(dsn, application_name=f"{name} {purpose}")
+
         self.secrets = secrets
-        self.pool = ConnectionPool(reactor, dsn, size=rpc_connections)
+        self.pool = ConnectionPool(reactor, named("rpc"), size=rpc_connections)
         self.sites = Sites(self.pool, secrets)
         self.devices = Devices(self.pool)
         self.readings = Readings(self.pool)
@@ -74,9 +86,9 @@ class Store(Service):
         #: The live statuses site owners publish, on the control plane's
         #: pool (only with --cluster, once a second).
         self.live = LiveStatuses(self.pool)
-        self.write_pool = ConnectionPool(reactor, dsn, size=write_connections)
+        self.write_pool = ConnectionPool(reactor, named("writer"), size=write_connections)
         # Two: the keeper's round and a release may overlap.
-        self.lease_pool = ConnectionPool(reactor, dsn, size=2)
+        self.lease_pool = ConnectionPool(reactor, named("leases"), size=2)
         self.leases = Leases(self.lease_pool)
 
     def write_lane_stalled(self, lane: int, seconds: float, error: str, recovered: bool) -> None:

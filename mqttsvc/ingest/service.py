@@ -129,12 +129,14 @@ class Ingest(Service):
         """
         self.liveness.site_released(site_id)
 
-    def site_flushed(self, site_id: str) -> Deferred[None]:
+    def site_written(self, site_id: str) -> Deferred[None]:
         """
-        Fire once the site's connection status and events reported so far
-        have been sent to the database.
+        Fire once everything queued so far for the site (its messages'
+        effects, statuses, events and device changes) is written, or
+        dropped by the fence: a lane writes in order, so an empty write
+        queued behind them in the site's lane fires after them.
         """
-        return self.writer.records_sent(site_id)
+        return self.writer.lane(site_id).submit([])
 
     def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:
         """

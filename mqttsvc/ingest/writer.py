@@ -50,7 +50,7 @@ from functools import partial
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -283,10 +283,6 @@ class BatchWriter:
         self._scheduled: IDelayedCall | None = None
         self._failures = 0
         self._idle_waiters: list[Deferred[None]] = []
-        #: Flushes begun and ended, and who waits for which to end.
-        self._flushes_begun = 0
-        self._flushes_ended = 0
-        self._flush_waiters: list[tuple[int, Deferred[None]]] = []
         #: Bytes held (queued or being written), in all and per listener.
         self.bytes_held = 0
         self._held: dict[CommitListener, int] = {}
@@ -355,7 +351,11 @@ class BatchWriter:
         @param size: the message's bytes (payload and topic).
         """
         queue = self._queue
-        cost = size + MESSAGE_OVERHEAD * len(effects)
+        # At least one overhead, even for an empty write (a marker that
+        # fires once all before it is written): every entry then holds
+        # bytes, so a listener's count of held bytes reaches 0 only with
+        # its last entry, and no release finds it already gone.
+        cost = size + MESSAGE_OVERHEAD * max(len(effects), 1)
         queue.append((effects, listener, message, self._clock.seconds(), cost))
         self.bytes_held += cost
         held = self._held.get(listener, 0) + cost
@@ -415,25 +415,6 @@ class BatchWriter:
         self._idle_waiters.append(waiter)
         return waiter
 
-    def records_sent(self) -> Deferred[None]:
-        """
-        Fire once the statuses and connection events queued so far have
-        been sent: committed, or their attempt failed (and they wait for
-        the retry).  Unlike L{when_idle} it does not wait for messages
-        queued later, so it ends even under a steady load.
-        """
-        if self._records:
-            wanted = self._flushes_begun + 1
-        elif self._flushing:
-            wanted = self._flushes_begun
-        else:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._flush_waiters.append((wanted, waiter))
-        if not self._flushing:
-            self._kick()
-        return waiter
-
     def stop(self) -> None:
         """
         Cancel a pending flush or retry (nothing more will be written).
@@ -485,7 +466,6 @@ class BatchWriter:
             queue.appendleft(p)
             size -= p[4]
         records, self._records = self._records, _SiteRecords()
-        self._flushes_begun += 1
         d = Deferred.fromCoroutine(self._write(batch, records))
         d.addErrback(lambda f: self.log.failure("batch writer crashed", f))
 
@@ -525,13 +505,6 @@ class BatchWriter:
             self._tell(batch)
         finally:
             self._flushing = False
-            self._flushes_ended += 1
-            ended, self._flush_waiters = self._flush_waiters, []
-            for wanted, waiter in ended:
-                if wanted <= self._flushes_ended:
-                    waiter.callback(None)
-                else:
-                    self._flush_waiters.append((wanted, waiter))
             if (
                 self.pressing
                 and len(self._queue) <= self._low_water
@@ -1041,13 +1014,6 @@ class WriterLanes:
 
     def when_idle(self) -> Deferred[None]:
         return _all([lane.when_idle() for lane in self._lanes])
-
-    def records_sent(self, site_id: str) -> Deferred[None]:
-        """
-        Fire once the site's statuses and connection events queued so far
-        have been sent (L{BatchWriter.records_sent} of its lane).
-        """
-        return self.lane(site_id).records_sent()
 
     def stop(self) -> None:
         for lane in self._lanes:

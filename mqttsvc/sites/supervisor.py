@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -92,8 +92,12 @@ class IngestPort(Protocol):
     def site_released(self, site_id: str) -> None:
         "In a cluster: the site is another instance's now: forget its devices."
 
-    def site_flushed(self, site_id: str) -> Deferred[None]:
-        "Fire once the site's status and events reported so far were sent to the database."
+    def site_written(self, site_id: str) -> Awaitable[None]:
+        """
+        Fire once everything queued so far for the site (its messages'
+        effects, its statuses and events, its device changes) is written,
+        or dropped by the fence.
+        """
 
     def site_reported(self, update: StatusUpdate, event: ConnectionEvent | None) -> None:
         "Write a site's connection status and the event that led to it."
@@ -375,13 +379,13 @@ class SiteSupervisor(MultiService):
     def hand_over(self, site_id: str) -> Deferred[None]:
         """
         Give the site to another instance: stop reading, let what was read
-        be committed and acknowledged, disconnect.  Fires once it has
-        stopped (then the keeper releases the lease).
+        be committed and acknowledged, disconnect, and let what stopping
+        wrote (its status and events) be committed too, under the lease it
+        still holds.  Fires once all that is done (then the keeper releases
+        the lease: a write of the site queued after that would be fenced,
+        its status and events lost, and a fenced batch counted).
         """
         self._given_up.add(site_id)
-        if self.site(site_id) is None:
-            self._ingest.site_released(site_id)
-            return succeed(None)
         stopped = Deferred.fromCoroutine(self._hand_over(site_id))
         # After it stopped reading (at once, unless a reconcile of the site
         # holds its lock): its devices are the next owner's.
@@ -389,11 +393,9 @@ class SiteSupervisor(MultiService):
         return stopped
 
     async def _hand_over(self, site_id: str) -> None:
-        await self._give_up(site_id, drain=True)
-        # Its last status and connection events ("stopping", "stopped")
-        # are written under this instance's lease, before the release: a
-        # batch sent after it would be fenced, and they would be lost.
-        await self._ingest.site_flushed(site_id)
+        if self.site(site_id) is not None:
+            await self._give_up(site_id, drain=True)
+        await self._ingest.site_written(site_id)
 
     def lost(self, site_id: str) -> None:
         """
