@@ -10,8 +10,9 @@ STAMP  := $(VENV)/.installed-stamp
 demo: $(STAMP)
 	demo/run.sh
 
+# The reliability scenarios run beside the rest (scripts/test.sh).
 test: services browser $(STAMP) lint typecheck
-	$(BIN)/pytest
+	scripts/test.sh
 
 check: lint typecheck
 
