@@ -660,18 +660,6 @@ def connected(site_id: str) -> tuple[StatusUpdate, ConnectionEvent]:
     )
 
 
-class _HeldPool:
-    """A pool whose writes wait until the test fires them, in order."""
-
-    def __init__(self) -> None:
-        self.pending: list[Deferred[None]] = []
-
-    def operation(self, sql: str, params: Any = None) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self.pending.append(d)
-        return d
-
-
 def test_an_empty_write_fires_after_everything_queued_before_it() -> None:
     """
     An empty write (C{submit([])}: how a hand-over waits for what a site
@@ -681,7 +669,7 @@ def test_an_empty_write_fires_after_everything_queued_before_it() -> None:
     fires it early nor crashes on it, and ends holding nothing.
     """
     clock = Clock()
-    pool = _HeldPool()
+    pool = _StalledPool()
     writer = BatchWriter(clock, pool)
     first = writer.submit([TopicSeen("s", "s/x", T0)])
     clock.advance(BATCH_DELAY)
