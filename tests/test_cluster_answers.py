@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import PrivateBroker, scratch_database
-from tests.reliability.harness import Service
-from tests.test_cluster import _start, settled
+from tests.reliability.harness import Service, settled
+from tests.test_cluster import _start
 from tests.twistd_process import wait_until
 
 SITES = 6

@@ -300,26 +300,27 @@ class SiteMethods:
         # File descriptors: a site needs one; see mqttsvc.runtime.descriptors.
         extra = {} if self._descriptors is None else {"descriptors": self._descriptors.report()}
         if self._clustered:
-            return {**await self._cluster_counts(), **extra}
+            # Every site, each as the instance that runs it says, and the
+            # live instances.
+            members = await self._store.leases.instances()
+            cluster = {
+                "instance": self._instance,
+                "instances": [member_json(m) for m in members],
+            }
+            return {**await self._counts(await self._statuses_published()), **cluster, **extra}
         if self._supervisor.loaded:
             # The supervisor keeps the counts as statuses change: at a
             # thousand sites even reading two columns of every row was too
             # slow for a call that monitoring makes often.
             return {"state": "RUNNING", **self._supervisor.status_counts(), **extra}
-        stored = await self._store.sites.statuses()
-        counts = dict.fromkeys(STATUSES, 0)
-        for site_id, status in stored:
-            site = self._supervisor.site(site_id)
-            counts[site.state.status if site is not None else idle_status(status)] += 1
-        return {"state": "RUNNING", "total": len(stored), **counts, **extra}
+        return {**await self._counts({}), **extra}
 
-    async def _cluster_counts(self) -> dict[str, Any]:
+    async def _counts(self, published: dict[str, Published]) -> dict[str, Any]:
         """
-        C{service.status} in a cluster: the statuses of every site, each
-        from the instance that runs it, and the live instances.
+        How many sites are in each status: a site running here as it is,
+        one another instance runs as it C{published}, any other as its row.
         """
         stored = await self._store.sites.statuses()
-        published = await self._statuses_published()
         counts = dict.fromkeys(STATUSES, 0)
         for site_id, status in stored:
             site = self._supervisor.site(site_id)
@@ -331,14 +332,7 @@ class SiteMethods:
                 now = idle_status(status)
             if now in counts:
                 counts[now] += 1
-        members = await self._store.leases.instances()
-        return {
-            "state": "RUNNING",
-            "total": len(stored),
-            **counts,
-            "instance": self._instance,
-            "instances": [member_json(m) for m in members],
-        }
+        return {"state": "RUNNING", "total": len(stored), **counts}
 
     def _can_store(self, config: SiteConfig) -> None:
         if config.password is not None and self._store.secrets is None:
